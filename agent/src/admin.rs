@@ -1,0 +1,277 @@
+//! The agent's HTTP endpoints: the admin API the CLI talks to (loopback only), readiness for
+//! the kubelet, and Prometheus metrics.
+
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, info, warn};
+
+use crate::{discovery::local::SourceStatus, redirect::PodReport};
+
+/// Errors of the HTTP endpoints.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Binding a listener failed.
+    #[error("listening on {addr} for the {what} endpoint: {source}")]
+    Bind {
+        /// Which endpoint.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The admin address is not on loopback.
+    #[error(
+        "--admin-addr {0} is not a loopback address: the admin API must not be reachable from pods"
+    )]
+    NotLoopback(SocketAddr),
+}
+
+/// Facts about the agent that do not change while it runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// ambit's version.
+    pub version: String,
+    /// Node name.
+    pub node: String,
+    /// bpffs instance name.
+    pub instance: String,
+    /// Where the source of truth comes from (`local:FILE` or `kubernetes`).
+    pub source: String,
+    /// The pin directory.
+    pub pin_dir: String,
+    /// The cgroup v2 root the outbound programs are attached to.
+    pub cgroup_root: String,
+    /// SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Start time, seconds since the epoch.
+    pub started_at: u64,
+}
+
+/// `GET /status`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Static facts.
+    pub agent: AgentInfo,
+    /// Whether every enrolled pod is captured.
+    pub ready: bool,
+    /// State of the source of truth.
+    pub config: SourceStatus,
+    /// Pods of this node in the mesh and captured.
+    pub pods_captured: usize,
+    /// Pods of this node in the mesh that could not be captured.
+    pub pods_failed: usize,
+    /// Pods of this node not in the mesh.
+    pub pods_not_enrolled: usize,
+}
+
+/// What the endpoints read; updated by the agent's main loop.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Static facts.
+    pub info: Arc<AgentInfo>,
+    /// State of the source of truth.
+    pub source: watch::Receiver<SourceStatus>,
+    /// The pods of this node.
+    pub pods: watch::Receiver<Arc<Vec<PodReport>>>,
+    /// Readiness.
+    pub ready: watch::Receiver<bool>,
+}
+
+impl AdminState {
+    fn status(&self) -> StatusReport {
+        let pods = self.pods.borrow().clone();
+        let count = |state| pods.iter().filter(|p| p.state == state).count();
+        StatusReport {
+            agent: (*self.info).clone(),
+            ready: *self.ready.borrow(),
+            config: self.source.borrow().clone(),
+            pods_captured: count(crate::redirect::CaptureState::Captured),
+            pods_failed: count(crate::redirect::CaptureState::Failed),
+            pods_not_enrolled: count(crate::redirect::CaptureState::NotCaptured),
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let status = self.status();
+        let pods = self.pods.borrow().clone();
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, value: u64| {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+            ));
+        };
+        gauge(
+            "ambit_ready",
+            "1 when every enrolled pod of the node is captured.",
+            u64::from(status.ready),
+        );
+        gauge(
+            "ambit_pods_captured",
+            "Enrolled pods of the node that are captured.",
+            status.pods_captured as u64,
+        );
+        gauge(
+            "ambit_pods_failed",
+            "Enrolled pods of the node that could not be captured.",
+            status.pods_failed as u64,
+        );
+        gauge(
+            "ambit_config_errors",
+            "1 when the last reload of the source of truth failed.",
+            u64::from(status.config.error.is_some()),
+        );
+        let total = |f: fn(&crate::proxy::StatsSnapshot) -> u64| -> u64 {
+            pods.iter().filter_map(|p| p.stats.as_ref()).map(f).sum()
+        };
+        out.push_str("# HELP ambit_connections_total Connections proxied for captured pods.\n# TYPE ambit_connections_total counter\n");
+        out.push_str(&format!(
+            "ambit_connections_total{{direction=\"outbound\"}} {}\n",
+            total(|s| s.outbound)
+        ));
+        out.push_str(&format!(
+            "ambit_connections_total{{direction=\"inbound\"}} {}\n",
+            total(|s| s.inbound)
+        ));
+        out.push_str("# HELP ambit_connections_failed_total Proxied connections that failed.\n# TYPE ambit_connections_failed_total counter\n");
+        out.push_str(&format!(
+            "ambit_connections_failed_total {}\n",
+            total(|s| s.failed)
+        ));
+        out
+    }
+}
+
+/// Serves the admin API on `addr`, which must be a loopback address.
+pub async fn bind_admin(
+    addr: SocketAddr,
+    state: AdminState,
+) -> Result<impl Future<Output = ()>, AdminError> {
+    if !addr.ip().is_loopback() {
+        return Err(AdminError::NotLoopback(addr));
+    }
+    bind("admin", addr, move |req| admin_route(&state, req)).await
+}
+
+/// Serves `/healthz/ready` on `addr`: 200 when ready, 503 otherwise.
+pub async fn bind_readiness(
+    addr: SocketAddr,
+    state: AdminState,
+) -> Result<impl Future<Output = ()>, AdminError> {
+    bind("readiness", addr, move |req| {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/healthz/ready") => {
+                if *state.ready.borrow() {
+                    text(StatusCode::OK, "ready\n".into())
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: not every enrolled pod is captured\n".into(),
+                    )
+                }
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        }
+    })
+    .await
+}
+
+/// Serves `/metrics` (Prometheus text format) on `addr`.
+pub async fn bind_metrics(
+    addr: SocketAddr,
+    state: AdminState,
+) -> Result<impl Future<Output = ()>, AdminError> {
+    bind("metrics", addr, move |req| {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => text(StatusCode::OK, state.metrics()),
+            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        }
+    })
+    .await
+}
+
+fn admin_route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/status") => json(&state.status()),
+        (&Method::GET, "/workloads") => json(&*state.pods.borrow().clone()),
+        (&Method::GET, "/") => text(
+            StatusCode::OK,
+            "ambit admin API: /status /workloads\n".into(),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            format!("no such endpoint: {}\n", req.uri().path()),
+        ),
+    }
+}
+
+fn json<T: Serialize + ?Sized>(value: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => respond(StatusCode::OK, "application/json", body.into()),
+        Err(e) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding: {e}\n"),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    respond(status, "text/plain; charset=utf-8", body.into())
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+async fn bind<F>(
+    what: &'static str,
+    addr: SocketAddr,
+    route: F,
+) -> Result<impl Future<Output = ()>, AdminError>
+where
+    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Bind { what, addr, source })?;
+    let local = listener.local_addr().unwrap_or(addr);
+    info!(endpoint = what, addr = %local, "listening");
+    let route = Arc::new(route);
+    Ok(async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(endpoint = what, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let route = route.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let response = route(&req);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await
+                {
+                    debug!(endpoint = what, %peer, error = %e, "http connection ended with an error");
+                }
+            });
+        }
+    })
+}

@@ -1,0 +1,161 @@
+//! `ambit agent`: wires the source of truth, the datapath, the proxies and the admin endpoints
+//! together, and runs until SIGTERM or SIGINT.
+//!
+//! Shutting down leaves the eBPF programs and maps pinned: enrolled pods stay captured and fail
+//! closed until the next agent takes over.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::{
+    admin::{self, AdminError, AdminState, AgentInfo},
+    bpf::{BpfError, Datapath},
+    cli::AgentArgs,
+    discovery::{self, Cluster, DiscoveryError, local::SourceStatus},
+    proxy::Proxy,
+    redirect::{Redirector, netns::Netns},
+};
+
+/// Why the agent could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Configuration problem (exit code 2).
+    #[error(transparent)]
+    Config(#[from] DiscoveryError),
+    /// Options that cannot work together (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    /// Not running as root.
+    #[error(
+        "ambit agent must run as root (it loads eBPF programs and enters pod network namespaces); running as uid {0}"
+    )]
+    NotRoot(u32),
+    /// The kernel side failed.
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    /// An endpoint could not be served.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    /// Something else at start.
+    #[error("{what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl AgentError {
+    /// The process exit code: 2 for configuration and usage errors, 1 for runtime failures.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Config(_) | Self::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// Runs the agent until a termination signal.
+pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    let Some(file) = args.local.clone() else {
+        return Err(AgentError::Usage(
+            "cluster mode (the Kubernetes API) is not available in this build; run with --local FILE".into(),
+        ));
+    };
+    if args.node.is_empty() {
+        return Err(AgentError::Usage(
+            "--node (or NODE_NAME) must not be empty".into(),
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid != 0 {
+        return Err(AgentError::NotRoot(uid));
+    }
+    let file = std::path::absolute(&file).unwrap_or(file);
+    let cluster = discovery::local::load(&file)?;
+    info!(file = %file.display(), pods = cluster.workloads.len(), node = %args.node, "cluster file loaded");
+
+    let instance = args.instance.clone().unwrap_or_else(|| args.node.clone());
+    let (datapath, orig_dst) = Datapath::load(&args.bpf_dir, &instance)?;
+
+    let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster));
+    let (source_tx, source_rx) = watch::channel(SourceStatus {
+        file: file.clone(),
+        generation: 1,
+        loaded_at: discovery::local::unix_now(),
+        error: None,
+    });
+    let (pods_tx, pods_rx) = watch::channel(Arc::new(Vec::new()));
+    let (ready_tx, ready_rx) = watch::channel(false);
+
+    let info = AgentInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        node: args.node.clone(),
+        instance,
+        source: format!("local:{}", file.display()),
+        pin_dir: datapath.pin_dir().display().to_string(),
+        cgroup_root: datapath.cgroup_root().display().to_string(),
+        trust_domain: args.trust_domain.clone(),
+        started_at: discovery::local::unix_now(),
+    };
+    let state = AdminState {
+        info: Arc::new(info),
+        source: source_rx,
+        pods: pods_rx,
+        ready: ready_rx,
+    };
+    let admin = admin::bind_admin(args.admin_addr, state.clone()).await?;
+    let readiness = admin::bind_readiness(args.readiness_addr, state.clone()).await?;
+    let metrics = admin::bind_metrics(args.metrics_addr, state).await?;
+    tokio::spawn(admin);
+    tokio::spawn(readiness);
+    tokio::spawn(metrics);
+
+    let proxy = Arc::new(Proxy::new(orig_dst, cluster_rx.clone()));
+    let mut redirector = Redirector::new(args.node.clone(), datapath, proxy);
+    tokio::spawn(discovery::local::watch(file, cluster_tx, source_tx));
+
+    let mut changes = cluster_rx;
+    let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // Retry pods that failed (e.g. a netns that appears later) without waiting for an edit.
+    let mut retry = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        let cluster: Arc<Cluster> = changes.borrow_and_update().clone();
+        redirector.reconcile(&cluster);
+        pods_tx.send_replace(Arc::new(redirector.reports(&cluster)));
+        ready_tx.send_replace(redirector.all_captured());
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() {
+                error!("the source of truth stopped; exiting");
+                return Ok(());
+            },
+            _ = retry.tick(), if !redirector.all_captured() => {}
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    info!("shutting down; enrolled pods stay captured (fail closed) until the next agent starts");
+    Ok(())
+}
+
+fn signal(
+    kind: tokio::signal::unix::SignalKind,
+) -> Result<tokio::signal::unix::Signal, AgentError> {
+    tokio::signal::unix::signal(kind).map_err(|source| AgentError::Io {
+        what: "installing signal handler",
+        source,
+    })
+}
+
+/// Records the host network namespace; must run on the main thread before the runtime starts.
+pub fn init_host_netns() -> Result<(), AgentError> {
+    Netns::init_host().map_err(|source| AgentError::Io {
+        what: "opening the agent's own network namespace",
+        source,
+    })
+}

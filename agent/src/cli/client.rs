@@ -1,0 +1,91 @@
+//! A minimal HTTP/1.1 client for the agent's admin API.
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Errors talking to the admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens there.
+    #[error(
+        "cannot reach the ambit agent's admin API at {addr}: {source} (is `ambit agent` running on this node? use --admin to point elsewhere)"
+    )]
+    Connect {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The exchange failed.
+    #[error("admin API at {addr}: {source}")]
+    Http {
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: hyper::Error,
+    },
+    /// Non-success status.
+    #[error("admin API at {addr} answered {path} with {status}: {body}")]
+    Status {
+        /// Address.
+        addr: SocketAddr,
+        /// Path.
+        path: String,
+        /// Status.
+        status: StatusCode,
+        /// Body text.
+        body: String,
+    },
+    /// No answer in time.
+    #[error("admin API at {0} did not answer in time")]
+    Timeout(SocketAddr),
+}
+
+/// `GET path` on the admin API at `addr`; the body of a 200 answer.
+pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Bytes, ClientError> {
+    tokio::time::timeout(timeout, get_inner(addr, path))
+        .await
+        .map_err(|_| ClientError::Timeout(addr))?
+}
+
+async fn get_inner(addr: SocketAddr, path: &str) -> Result<Bytes, ClientError> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|source| ClientError::Connect { addr, source })?;
+    let http = |source| ClientError::Http { addr, source };
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(http)?;
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ClientError::Status {
+            addr,
+            path: path.into(),
+            status: StatusCode::BAD_REQUEST,
+            body: e.to_string(),
+        })?;
+    let response = sender.send_request(request).await.map_err(http)?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(http)?
+        .to_bytes();
+    if status != StatusCode::OK {
+        return Err(ClientError::Status {
+            addr,
+            path: path.into(),
+            status,
+            body: String::from_utf8_lossy(&body).trim().to_owned(),
+        });
+    }
+    Ok(body)
+}

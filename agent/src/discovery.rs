@@ -1,0 +1,253 @@
+//! What the agent knows about the cluster: namespaces, pods, services and policies, from one
+//! source of truth (the local cluster file today, the Kubernetes API in a cluster), as one
+//! immutable [`Cluster`] snapshot that the rest of the agent reads.
+
+pub mod local;
+pub mod objects;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::IpAddr,
+    path::PathBuf,
+};
+
+use serde::{Deserialize, Serialize};
+
+use self::objects::{EndpointSlice, Namespace, Pod, Service};
+
+/// Label that enrolls a Namespace or Pod (`ambient`) or opts a Pod out (`none`), as in Istio.
+pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
+/// Local-mode annotation on a Pod: the path of its network namespace.
+pub const NETNS_ANNOTATION: &str = "ambit.io/netns";
+
+/// Errors reading a source of truth. Each names where the bad input came from.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The file could not be read.
+    #[error("{file}: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not valid YAML, or a field of the wrong type.
+    #[error("{file}:{line}:{column}: {message}")]
+    Syntax {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong, with the object it belongs to when known.
+        message: String,
+    },
+    /// Well-formed YAML with a meaning we cannot accept.
+    #[error("{file}:{line}: {object}: {message}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line of the document.
+        line: usize,
+        /// `Kind namespace/name`.
+        object: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Namespace and name of a namespaced object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObjectKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Whether a pod is in the mesh, and why (or why not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Enrollment {
+    /// Labelled `istio.io/dataplane-mode=ambient` (pod or namespace).
+    Ambient,
+    /// No enrolling label.
+    NotEnrolled,
+    /// The pod carries `istio.io/dataplane-mode=none`.
+    OptedOut,
+    /// `hostNetwork: true` pods are never enrolled.
+    HostNetwork,
+}
+
+impl Enrollment {
+    /// True for pods the mesh captures.
+    pub fn is_enrolled(self) -> bool {
+        self == Self::Ambient
+    }
+}
+
+impl fmt::Display for Enrollment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Ambient => "ambient",
+            Self::NotEnrolled => "not enrolled",
+            Self::OptedOut => "opted out",
+            Self::HostNetwork => "host network",
+        })
+    }
+}
+
+/// A pod as the mesh sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    /// Namespace and name.
+    #[serde(flatten)]
+    pub key: ObjectKey,
+    /// `metadata.uid` (empty when the file does not give one).
+    pub uid: String,
+    /// Node it runs on.
+    pub node: Option<String>,
+    /// Service account, `default` when unset.
+    pub service_account: String,
+    /// Pod IPs.
+    pub ips: Vec<IpAddr>,
+    /// Network namespace path (local mode annotation).
+    pub netns: Option<PathBuf>,
+    /// Enrollment.
+    pub enrollment: Enrollment,
+    /// Labels, for policy selectors.
+    #[serde(skip, default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Workload {
+    /// The SPIFFE ID of the workload in `trust_domain`.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.key.namespace, self.service_account
+        )
+    }
+}
+
+/// One consistent snapshot of the cluster.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Pods.
+    pub workloads: BTreeMap<ObjectKey, Workload>,
+    /// Services.
+    pub services: BTreeMap<ObjectKey, Service>,
+    /// EndpointSlices.
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    by_ip: HashMap<IpAddr, ObjectKey>,
+}
+
+impl Cluster {
+    /// Builds a snapshot from objects; pod IPs and enrollment are derived here once.
+    pub fn new(
+        namespaces: BTreeMap<String, Namespace>,
+        pods: Vec<Pod>,
+        services: BTreeMap<ObjectKey, Service>,
+        endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    ) -> Self {
+        let mut workloads = BTreeMap::new();
+        let mut by_ip = HashMap::new();
+        for pod in pods {
+            let workload = workload_of(&pod, &namespaces);
+            if !pod.spec.host_network {
+                for ip in &workload.ips {
+                    by_ip.insert(*ip, workload.key.clone());
+                }
+            }
+            workloads.insert(workload.key.clone(), workload);
+        }
+        Self {
+            namespaces,
+            workloads,
+            services,
+            endpoint_slices,
+            by_ip,
+        }
+    }
+
+    /// The pods scheduled to `node`.
+    pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads
+            .values()
+            .filter(move |w| w.node.as_deref() == Some(node))
+    }
+
+    /// The pod that owns `ip`, if any (host-network pods own no IP of their own).
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workloads.get(self.by_ip.get(&ip)?)
+    }
+}
+
+fn workload_of(pod: &Pod, namespaces: &BTreeMap<String, Namespace>) -> Workload {
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
+    let pod_mode = pod
+        .metadata
+        .labels
+        .get(DATAPLANE_MODE_LABEL)
+        .map(String::as_str);
+    let ns_mode = namespaces
+        .get(&namespace)
+        .and_then(|ns| ns.metadata.labels.get(DATAPLANE_MODE_LABEL))
+        .map(String::as_str);
+    let enrollment = if pod.spec.host_network {
+        Enrollment::HostNetwork
+    } else if pod_mode == Some("none") {
+        Enrollment::OptedOut
+    } else if pod_mode == Some("ambient") || ns_mode == Some("ambient") {
+        Enrollment::Ambient
+    } else {
+        Enrollment::NotEnrolled
+    };
+    let mut ips: Vec<IpAddr> = pod
+        .status
+        .pod_ips
+        .iter()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if let Some(ip) = pod.status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()) {
+        if !ips.contains(&ip) {
+            ips.insert(0, ip);
+        }
+    }
+    Workload {
+        key: ObjectKey {
+            namespace,
+            name: pod.metadata.name.clone(),
+        },
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        node: pod.spec.node_name.clone(),
+        service_account: pod
+            .spec
+            .service_account_name
+            .clone()
+            .filter(|sa| !sa.is_empty())
+            .unwrap_or_else(|| "default".to_owned()),
+        ips,
+        netns: pod
+            .metadata
+            .annotations
+            .get(NETNS_ANNOTATION)
+            .map(PathBuf::from),
+        enrollment,
+        labels: pod.metadata.labels.clone(),
+    }
+}

@@ -1,0 +1,434 @@
+//! The local cluster file (`ambit agent --local FILE`): a multi-document YAML file of the same
+//! Kubernetes objects the agent watches in a cluster. Re-read when it changes; a bad edit is
+//! reported with file and line and the last good snapshot keeps serving.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::{
+    Cluster, DiscoveryError, ObjectKey,
+    objects::{EndpointSlice, Namespace, ObjectMeta, Pod, Service, TypeMeta},
+};
+
+/// How often the file is checked for changes. Polling is immune to editors that replace the
+/// file (rename over it) and to bind-mounted ConfigMaps, where inotify misses updates.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Reads and parses `file`.
+pub fn load(file: &Path) -> Result<Cluster, DiscoveryError> {
+    let text = std::fs::read_to_string(file).map_err(|source| DiscoveryError::Read {
+        file: file.to_owned(),
+        source,
+    })?;
+    parse(file, &text)
+}
+
+/// Parses the text of a cluster file; `file` only names it in errors.
+pub fn parse(file: &Path, text: &str) -> Result<Cluster, DiscoveryError> {
+    let mut parser = Parser {
+        file,
+        namespaces: BTreeMap::new(),
+        pods: BTreeMap::new(),
+        services: BTreeMap::new(),
+        slices: BTreeMap::new(),
+    };
+    for (first_line, doc) in documents(text) {
+        parser.document(first_line, doc)?;
+    }
+    let Parser {
+        namespaces,
+        pods,
+        services,
+        slices,
+        ..
+    } = parser;
+    Ok(Cluster::new(
+        namespaces.into_iter().map(|(k, (_, v))| (k, v)).collect(),
+        pods.into_values().map(|(_, pod)| pod).collect(),
+        services.into_iter().map(|(k, (_, v))| (k, v)).collect(),
+        slices.into_iter().map(|(k, (_, v))| (k, v)).collect(),
+    ))
+}
+
+/// Splits a YAML stream at `---` lines, keeping the 1-based line where each document starts so
+/// that errors inside a document name the line in the file.
+fn documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 1;
+    for (index, line) in text.lines().enumerate() {
+        let marker = line.starts_with("---")
+            && line[3..]
+                .trim_start()
+                .chars()
+                .next()
+                .is_none_or(|c| c == '#');
+        if marker {
+            docs.push((start, std::mem::take(&mut current)));
+            start = index + 2;
+        } else if line.trim_end() == "..." {
+            continue;
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    docs.push((start, current));
+    docs.retain(|(_, doc)| {
+        doc.lines().any(|l| {
+            let l = l.trim();
+            !l.is_empty() && !l.starts_with('#')
+        })
+    });
+    docs
+}
+
+struct Parser<'a> {
+    file: &'a Path,
+    namespaces: BTreeMap<String, (usize, Namespace)>,
+    pods: BTreeMap<ObjectKey, (usize, Pod)>,
+    services: BTreeMap<ObjectKey, (usize, Service)>,
+    slices: BTreeMap<ObjectKey, (usize, EndpointSlice)>,
+}
+
+impl Parser<'_> {
+    fn document(&mut self, line: usize, doc: String) -> Result<(), DiscoveryError> {
+        let meta: TypeMeta = self.decode(line, &doc, "document")?;
+        let group = meta
+            .api_version
+            .rsplit_once('/')
+            .map_or("", |(group, _)| group);
+        match (group, meta.kind.as_str()) {
+            ("", "List") => {
+                let list: ListOf = self.decode(line, &doc, "List")?;
+                for item in list.items {
+                    let item = serde_yaml_ng::to_string(&item).unwrap_or_default();
+                    self.document(line, item)?;
+                }
+            }
+            ("", "Namespace") => {
+                let ns: Namespace = self.decode(line, &doc, "Namespace")?;
+                let name = self.name(line, "Namespace", &ns.metadata)?;
+                if let Some((first, _)) = self.namespaces.insert(name.clone(), (line, ns)) {
+                    return Err(self.duplicate(line, first, format!("Namespace {name}")));
+                }
+            }
+            ("", "Pod") => {
+                let pod: Pod = self.decode(line, &doc, "Pod")?;
+                let key = self.key(line, "Pod", &pod.metadata)?;
+                for ip in pod
+                    .status
+                    .pod_ip
+                    .iter()
+                    .chain(pod.status.pod_ips.iter().map(|p| &p.ip))
+                {
+                    if ip.parse::<std::net::IpAddr>().is_err() {
+                        return Err(self.invalid(
+                            line,
+                            format!("Pod {key}"),
+                            format!("status.podIP: {ip:?} is not an IP address"),
+                        ));
+                    }
+                }
+                if let Some((first, _)) = self.pods.insert(key.clone(), (line, pod)) {
+                    return Err(self.duplicate(line, first, format!("Pod {key}")));
+                }
+            }
+            ("", "Service") => {
+                let svc: Service = self.decode(line, &doc, "Service")?;
+                let key = self.key(line, "Service", &svc.metadata)?;
+                if let Some((first, _)) = self.services.insert(key.clone(), (line, svc)) {
+                    return Err(self.duplicate(line, first, format!("Service {key}")));
+                }
+            }
+            ("discovery.k8s.io", "EndpointSlice") => {
+                let slice: EndpointSlice = self.decode(line, &doc, "EndpointSlice")?;
+                let key = self.key(line, "EndpointSlice", &slice.metadata)?;
+                if let Some((first, _)) = self.slices.insert(key.clone(), (line, slice)) {
+                    return Err(self.duplicate(line, first, format!("EndpointSlice {key}")));
+                }
+            }
+            (_, "") => {
+                return Err(self.invalid(line, "document".into(), "missing `kind`".into()));
+            }
+            (_, kind) => {
+                warn!(file = %self.file.display(), line, kind, api_version = %meta.api_version, "ignoring an object of a kind ambit does not use");
+            }
+        }
+        Ok(())
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        line: usize,
+        doc: &str,
+        what: &str,
+    ) -> Result<T, DiscoveryError> {
+        serde_yaml_ng::from_str(doc).map_err(|e| {
+            let (l, c) = e
+                .location()
+                .map_or((0, 0), |loc| (loc.line(), loc.column()));
+            let message = e.to_string();
+            // The location goes in front, file:line:column style; drop serde_yaml's own suffix.
+            let message = message
+                .split(" at line ")
+                .next()
+                .unwrap_or(&message)
+                .to_owned();
+            DiscoveryError::Syntax {
+                file: self.file.to_owned(),
+                line: line + l.saturating_sub(1),
+                column: c.max(1),
+                message: format!("{what}: {message}"),
+            }
+        })
+    }
+
+    fn name(&self, line: usize, kind: &str, meta: &ObjectMeta) -> Result<String, DiscoveryError> {
+        if meta.name.is_empty() {
+            return Err(self.invalid(line, kind.to_owned(), "metadata.name is empty".into()));
+        }
+        Ok(meta.name.clone())
+    }
+
+    fn key(&self, line: usize, kind: &str, meta: &ObjectMeta) -> Result<ObjectKey, DiscoveryError> {
+        let name = self.name(line, kind, meta)?;
+        Ok(ObjectKey {
+            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+            name,
+        })
+    }
+
+    fn invalid(&self, line: usize, object: String, message: String) -> DiscoveryError {
+        DiscoveryError::Invalid {
+            file: self.file.to_owned(),
+            line,
+            object,
+            message,
+        }
+    }
+
+    fn duplicate(&self, line: usize, first: usize, object: String) -> DiscoveryError {
+        self.invalid(
+            line,
+            object,
+            format!("defined twice (first at line {first})"),
+        )
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ListOf {
+    #[serde(default)]
+    items: Vec<serde_yaml_ng::Value>,
+}
+
+/// What the watcher reports about the file, for `ambit status`.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct SourceStatus {
+    /// The file.
+    pub file: PathBuf,
+    /// Successful loads so far.
+    pub generation: u64,
+    /// When the serving snapshot was loaded (seconds since the epoch).
+    pub loaded_at: u64,
+    /// The error of the last attempt, if it failed: the last good snapshot is still serving.
+    pub error: Option<String>,
+}
+
+/// Watches `file` and publishes each good snapshot on `tx`. Bad edits are logged and recorded in
+/// `status`; the last good snapshot stays published.
+pub async fn watch(
+    file: PathBuf,
+    tx: watch::Sender<Arc<Cluster>>,
+    status: watch::Sender<SourceStatus>,
+) {
+    let mut last = fingerprint(&file);
+    let mut interval = tokio::time::interval(POLL_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let now = fingerprint(&file);
+        if now == last {
+            continue;
+        }
+        last = now;
+        let path = file.clone();
+        let result = tokio::task::spawn_blocking(move || load(&path)).await;
+        match result {
+            Ok(Ok(cluster)) => {
+                info!(file = %file.display(), pods = cluster.workloads.len(), "cluster file reloaded");
+                tx.send_replace(Arc::new(cluster));
+                status.send_modify(|s| {
+                    s.generation += 1;
+                    s.loaded_at = unix_now();
+                    s.error = None;
+                });
+            }
+            Ok(Err(e)) => {
+                error!(error = %e, "cluster file rejected; still serving the last good version");
+                status.send_modify(|s| s.error = Some(e.to_string()));
+            }
+            Err(e) => error!(error = %e, "cluster file reload task failed"),
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Identity of the file's current content as cheaply as the file system tells it.
+fn fingerprint(file: &Path) -> Option<(SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(file).ok()?;
+    Some((meta.modified().ok()?, meta.len(), meta.ino()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::Enrollment;
+
+    fn parse_str(text: &str) -> Result<Cluster, DiscoveryError> {
+        parse(Path::new("cluster.yaml"), text)
+    }
+
+    const SHOP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    istio.io/dataplane-mode: ambient
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: frontend
+  namespace: shop
+  uid: 1111
+  annotations:
+    ambit.io/netns: /var/run/netns/frontend
+spec:
+  nodeName: node-a
+  serviceAccountName: frontend-sa
+status:
+  podIP: 10.0.0.2
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: db
+  namespace: shop
+  labels:
+    istio.io/dataplane-mode: none
+spec:
+  nodeName: node-b
+status:
+  podIPs: [{ip: 10.0.0.4}, {ip: "fd00::4"}]
+--- # outsider
+apiVersion: v1
+kind: Pod
+metadata: {name: outsider, namespace: other}
+spec: {nodeName: node-a}
+status: {podIP: 10.0.0.9}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: ignored}
+"#;
+
+    #[test]
+    fn reads_pods_and_enrollment() {
+        let cluster = parse_str(SHOP).expect("valid");
+        let frontend = &cluster.workloads[&ObjectKey {
+            namespace: "shop".into(),
+            name: "frontend".into(),
+        }];
+        assert_eq!(frontend.enrollment, Enrollment::Ambient);
+        assert_eq!(
+            frontend.spiffe_id("cluster.local"),
+            "spiffe://cluster.local/ns/shop/sa/frontend-sa"
+        );
+        assert_eq!(
+            frontend.netns.as_deref(),
+            Some(Path::new("/var/run/netns/frontend"))
+        );
+        let db = cluster
+            .workload_by_ip("fd00::4".parse().expect("ip"))
+            .expect("db by ip");
+        assert_eq!(db.enrollment, Enrollment::OptedOut);
+        assert_eq!(db.service_account, "default");
+        let outsider = cluster
+            .workload_by_ip("10.0.0.9".parse().expect("ip"))
+            .expect("outsider");
+        assert_eq!(outsider.enrollment, Enrollment::NotEnrolled);
+        assert_eq!(cluster.workloads_on("node-a").count(), 2);
+    }
+
+    #[test]
+    fn host_network_pods_are_never_enrolled() {
+        let cluster = parse_str(
+            "kind: Pod\napiVersion: v1\nmetadata: {name: p, labels: {istio.io/dataplane-mode: ambient}}\nspec: {hostNetwork: true}\nstatus: {podIP: 192.0.2.1}\n",
+        )
+        .expect("valid");
+        let pod = cluster.workloads.values().next().expect("one pod");
+        assert_eq!(pod.enrollment, Enrollment::HostNetwork);
+        assert!(
+            cluster
+                .workload_by_ip("192.0.2.1".parse().expect("ip"))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_file_and_line() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n   bad: [\n";
+        let err = parse_str(text).expect_err("broken YAML").to_string();
+        assert!(err.starts_with("cluster.yaml:9:"), "{err}");
+    }
+
+    #[test]
+    fn type_errors_name_the_kind_and_line() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  hostNetwork: maybe\n";
+        let err = parse_str(text).expect_err("bad bool").to_string();
+        assert!(err.starts_with("cluster.yaml:5:"), "{err}");
+        assert!(err.contains("Pod:"), "{err}");
+    }
+
+    #[test]
+    fn bad_ip_and_duplicates_are_rejected() {
+        let err = parse_str(
+            "kind: Pod\napiVersion: v1\nmetadata: {name: p}\nstatus: {podIP: 10.0.0.300}\n",
+        )
+        .expect_err("bad ip")
+        .to_string();
+        assert!(err.contains("10.0.0.300"), "{err}");
+        let err = parse_str("kind: Namespace\napiVersion: v1\nmetadata: {name: a}\n---\nkind: Namespace\napiVersion: v1\nmetadata: {name: a}\n")
+            .expect_err("duplicate")
+            .to_string();
+        assert_eq!(
+            err,
+            "cluster.yaml:5: Namespace a: defined twice (first at line 1)"
+        );
+    }
+
+    #[test]
+    fn lists_are_flattened() {
+        let cluster = parse_str("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: a}\n")
+            .expect("valid");
+        assert!(cluster.namespaces.contains_key("a"));
+    }
+}

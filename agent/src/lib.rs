@@ -1,0 +1,22 @@
+//! ambit: a sidecar-free service mesh node agent.
+//!
+//! One agent per node loads eBPF programs that steer the TCP traffic of enrolled pods into this
+//! process, which forwards it (and, with identities, wraps it in mutual TLS). Modules, one per
+//! domain noun:
+//!
+//! - [`discovery`]: the cluster as the agent knows it (local file or Kubernetes API);
+//! - [`bpf`]: the kernel programs and their maps;
+//! - [`redirect`]: enrolling pods (network namespaces, listeners, map entries);
+//! - [`proxy`]: the outbound and inbound proxies;
+//! - [`telemetry`]: logs and connection records;
+//! - [`admin`]: the HTTP endpoints (admin API, readiness, metrics);
+//! - [`cli`]: the command line; [`agent`]: `ambit agent` itself.
+
+pub mod admin;
+pub mod agent;
+pub mod bpf;
+pub mod cli;
+pub mod discovery;
+pub mod proxy;
+pub mod redirect;
+pub mod telemetry;

@@ -1,0 +1,475 @@
+//! Enrolling pods: for each pod of this node that is in the mesh, enter its network namespace,
+//! open the agent's listeners there, register them with the kernel programs, and start the
+//! proxies; release pods that left the mesh. Driven by [`Redirector::reconcile`] whenever the
+//! cluster snapshot changes.
+
+pub mod netns;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
+
+use ambit_common::{AF_INET, AF_INET6, Enrolled, INBOUND_PORT, OUTBOUND_PORT};
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tracing::{info, warn};
+
+use self::netns::Netns;
+use crate::{
+    bpf::{self, BpfError, Datapath},
+    discovery::{Cluster, ObjectKey, Workload},
+    proxy::{PodContext, PodStats, Proxy},
+};
+
+/// Errors enrolling one pod. Each names the pod; other pods are not affected.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    /// The local-mode annotation is missing.
+    #[error("pod {0} has no ambit.io/netns annotation naming its network namespace")]
+    NoNetns(ObjectKey),
+    /// The pod has no IP yet.
+    #[error("pod {0} has no IP address yet (status.podIP is empty)")]
+    NoIp(ObjectKey),
+    /// The netns could not be opened.
+    #[error("pod {pod}: network namespace {path}: {source}")]
+    Netns {
+        /// The pod.
+        pod: ObjectKey,
+        /// The path.
+        path: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// A listener could not be opened inside the pod.
+    #[error("pod {pod}: opening listener {addr} in its network namespace: {source}")]
+    Listen {
+        /// The pod.
+        pod: ObjectKey,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The kernel programs refused the pod.
+    #[error("pod {pod}: {source}")]
+    Bpf {
+        /// The pod.
+        pod: ObjectKey,
+        /// Why.
+        source: BpfError,
+    },
+}
+
+/// A pod the agent captures.
+struct Captured {
+    workload: Workload,
+    netns_id: (u64, u64),
+    cookie: u64,
+    stats: Arc<PodStats>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Whether the agent captures a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaptureState {
+    /// In the mesh and captured.
+    Captured,
+    /// In the mesh, but capturing it failed (see the error).
+    Failed,
+    /// Not in the mesh.
+    NotCaptured,
+}
+
+impl std::fmt::Display for CaptureState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Captured => "captured",
+            Self::Failed => "FAILED",
+            Self::NotCaptured => "-",
+        })
+    }
+}
+
+/// How one pod of this node stands, for the admin API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodReport {
+    /// The pod.
+    #[serde(flatten)]
+    pub workload: Workload,
+    /// Whether the agent captures it.
+    pub state: CaptureState,
+    /// Why enrolling failed.
+    pub error: Option<String>,
+    /// The netns cookie, when captured.
+    pub netns_cookie: Option<u64>,
+    /// Connection counters, when captured.
+    pub stats: Option<crate::proxy::StatsSnapshot>,
+}
+
+/// Keeps the set of captured pods equal to the set of enrolled pods of this node.
+pub struct Redirector {
+    node: String,
+    datapath: Datapath,
+    proxy: Arc<Proxy>,
+    captured: BTreeMap<ObjectKey, Captured>,
+    failed: BTreeMap<ObjectKey, String>,
+    reconciled_once: bool,
+}
+
+impl Redirector {
+    /// A redirector for the pods of `node`.
+    pub fn new(node: String, datapath: Datapath, proxy: Arc<Proxy>) -> Self {
+        Self {
+            node,
+            datapath,
+            proxy,
+            captured: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            reconciled_once: false,
+        }
+    }
+
+    /// The loaded datapath.
+    pub fn datapath(&self) -> &Datapath {
+        &self.datapath
+    }
+
+    /// True when every pod of this node that should be in the mesh is captured.
+    pub fn all_captured(&self) -> bool {
+        self.reconciled_once && self.failed.is_empty()
+    }
+
+    /// Brings capture in line with `cluster`.
+    pub fn reconcile(&mut self, cluster: &Cluster) {
+        let node = self.node.clone();
+        let wanted: BTreeMap<ObjectKey, &Workload> = cluster
+            .workloads_on(&node)
+            .filter(|w| w.enrollment.is_enrolled())
+            .map(|w| (w.key.clone(), w))
+            .collect();
+
+        let gone: Vec<ObjectKey> = self
+            .captured
+            .iter()
+            .filter(|(key, captured)| {
+                wanted
+                    .get(*key)
+                    .is_none_or(|w| !same_capture(&captured.workload, w))
+            })
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in gone {
+            if let Some(captured) = self.captured.remove(&key) {
+                self.release(captured);
+            }
+        }
+
+        let previous_failures = std::mem::take(&mut self.failed);
+        for (key, workload) in &wanted {
+            if let Some(captured) = self.captured.get_mut(key) {
+                // Same pod, same netns and IPs: only labels or metadata changed.
+                captured.workload = (*workload).clone();
+                if let Ok(ns) = open_netns(workload) {
+                    if ns.id() == captured.netns_id {
+                        continue;
+                    }
+                }
+                if let Some(captured) = self.captured.remove(key) {
+                    self.release(captured);
+                }
+            }
+            match self.capture(workload) {
+                Ok(captured) => {
+                    info!(pod = %key, cookie = captured.cookie, ips = ?workload.ips, "pod captured");
+                    self.captured.insert(key.clone(), captured);
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    // Failed pods are retried every few seconds; say so once per new reason.
+                    if previous_failures.get(key) != Some(&message) {
+                        warn!(pod = %key, error = %message, "pod not captured; will retry");
+                    }
+                    self.failed.insert(key.clone(), message);
+                }
+            }
+        }
+
+        if !self.reconciled_once {
+            self.reconciled_once = true;
+            self.forget_stale();
+        }
+    }
+
+    /// Removes state that a previous agent of this instance left for pods that are no longer
+    /// enrolled here (their entries would otherwise capture traffic no one serves).
+    fn forget_stale(&mut self) {
+        let live: HashSet<u64> = self.captured.values().map(|c| c.cookie).collect();
+        for cookie in self.datapath.enrolled_netns() {
+            if !live.contains(&cookie) {
+                info!(cookie, "removing stale enrollment left by a previous agent");
+                if let Err(e) = self.datapath.unenroll(cookie) {
+                    warn!(cookie, error = %e, "stale enrollment not removed");
+                }
+            }
+        }
+        for cookie in self.datapath.linked_netns() {
+            if !live.contains(&cookie) {
+                if let Err(e) = self.datapath.unlink_netns(cookie) {
+                    warn!(cookie, error = %e, "stale inbound link not removed");
+                }
+            }
+        }
+    }
+
+    /// Reports of every pod of this node.
+    pub fn reports(&self, cluster: &Cluster) -> Vec<PodReport> {
+        cluster
+            .workloads_on(&self.node)
+            .map(|w| {
+                let captured = self.captured.get(&w.key);
+                let error = self.failed.get(&w.key).cloned();
+                PodReport {
+                    workload: w.clone(),
+                    state: if captured.is_some() {
+                        CaptureState::Captured
+                    } else if error.is_some() {
+                        CaptureState::Failed
+                    } else {
+                        CaptureState::NotCaptured
+                    },
+                    error,
+                    netns_cookie: captured.map(|c| c.cookie),
+                    stats: captured.map(|c| c.stats.snapshot()),
+                }
+            })
+            .collect()
+    }
+
+    fn capture(&mut self, workload: &Workload) -> Result<Captured, RedirectError> {
+        let pod = workload.key.clone();
+        if workload.ips.is_empty() {
+            return Err(RedirectError::NoIp(pod));
+        }
+        let netns = Arc::new(open_netns(workload)?);
+
+        let outbound_addrs: Vec<SocketAddr> = [
+            workload
+                .ips
+                .iter()
+                .any(|ip| ip.is_ipv4())
+                .then_some(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT))),
+            workload
+                .ips
+                .iter()
+                .any(|ip| ip.is_ipv6())
+                .then_some(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        // Dual-stack pods get one IPv6 listener that takes IPv4 too; IPv4-only pods may have no
+        // IPv6 at all, so they get an IPv4 one.
+        let inbound_addr = if workload.ips.iter().any(|ip| ip.is_ipv6()) {
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PORT))
+        } else {
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, INBOUND_PORT))
+        };
+
+        let listen = |addr: SocketAddr| {
+            netns
+                .run(|| listen_socket(addr))
+                .and_then(|r| r)
+                .map_err(|source| RedirectError::Listen {
+                    pod: pod.clone(),
+                    addr,
+                    source,
+                })
+        };
+        let outbound: Vec<(SocketAddr, Socket)> = outbound_addrs
+            .iter()
+            .map(|a| Ok((*a, listen(*a)?)))
+            .collect::<Result<_, _>>()?;
+        let inbound = listen(inbound_addr)?;
+        let cookie = bpf::netns_cookie(&inbound).map_err(|source| RedirectError::Listen {
+            pod: pod.clone(),
+            addr: inbound_addr,
+            source,
+        })?;
+
+        // Order matters: the inbound listener is registered before steering starts, and
+        // outbound capture starts last, once its listener is accepting.
+        let bpf_err = |source| RedirectError::Bpf {
+            pod: pod.clone(),
+            source,
+        };
+        for ip in &workload.ips {
+            self.datapath
+                .set_listener(kernel_ip(*ip), &inbound)
+                .map_err(bpf_err)?;
+        }
+        self.datapath.link_netns(&*netns, cookie).map_err(bpf_err)?;
+
+        let stats = Arc::new(PodStats::default());
+        let context = Arc::new(PodContext {
+            workload: workload.clone(),
+            netns: netns.clone(),
+            cookie,
+            stats: stats.clone(),
+        });
+        let to_tokio = |s: Socket| TcpListener::from_std(s.into());
+        let mut tasks = Vec::new();
+        for (addr, socket) in outbound {
+            let listener = to_tokio(socket).map_err(|source| RedirectError::Listen {
+                pod: pod.clone(),
+                addr,
+                source,
+            })?;
+            tasks.push(tokio::spawn(
+                self.proxy.clone().serve_outbound(context.clone(), listener),
+            ));
+        }
+        let listener = to_tokio(inbound).map_err(|source| RedirectError::Listen {
+            pod: pod.clone(),
+            addr: inbound_addr,
+            source,
+        })?;
+        tasks.push(tokio::spawn(
+            self.proxy.clone().serve_inbound(context.clone(), listener),
+        ));
+
+        let mut enrolled = Enrolled::default();
+        for ip in &workload.ips {
+            match ip {
+                std::net::IpAddr::V4(v4) => enrolled.ipv4 = u32::from_ne_bytes(v4.octets()),
+                std::net::IpAddr::V6(v6) => enrolled.ipv6 = kernel_ip((*v6).into()).addr,
+            }
+        }
+        if let Err(e) = self.datapath.enroll(cookie, enrolled) {
+            tasks.iter().for_each(JoinHandle::abort);
+            return Err(bpf_err(e));
+        }
+        Ok(Captured {
+            workload: workload.clone(),
+            netns_id: netns.id(),
+            cookie,
+            stats,
+            tasks,
+        })
+    }
+
+    fn release(&mut self, captured: Captured) {
+        let Captured {
+            workload,
+            cookie,
+            tasks,
+            ..
+        } = captured;
+        // Reverse order of capture: stop capturing outbound first, then inbound.
+        if let Err(e) = self.datapath.unenroll(cookie) {
+            warn!(pod = %workload.key, error = %e, "releasing outbound capture");
+        }
+        if let Err(e) = self.datapath.unlink_netns(cookie) {
+            warn!(pod = %workload.key, error = %e, "releasing inbound capture");
+        }
+        for ip in &workload.ips {
+            if let Err(e) = self.datapath.clear_listener(kernel_ip(*ip)) {
+                warn!(pod = %workload.key, error = %e, "releasing inbound listener");
+            }
+        }
+        // Stops accepting; connections already proxied run to their end.
+        tasks.iter().for_each(JoinHandle::abort);
+        info!(pod = %workload.key, "pod released");
+    }
+}
+
+/// Two views of a pod need the same capture when they share netns path and IPs.
+fn same_capture(a: &Workload, b: &Workload) -> bool {
+    a.netns == b.netns && a.ips == b.ips && a.uid == b.uid
+}
+
+fn open_netns(workload: &Workload) -> Result<Netns, RedirectError> {
+    let path = workload
+        .netns
+        .as_ref()
+        .ok_or_else(|| RedirectError::NoNetns(workload.key.clone()))?;
+    Netns::open(path).map_err(|source| RedirectError::Netns {
+        pod: workload.key.clone(),
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// A listening socket for one of the agent's ports inside a pod: created while the thread is
+/// in the pod's netns, so the kernel delivers the pod's traffic to it.
+fn listen_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // The inbound listener takes IPv4 too (through sk_lookup), the outbound one does not.
+        socket.set_only_v6(!addr.ip().is_unspecified())?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket)
+}
+
+/// An IP address in the layout the kernel programs use.
+pub fn kernel_ip(ip: std::net::IpAddr) -> ambit_common::IpAddr {
+    match ip {
+        std::net::IpAddr::V4(v4) => ambit_common::IpAddr {
+            family: AF_INET,
+            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
+        },
+        std::net::IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ambit_common::IpAddr {
+                family: AF_INET6,
+                addr: [word(0), word(4), word(8), word(12)],
+            }
+        }
+    }
+}
+
+/// The inverse of [`kernel_ip`] for a full socket address.
+pub fn from_kernel(addr: ambit_common::SockAddr) -> SocketAddr {
+    let port = u16::from_be(addr.port as u16);
+    let a = addr.ip.addr;
+    if addr.ip.family == AF_INET {
+        SocketAddr::from((Ipv4Addr::from(a[0].to_ne_bytes()), port))
+    } else {
+        let mut octets = [0u8; 16];
+        for (i, w) in a.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        SocketAddr::from((Ipv6Addr::from(octets), port))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_layout_round_trips() {
+        for addr in ["10.1.2.3:8080", "[fd00::1:2]:443"] {
+            let addr: SocketAddr = addr.parse().expect("addr");
+            let kernel = ambit_common::SockAddr {
+                ip: kernel_ip(addr.ip()),
+                port: u32::from(addr.port().to_be()),
+            };
+            assert_eq!(from_kernel(kernel), addr);
+        }
+        // The kernel stores 10.1.2.3 with the first octet in the lowest byte in memory.
+        assert_eq!(
+            kernel_ip("10.1.2.3".parse().expect("ip")).addr[0].to_ne_bytes(),
+            [10, 1, 2, 3]
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! Logs and connection records: the agent's own log (text, or JSON lines with
+//! `LOG_FORMAT=json`), and one structured `connection complete` access-log event per proxied
+//! connection, with Istio's field names.
+
+use std::{net::SocketAddr, time::Duration};
+
+use tracing::info;
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+use crate::discovery::Workload;
+
+/// Sets up logging: `RUST_LOG` filters (default `info`), `LOG_FORMAT=json` selects JSON lines.
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let registry = tracing_subscriber::registry().with(filter);
+    if json {
+        registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false),
+            )
+            .init();
+    } else {
+        registry.with(fmt::layer().with_target(true)).init();
+    }
+}
+
+/// Which way a connection goes, seen from the pod the agent serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Opened by the pod.
+    Outbound,
+    /// Opened towards the pod.
+    Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// What the agent knows about one connection when it ends.
+#[derive(Debug)]
+pub struct ConnectionRecord {
+    /// Direction.
+    pub direction: Direction,
+    /// Source address on the wire.
+    pub src_addr: Option<SocketAddr>,
+    /// Original destination.
+    pub dst_addr: Option<SocketAddr>,
+    /// Source pod, when known.
+    pub src_workload: Option<Workload>,
+    /// Destination pod, when known.
+    pub dst_workload: Option<Workload>,
+    /// Bytes from the client to the server.
+    pub bytes_sent: u64,
+    /// Bytes from the server to the client.
+    pub bytes_received: u64,
+    /// How long it lasted.
+    pub duration: Duration,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+impl ConnectionRecord {
+    /// An empty record.
+    pub fn new(direction: Direction) -> Self {
+        Self {
+            direction,
+            src_addr: None,
+            dst_addr: None,
+            src_workload: None,
+            dst_workload: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration: Duration::ZERO,
+            error: None,
+        }
+    }
+
+    /// Emits the access-log event (target `access`).
+    pub fn log(&self) {
+        let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
+        let name = |w: &Option<Workload>| w.as_ref().map(|w| w.key.name.clone());
+        let ns = |w: &Option<Workload>| w.as_ref().map(|w| w.key.namespace.clone());
+        info!(
+            target: "access",
+            direction = self.direction.as_str(),
+            src.addr = addr(self.src_addr),
+            src.workload = name(&self.src_workload),
+            src.namespace = ns(&self.src_workload),
+            dst.addr = addr(self.dst_addr),
+            dst.workload = name(&self.dst_workload),
+            dst.namespace = ns(&self.dst_workload),
+            bytes_sent = self.bytes_sent,
+            bytes_recv = self.bytes_received,
+            duration_ms = self.duration.as_millis() as u64,
+            error = self.error.as_deref(),
+            "connection complete"
+        );
+    }
+}
+
+/// An error with all its causes, `outer: inner: innermost`, for messages that must say why.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // thiserror messages often embed their source already; don't say it twice.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}

@@ -1,0 +1,63 @@
+//! Inbound capture: new TCP connections to an enrolled pod go to the agent's inbound listener.
+
+use ambit_common::{AF_INET, AF_INET6, HBONE_PORT, IpAddr};
+use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
+
+use crate::{maps::INBOUND_LISTENERS, read_words};
+
+const SK_DROP: u32 = 0;
+const SK_PASS: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+/// The loopback interface is always ifindex 1 in a network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Linked into each enrolled pod's network namespace by the agent.
+#[sk_lookup]
+pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
+    // SAFETY: the kernel hands a valid `bpf_sk_lookup`; the verifier checks every access.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.protocol != IPPROTO_TCP
+        // Connections to 127.0.0.1 or ::1 inside the pod (including to the agent's outbound
+        // listener) are the pod's own business.
+        || lookup.ingress_ifindex == LOOPBACK_IFINDEX
+        // HBONE goes to the agent's own listener on 15008 by the normal lookup.
+        || lookup.local_port == u32::from(HBONE_PORT)
+    {
+        return SK_PASS;
+    }
+    let (local, remote) = match lookup.family {
+        AF_INET => (
+            IpAddr {
+                family: AF_INET,
+                addr: [lookup.local_ip4, 0, 0, 0],
+            },
+            IpAddr {
+                family: AF_INET,
+                addr: [lookup.remote_ip4, 0, 0, 0],
+            },
+        ),
+        AF_INET6 => (
+            IpAddr {
+                family: AF_INET6,
+                addr: read_words(&lookup.local_ip6),
+            },
+            IpAddr {
+                family: AF_INET6,
+                addr: read_words(&lookup.remote_ip6),
+            },
+        ),
+        _ => return SK_PASS,
+    };
+    // From the pod's own address to itself: the agent delivering to the app (or the app talking
+    // to itself). Such packets cannot come from outside: the kernel drops packets that arrive
+    // with one of its own addresses as source (`accept_local` is off by default).
+    if local == remote {
+        return SK_PASS;
+    }
+    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
+        Ok(()) => SK_PASS,
+        // No live listener for this pod: refuse rather than let traffic reach the app
+        // without the agent (fail closed).
+        Err(_) => SK_DROP,
+    }
+}

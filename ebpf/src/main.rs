@@ -1,0 +1,52 @@
+//! ambit's kernel programs.
+//!
+//! - `outbound`: `cgroup/connect4|6` steer connections opened in enrolled pods to the agent's
+//!   outbound listener on the pod's loopback, `sock_ops` remembers where they were going, and
+//!   `cgroup/getpeername4|6` shows the application the address it asked for.
+//! - `inbound`: `sk_lookup`, linked into each enrolled pod's network namespace, hands new TCP
+//!   connections to the agent's inbound listener and drops them when that listener is gone.
+#![no_std]
+#![no_main]
+
+mod inbound;
+mod maps;
+mod outbound;
+
+/// Reads a four-word array of a context struct one word at a time. The verifier only accepts
+/// context loads at a constant offset from the unmodified context pointer; a plain array copy
+/// lets LLVM compute the array's address first, which it rejects.
+#[inline(always)]
+pub(crate) fn read_words(words: &[u32; 4]) -> [u32; 4] {
+    // SAFETY: the references point into the program's context, valid for the whole call.
+    unsafe {
+        [
+            core::ptr::read_volatile(&words[0]),
+            core::ptr::read_volatile(&words[1]),
+            core::ptr::read_volatile(&words[2]),
+            core::ptr::read_volatile(&words[3]),
+        ]
+    }
+}
+
+/// Writes a four-word array of a context struct one word at a time; see [`read_words`].
+#[inline(always)]
+pub(crate) fn write_words(words: &mut [u32; 4], value: [u32; 4]) {
+    // SAFETY: as in `read_words`.
+    unsafe {
+        core::ptr::write_volatile(&mut words[0], value[0]);
+        core::ptr::write_volatile(&mut words[1], value[1]);
+        core::ptr::write_volatile(&mut words[2], value[2]);
+        core::ptr::write_volatile(&mut words[3], value[3]);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+    // The verifier proves the programs cannot panic; this only satisfies the linker.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,28 @@
+//! The maps shared by the programs and the agent. All are pinned by name under the agent's
+//! instance directory, so that they outlive the agent process and a restarted agent re-opens
+//! the same state (enforcement never lapses).
+
+use ambit_common::{Enrolled, IpAddr, OrigDstKey, SockAddr};
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, SockHash},
+};
+
+/// Enrolled network namespaces, by netns cookie. Written by the agent only.
+#[map]
+pub(crate) static ENROLLED: HashMap<u64, Enrolled> = HashMap::pinned(16_384, 0);
+
+/// Original destination of each captured socket, by socket cookie. Written at `connect()`,
+/// read by `sock_ops` and `getpeername()`. LRU: entries of closed sockets age out by themselves.
+#[map]
+pub(crate) static SOCK_ORIG: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65_536, 0);
+
+/// Original destination of each captured connection as the agent sees it: by (netns cookie,
+/// client port on the pod loopback). Written when the connection is established.
+#[map]
+pub(crate) static ORIG_DST: LruHashMap<OrigDstKey, SockAddr> = LruHashMap::pinned(65_536, 0);
+
+/// The agent's inbound listener of each enrolled pod, by pod IP. A closed listener leaves the
+/// map by itself, which is what makes a dead agent fail closed.
+#[map]
+pub(crate) static INBOUND_LISTENERS: SockHash<IpAddr> = SockHash::pinned(16_384, 0);
