@@ -127,9 +127,13 @@ impl AdminState {
             "1 when the last reload of the source of truth failed.",
             u64::from(status.config.error.is_some()),
         );
-        let total = |f: fn(&crate::proxy::StatsSnapshot) -> u64| -> u64 {
-            pods.iter().filter_map(|p| p.stats.as_ref()).map(f).sum()
-        };
+        let snapshots: Vec<_> = pods
+            .iter()
+            .filter_map(|p| p.stats.as_ref())
+            .map(|s| s.snapshot())
+            .collect();
+        let total =
+            |f: fn(&crate::proxy::StatsSnapshot) -> u64| -> u64 { snapshots.iter().map(f).sum() };
         out.push_str("# HELP ambit_connections_total Connections proxied for captured pods.\n# TYPE ambit_connections_total counter\n");
         out.push_str(&format!(
             "ambit_connections_total{{direction=\"outbound\"}} {}\n",

@@ -75,6 +75,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if uid != 0 {
         return Err(AgentError::NotRoot(uid));
     }
+    raise_fd_limit();
     let file = std::path::absolute(&file).unwrap_or(file);
     let cluster = discovery::local::load(&file)?;
     info!(file = %file.display(), pods = cluster.workloads.len(), node = %args.node, "cluster file loaded");
@@ -141,6 +142,25 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     info!("shutting down; enrolled pods stay captured (fail closed) until the next agent starts");
     Ok(())
+}
+
+/// Every proxied connection holds two sockets; the default soft limit of 1024 descriptors would
+/// cap a node at a few hundred connections. Raise it to the hard limit.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid out-pointer, then the same struct back in.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    if !raised {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "could not raise the open-files limit");
+    }
 }
 
 fn signal(

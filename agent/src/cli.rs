@@ -178,6 +178,8 @@ pub async fn workloads(args: &OperatorArgs) -> Result<String, CliError> {
             .join(",");
         let conns = p
             .stats
+            .as_ref()
+            .map(|s| s.snapshot())
             .map(|s| format!("{}/{}", s.outbound, s.inbound))
             .unwrap_or_else(|| "-".into());
         t.row([

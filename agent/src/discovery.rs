@@ -223,10 +223,10 @@ fn workload_of(pod: &Pod, namespaces: &BTreeMap<String, Namespace>) -> Workload 
         .iter()
         .filter_map(|p| p.ip.parse().ok())
         .collect();
-    if let Some(ip) = pod.status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()) {
-        if !ips.contains(&ip) {
-            ips.insert(0, ip);
-        }
+    if let Some(ip) = pod.status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
+        && !ips.contains(&ip)
+    {
+        ips.insert(0, ip);
     }
     Workload {
         key: ObjectKey {

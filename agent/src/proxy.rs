@@ -90,6 +90,25 @@ pub struct StatsSnapshot {
     pub bytes_received: u64,
 }
 
+impl Serialize for PodStats {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.snapshot().serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PodStats {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = StatsSnapshot::deserialize(deserializer)?;
+        Ok(Self {
+            outbound: s.outbound.into(),
+            inbound: s.inbound.into(),
+            failed: s.failed.into(),
+            bytes_sent: s.bytes_sent.into(),
+            bytes_received: s.bytes_received.into(),
+        })
+    }
+}
+
 impl PodStats {
     /// A snapshot of the counters.
     pub fn snapshot(&self) -> StatsSnapshot {

@@ -60,7 +60,7 @@ pub enum RedirectError {
         /// The pod.
         pod: ObjectKey,
         /// Why.
-        source: BpfError,
+        source: Box<BpfError>,
     },
 }
 
@@ -107,8 +107,8 @@ pub struct PodReport {
     pub error: Option<String>,
     /// The netns cookie, when captured.
     pub netns_cookie: Option<u64>,
-    /// Connection counters, when captured.
-    pub stats: Option<crate::proxy::StatsSnapshot>,
+    /// Connection counters, when captured; read live when the report is serialised.
+    pub stats: Option<Arc<PodStats>>,
 }
 
 /// Keeps the set of captured pods equal to the set of enrolled pods of this node.
@@ -174,10 +174,10 @@ impl Redirector {
             if let Some(captured) = self.captured.get_mut(key) {
                 // Same pod, same netns and IPs: only labels or metadata changed.
                 captured.workload = (*workload).clone();
-                if let Ok(ns) = open_netns(workload) {
-                    if ns.id() == captured.netns_id {
-                        continue;
-                    }
+                if let Ok(ns) = open_netns(workload)
+                    && ns.id() == captured.netns_id
+                {
+                    continue;
                 }
                 if let Some(captured) = self.captured.remove(key) {
                     self.release(captured);
@@ -218,10 +218,10 @@ impl Redirector {
             }
         }
         for cookie in self.datapath.linked_netns() {
-            if !live.contains(&cookie) {
-                if let Err(e) = self.datapath.unlink_netns(cookie) {
-                    warn!(cookie, error = %e, "stale inbound link not removed");
-                }
+            if !live.contains(&cookie)
+                && let Err(e) = self.datapath.unlink_netns(cookie)
+            {
+                warn!(cookie, error = %e, "stale inbound link not removed");
             }
         }
     }
@@ -244,7 +244,7 @@ impl Redirector {
                     },
                     error,
                     netns_cookie: captured.map(|c| c.cookie),
-                    stats: captured.map(|c| c.stats.snapshot()),
+                    stats: captured.map(|c| c.stats.clone()),
                 }
             })
             .collect()
@@ -303,9 +303,9 @@ impl Redirector {
 
         // Order matters: the inbound listener is registered before steering starts, and
         // outbound capture starts last, once its listener is accepting.
-        let bpf_err = |source| RedirectError::Bpf {
+        let bpf_err = |source: BpfError| RedirectError::Bpf {
             pod: pod.clone(),
-            source,
+            source: Box::new(source),
         };
         for ip in &workload.ips {
             self.datapath

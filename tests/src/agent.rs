@@ -1,0 +1,276 @@
+//! Running real `ambit agent` processes inside node network namespaces.
+
+use std::{
+    fs::File,
+    io::{self, Read as _, Write as _},
+    net::TcpStream,
+    os::unix::process::{CommandExt as _, ExitStatusExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::sys;
+
+/// A running agent; killed when dropped.
+pub struct Agent {
+    child: Child,
+    log: PathBuf,
+    netns: PathBuf,
+}
+
+/// How an agent process ended.
+#[derive(Debug)]
+pub struct AgentOutput {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// Everything it wrote.
+    pub log: String,
+}
+
+impl Agent {
+    pub(crate) fn spawn(
+        netns: &Path,
+        manifest: &Path,
+        node: &str,
+        instance: &str,
+        log: &Path,
+        extra: &[&str],
+    ) -> io::Result<Self> {
+        let out = File::options().create(true).append(true).open(log)?;
+        let mut command = Command::new(sys::ambit_binary());
+        command
+            .args(["agent", "--local"])
+            .arg(manifest)
+            .args(["--node", node, "--instance", instance])
+            .args(extra)
+            .env("LOG_FORMAT", "json")
+            .env(
+                "RUST_LOG",
+                std::env::var("AMBIT_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let path = netns.to_owned();
+        // SAFETY: only setns and prctl between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                sys::enter_netns(&path)?;
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command.spawn()?;
+        Ok(Self {
+            child,
+            log: log.to_owned(),
+            netns: netns.to_owned(),
+        })
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until `/healthz/ready` answers 200, or fails with the agent's log.
+    pub fn wait_ready(&self, limit: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.readiness()? == Some(200) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "agent not ready after {limit:?}; log:\n{}",
+                    self.log_text()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The HTTP status of the readiness endpoint, `None` if nothing answers.
+    pub fn readiness(&self) -> io::Result<Option<u16>> {
+        Ok(self
+            .http_get(15021, "/healthz/ready")?
+            .map(|(status, _)| status))
+    }
+
+    /// `GET path` on `127.0.0.1:port` in the agent's node: status and body, `None` if refused.
+    pub fn http_get(&self, port: u16, path: &str) -> io::Result<Option<(u16, String)>> {
+        sys::in_netns(&self.netns, || -> io::Result<Option<(u16, String)>> {
+            let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+                return Ok(None);
+            };
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            let status = response
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| io::Error::other(format!("bad HTTP response: {response:?}")))?;
+            let body = response
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            Ok(Some((status, body)))
+        })?
+    }
+
+    /// `GET path` on the admin API, decoded; `None` if it does not answer 200 with JSON.
+    pub fn admin_json(&self, path: &str) -> Option<Value> {
+        match self.http_get(15000, path) {
+            Ok(Some((200, body))) => serde_json::from_str(&body).ok(),
+            _ => None,
+        }
+    }
+
+    /// The capture state of a pod of this node as `/workloads` reports it.
+    pub fn pod_state(&self, pod: &str) -> Option<String> {
+        let pods = self.admin_json("/workloads")?;
+        let pod = pods.as_array()?.iter().find(|p| p["name"] == pod)?;
+        pod["state"].as_str().map(str::to_owned)
+    }
+
+    /// SIGKILLs the agent, as a crash or OOM kill would, and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERMs the agent and waits for it to exit.
+    pub fn terminate(&mut self, limit: Duration) -> io::Result<ExitStatus> {
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(io::Error::other("agent did not exit after SIGTERM"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the process to exit on its own (start-up failures).
+    pub fn wait_exit(mut self, limit: Duration) -> io::Result<AgentOutput> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(AgentOutput {
+                    status,
+                    log: self.log_text(),
+                });
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(io::Error::other(format!(
+                    "agent still running after {limit:?}:\n{}",
+                    self.log_text()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the agent logged.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The agent's JSON log lines.
+    pub fn log_events(&self) -> Vec<Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The access-log records (`connection complete`).
+    pub fn access_records(&self) -> Vec<Value> {
+        self.log_events()
+            .into_iter()
+            .filter(|v| v["target"] == "access")
+            .collect()
+    }
+
+    /// Waits until a log event satisfies `matches`, returning it.
+    pub fn wait_for_event(
+        &self,
+        limit: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> io::Result<Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(event) = self.log_events().into_iter().find(|e| matches(e)) {
+                return Ok(event);
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "no matching log event after {limit:?}; log:\n{}",
+                    self.log_text()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs a command to completion, killing it after `limit`.
+pub(crate) fn output_with_timeout(mut command: Command, limit: Duration) -> io::Result<Output> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn()?;
+    let mut stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| io::Error::other("no stdout"))?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| io::Error::other("no stderr"))?;
+    let out_thread = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err_thread = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break ExitStatus::from_raw(libc::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Ok(Output {
+        status,
+        stdout: out_thread.join().unwrap_or_default(),
+        stderr: err_thread.join().unwrap_or_default(),
+    })
+}

@@ -1,0 +1,151 @@
+//! Test applications that run inside pods: an echo server that records who connected, and a
+//! client round trip.
+
+use std::{
+    io::{self, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+/// An echo server on a listener inside a pod. Every accepted connection's peer is recorded, so
+/// a test can tell whether traffic reached the application at all.
+pub struct EchoServer {
+    addr: SocketAddr,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    _acceptor: Acceptor,
+}
+
+impl EchoServer {
+    pub(crate) fn start(listener: TcpListener) -> io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let acceptor = Acceptor::start(listener, {
+            let peers = peers.clone();
+            move |stream, peer| {
+                peers.lock().unwrap_or_else(|e| e.into_inner()).push(peer);
+                echo(stream);
+            }
+        })?;
+        Ok(Self {
+            addr,
+            peers,
+            _acceptor: acceptor,
+        })
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Peers of every connection accepted so far.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+fn echo(mut stream: TcpStream) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sends `payload` on `stream` and reads the same number of bytes back.
+pub fn echo_roundtrip(stream: &mut TcpStream, payload: &[u8]) -> io::Result<Vec<u8>> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(payload)?;
+    let mut back = vec![0u8; payload.len()];
+    stream.read_exact(&mut back)?;
+    Ok(back)
+}
+
+/// A server that reads and discards everything (bulk throughput sink).
+pub struct SinkServer {
+    addr: SocketAddr,
+    _acceptor: Acceptor,
+}
+
+impl SinkServer {
+    pub(crate) fn start(listener: TcpListener) -> io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let acceptor = Acceptor::start(listener, |mut stream, _| {
+            let mut buf = vec![0u8; 256 * 1024];
+            while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+        })?;
+        Ok(Self {
+            addr,
+            _acceptor: acceptor,
+        })
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Accepts connections on a thread of its own, handing each to `serve` on a new thread, until
+/// dropped. Accept blocks (no polling delay in connection-rate measurements); dropping shuts the
+/// listener down, which wakes the blocked accept.
+struct Acceptor {
+    listener: Arc<TcpListener>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Acceptor {
+    fn start(
+        listener: TcpListener,
+        serve: impl Fn(TcpStream, SocketAddr) + Send + Sync + Clone + 'static,
+    ) -> io::Result<Self> {
+        let listener = Arc::new(listener);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (listener, stop) = (listener.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, peer)) => {
+                            let serve = serve.clone();
+                            std::thread::spawn(move || serve(stream, peer));
+                        }
+                        Err(_) if stop.load(Ordering::Relaxed) => return,
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            listener,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // SAFETY: shutting down our own listening socket; it makes the blocked accept return.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,553 @@
+//! Building and tearing down a simulated cluster.
+
+use std::{
+    fmt::Write as _,
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output},
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use crate::{
+    agent::Agent,
+    apps::EchoServer,
+    sys::{self, PREFIX},
+};
+
+static RUNS: AtomicUsize = AtomicUsize::new(0);
+
+/// One pod of a simulated cluster.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    /// Pod name; unique within the cluster.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Node it runs on.
+    pub node: String,
+    /// Service account.
+    pub service_account: String,
+    /// Pod labels.
+    pub labels: Vec<(String, String)>,
+    /// Declared container ports, `(name, port)`.
+    pub ports: Vec<(String, u16)>,
+    /// Overrides the `ambit.io/netns` annotation (e.g. a path that does not exist).
+    pub netns_override: Option<String>,
+}
+
+impl PodSpec {
+    /// A pod `namespace/name` on `node`, with service account `default`.
+    pub fn new(namespace: &str, name: &str, node: &str) -> Self {
+        Self {
+            name: name.into(),
+            namespace: namespace.into(),
+            node: node.into(),
+            service_account: "default".into(),
+            labels: Vec::new(),
+            ports: Vec::new(),
+            netns_override: None,
+        }
+    }
+
+    /// Sets the service account.
+    pub fn service_account(mut self, sa: &str) -> Self {
+        self.service_account = sa.into();
+        self
+    }
+
+    /// Adds a label.
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
+    }
+
+    /// Declares a named container port.
+    pub fn port(mut self, name: &str, port: u16) -> Self {
+        self.ports.push((name.into(), port));
+        self
+    }
+}
+
+/// Describes a cluster to build.
+#[derive(Default)]
+pub struct ClusterBuilder {
+    nodes: Vec<String>,
+    namespaces: Vec<(String, Vec<(String, String)>)>,
+    pods: Vec<PodSpec>,
+}
+
+impl ClusterBuilder {
+    /// Adds a node.
+    pub fn node(mut self, name: &str) -> Self {
+        self.nodes.push(name.into());
+        self
+    }
+
+    /// Adds a namespace; `ambient` labels it `istio.io/dataplane-mode=ambient`.
+    pub fn namespace(mut self, name: &str, ambient: bool) -> Self {
+        let labels = if ambient {
+            vec![("istio.io/dataplane-mode".to_owned(), "ambient".to_owned())]
+        } else {
+            Vec::new()
+        };
+        self.namespaces.push((name.into(), labels));
+        self
+    }
+
+    /// Adds a pod.
+    pub fn pod(mut self, pod: PodSpec) -> Self {
+        self.pods.push(pod);
+        self
+    }
+
+    /// Creates the namespaces, links and cgroups, and writes the cluster file.
+    pub fn build(self) -> io::Result<Cluster> {
+        sys::sweep_dead_runs();
+        let run = format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            RUNS.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(&run);
+        std::fs::create_dir_all(&dir)?;
+        let cgroup = sys::cgroup2_root()?.join(&run);
+        let mut cluster = Cluster {
+            fabric: format!("{run}-net"),
+            run,
+            dir,
+            cgroup,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            namespaces: self.namespaces,
+            extra_yaml: Mutex::new(String::new()),
+            agent_pids: Mutex::new(Vec::new()),
+            netns: Vec::new(),
+        };
+        // From here on, Drop cleans up whatever was created, also when a step fails.
+        cluster.create(&self.nodes, self.pods)?;
+        cluster.write_manifest()?;
+        Ok(cluster)
+    }
+}
+
+/// A node of the cluster.
+#[derive(Debug)]
+struct Node {
+    name: String,
+    netns: String,
+    ip: Ipv4Addr,
+}
+
+/// A pod of the cluster.
+#[derive(Debug)]
+struct Pod {
+    spec: Mutex<PodSpec>,
+    name: String,
+    netns: String,
+    ip: Ipv4Addr,
+    cgroup: PathBuf,
+}
+
+/// A simulated cluster; dropping it removes everything it created.
+pub struct Cluster {
+    run: String,
+    dir: PathBuf,
+    cgroup: PathBuf,
+    fabric: String,
+    nodes: Vec<Node>,
+    pods: Vec<Pod>,
+    namespaces: Vec<(String, Vec<(String, String)>)>,
+    extra_yaml: Mutex<String>,
+    agent_pids: Mutex<Vec<u32>>,
+    netns: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts describing a cluster.
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    fn create(&mut self, nodes: &[String], pods: Vec<PodSpec>) -> io::Result<()> {
+        std::fs::create_dir_all(&self.cgroup)?;
+        let fabric = self.fabric.clone();
+        self.add_netns(&fabric)?;
+        sys::ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
+        sys::ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
+        for (i, name) in nodes.iter().enumerate() {
+            let netns = format!("{}-node-{name}", self.run);
+            let ip = Ipv4Addr::new(10, 90, 0, 1 + i as u8);
+            self.add_netns(&netns)?;
+            self.plug(&netns, &format!("n{i}"), ip)?;
+            self.nodes.push(Node {
+                name: name.clone(),
+                netns,
+                ip,
+            });
+        }
+        for (i, spec) in pods.into_iter().enumerate() {
+            let netns = format!("{}-{}", self.run, spec.name);
+            let ip = Ipv4Addr::new(10, 90, 1, 2 + i as u8);
+            self.add_netns(&netns)?;
+            self.plug(&netns, &format!("p{i}"), ip)?;
+            let cgroup = self.cgroup.join(&spec.name);
+            std::fs::create_dir_all(&cgroup)?;
+            self.pods.push(Pod {
+                name: spec.name.clone(),
+                spec: Mutex::new(spec),
+                netns,
+                ip,
+                cgroup,
+            });
+        }
+        Ok(())
+    }
+
+    fn add_netns(&mut self, name: &str) -> io::Result<()> {
+        sys::ip(&["netns", "add", name])?;
+        self.netns.push(name.to_owned());
+        sys::ip(&["-n", name, "link", "set", "lo", "up"])
+    }
+
+    /// Connects `netns` to the bridge with a veth pair (`eth0` inside, `port` on the bridge).
+    fn plug(&self, netns: &str, port: &str, ip: Ipv4Addr) -> io::Result<()> {
+        let fabric = self.fabric.as_str();
+        sys::ip(&[
+            "link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", port, "netns",
+            fabric,
+        ])?;
+        sys::ip(&["-n", fabric, "link", "set", port, "master", "br0", "up"])?;
+        sys::ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{ip}/16"),
+            "dev",
+            "eth0",
+        ])?;
+        sys::ip(&["-n", netns, "link", "set", "eth0", "up"])
+    }
+
+    /// This run's id (`ambit-t<pid>x<n>`): prefix of every object it created.
+    pub fn run_id(&self) -> &str {
+        &self.run
+    }
+
+    /// The run's scratch directory (cluster file, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The cluster file agents read.
+    pub fn manifest_path(&self) -> PathBuf {
+        self.dir.join("cluster.yaml")
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> NodeHandle<'_> {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"));
+        NodeHandle {
+            cluster: self,
+            node,
+        }
+    }
+
+    /// A pod by name.
+    pub fn pod(&self, name: &str) -> PodHandle<'_> {
+        let pod = self
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"));
+        PodHandle { pod }
+    }
+
+    /// Changes a pod's spec (labels, service account...); call [`Cluster::write_manifest`] to
+    /// publish the change to the agents.
+    pub fn edit_pod(&self, name: &str, edit: impl FnOnce(&mut PodSpec)) {
+        let pod = self
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"));
+        edit(&mut pod.spec.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// Sets YAML documents appended to the generated manifest (policies, services...).
+    pub fn set_extra_yaml(&self, yaml: &str) {
+        *self.extra_yaml.lock().unwrap_or_else(|e| e.into_inner()) = yaml.to_owned();
+    }
+
+    /// The cluster file as the current specs describe it.
+    pub fn manifest(&self) -> String {
+        let mut out = String::new();
+        for (name, labels) in &self.namespaces {
+            let _ = write!(
+                out,
+                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n"
+            );
+            if !labels.is_empty() {
+                out.push_str("  labels:\n");
+                for (k, v) in labels {
+                    let _ = writeln!(out, "    {k}: {v}");
+                }
+            }
+            out.push_str("---\n");
+        }
+        for pod in &self.pods {
+            let spec = pod.spec.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let netns = spec
+                .netns_override
+                .clone()
+                .unwrap_or_else(|| sys::netns_path(&pod.netns).display().to_string());
+            let _ = write!(
+                out,
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}-{}\n  annotations:\n    ambit.io/netns: {netns}\n",
+                spec.name, spec.namespace, self.run, spec.name
+            );
+            if !spec.labels.is_empty() {
+                out.push_str("  labels:\n");
+                for (k, v) in &spec.labels {
+                    let _ = writeln!(out, "    {k}: \"{v}\"");
+                }
+            }
+            let _ = write!(
+                out,
+                "spec:\n  nodeName: {}\n  serviceAccountName: {}\n  containers:\n  - name: app\n",
+                spec.node, spec.service_account
+            );
+            if !spec.ports.is_empty() {
+                out.push_str("    ports:\n");
+                for (name, port) in &spec.ports {
+                    let _ = writeln!(out, "    - name: {name}\n      containerPort: {port}");
+                }
+            }
+            let _ = write!(out, "status:\n  phase: Running\n  podIP: {}\n---\n", pod.ip);
+        }
+        out.push_str(&self.extra_yaml.lock().unwrap_or_else(|e| e.into_inner()));
+        out
+    }
+
+    /// Writes the manifest atomically (agents never see half a file).
+    pub fn write_manifest(&self) -> io::Result<()> {
+        self.write_raw_manifest(&self.manifest())
+    }
+
+    /// Writes arbitrary text as the cluster file (e.g. broken YAML).
+    pub fn write_raw_manifest(&self, text: &str) -> io::Result<()> {
+        let tmp = self.dir.join("cluster.yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.manifest_path())
+    }
+
+    /// Starts the agent of `node` and waits until it is ready.
+    pub fn start_agent(&self, node: &str) -> io::Result<Agent> {
+        let agent = self.spawn_agent(node, &[])?;
+        agent.wait_ready(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Starts the agent of `node` with extra arguments, without waiting for readiness.
+    pub fn spawn_agent(&self, node: &str, extra: &[&str]) -> io::Result<Agent> {
+        let node = self.node(node);
+        let instance = self.instance(node.name());
+        let agent = Agent::spawn(
+            &sys::netns_path(&node.node.netns),
+            &self.manifest_path(),
+            node.name(),
+            &instance,
+            &self.dir.join(format!("agent-{}.log", node.name())),
+            extra,
+        )?;
+        self.agent_pids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(agent.pid());
+        Ok(agent)
+    }
+
+    /// The bpffs instance name of a node's agent.
+    pub fn instance(&self, node: &str) -> String {
+        // Pins live in /sys/fs/bpf/ambit/<instance>; the sweeper recognises the run in it.
+        format!("{}-{node}", self.run.trim_start_matches("ambit-"))
+    }
+
+    /// The agent logs, for failure reports.
+    pub fn agent_logs(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            let path = self.dir.join(format!("agent-{}.log", node.name));
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                let _ = writeln!(out, "--- {} (last {} lines)", path.display(), tail.len());
+                for line in tail.into_iter().rev() {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.agent_logs());
+        }
+        for pid in self
+            .agent_pids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            // SAFETY: plain syscall; a pid that already exited is harmless here.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        for pod in &self.pods {
+            sys::remove_cgroup(&pod.cgroup);
+        }
+        sys::remove_cgroup(&self.cgroup);
+        for name in self.netns.iter().rev() {
+            let _ = sys::ip(&["netns", "del", name]);
+        }
+        for node in &self.nodes {
+            let _ =
+                std::fs::remove_dir_all(Path::new(sys::BPF_DIR).join(self.instance(&node.name)));
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A node of a running cluster.
+pub struct NodeHandle<'a> {
+    cluster: &'a Cluster,
+    node: &'a Node,
+}
+
+impl NodeHandle<'_> {
+    /// Node name.
+    pub fn name(&self) -> &str {
+        &self.node.name
+    }
+
+    /// The node's address on the cluster network.
+    pub fn ip(&self) -> IpAddr {
+        self.node.ip.into()
+    }
+
+    /// Runs `ambit ARGS` on this node (in its network namespace, where the agent's admin API
+    /// is), with a time limit.
+    pub fn ambit(&self, args: &[&str]) -> io::Result<Output> {
+        let mut command = Command::new(sys::ambit_binary());
+        command.args(args);
+        self.command_output(command, Duration::from_secs(20))
+    }
+
+    /// Runs a command in the node's network namespace and collects its output.
+    pub fn command_output(&self, mut command: Command, limit: Duration) -> io::Result<Output> {
+        let path = sys::netns_path(&self.node.netns);
+        // SAFETY: the closure only makes async-signal-safe syscalls.
+        unsafe {
+            command.pre_exec(move || sys::enter_netns(&path));
+        }
+        crate::agent::output_with_timeout(command, limit)
+    }
+
+    /// Runs `f` inside the node's network namespace (for HTTP to its agent).
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+        sys::in_netns(&sys::netns_path(&self.node.netns), f)
+    }
+
+    /// The run's cluster.
+    pub fn cluster(&self) -> &Cluster {
+        self.cluster
+    }
+}
+
+/// A pod of a running cluster.
+pub struct PodHandle<'a> {
+    pod: &'a Pod,
+}
+
+impl PodHandle<'_> {
+    /// Pod name.
+    pub fn name(&self) -> &str {
+        &self.pod.name
+    }
+
+    /// The pod's IP.
+    pub fn ip(&self) -> IpAddr {
+        self.pod.ip.into()
+    }
+
+    /// `ip:port` of the pod.
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip(), port)
+    }
+
+    /// The path of the pod's network namespace.
+    pub fn netns_path(&self) -> PathBuf {
+        sys::netns_path(&self.pod.netns)
+    }
+
+    /// Runs `f` on a thread inside the pod's network namespace.
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+        sys::in_netns(&self.netns_path(), f)
+    }
+
+    /// Opens a TCP connection from inside the pod, as an application there would.
+    pub fn connect(&self, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        self.in_netns(|| TcpStream::connect_timeout(&addr, timeout))?
+    }
+
+    /// Listens on `0.0.0.0:port` inside the pod.
+    pub fn listen(&self, port: u16) -> io::Result<TcpListener> {
+        self.in_netns(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))?
+    }
+
+    /// Starts an echo server on `port` inside the pod.
+    pub fn echo_server(&self, port: u16) -> io::Result<EchoServer> {
+        EchoServer::start(self.listen(port)?)
+    }
+
+    /// Starts a discard server on `port` inside the pod.
+    pub fn sink_server(&self, port: u16) -> io::Result<crate::SinkServer> {
+        crate::SinkServer::start(self.listen(port)?)
+    }
+
+    /// Sets a network sysctl of the pod's namespace, e.g. `ipv4/tcp_tw_reuse`.
+    pub fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
+        let path = Path::new("/proc/sys/net").join(key);
+        self.in_netns(|| std::fs::write(&path, value))?
+    }
+
+    /// Spawns a command inside the pod: its network namespace and its cgroup.
+    pub fn spawn(&self, mut command: Command) -> io::Result<Child> {
+        let path = self.netns_path();
+        let procs = self.pod.cgroup.join("cgroup.procs");
+        // SAFETY: the closure only makes async-signal-safe syscalls (open/write/setns/prctl).
+        unsafe {
+            command.pre_exec(move || {
+                std::fs::write(&procs, b"0")?;
+                sys::enter_netns(&path)?;
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        command.spawn()
+    }
+}

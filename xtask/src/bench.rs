@@ -1,0 +1,300 @@
+//! `cargo xtask bench`: the mesh against direct pod-to-pod TCP, in one run on one topology.
+//!
+//! Two nodes; a client pod on node a and a server pod on node b, once in a namespace outside the
+//! mesh (direct) and once in an enrolled one (through both agents). Each measure runs for the
+//! same time on both paths and is reported as a ratio, next to the bar ztunnel sets on this
+//! machine kind. Numbers are printed, never asserted: they depend on the machine.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use ambit_tests::{Cluster, PodSpec};
+use anyhow::Context as _;
+
+const SINK: u16 = 5001;
+const ECHO: u16 = 5002;
+
+/// Bench options.
+#[derive(clap::Args)]
+pub(crate) struct Options {
+    /// Seconds per measure and path.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// Idle connections opened to measure memory per connection.
+    #[arg(long, default_value_t = 1000)]
+    idle_connections: usize,
+}
+
+struct Path2<'a> {
+    cluster: &'a Cluster,
+    client: &'static str,
+    server: &'static str,
+}
+
+impl Path2<'_> {
+    fn addr(&self, port: u16) -> SocketAddr {
+        self.cluster.pod(self.server).addr(port)
+    }
+
+    fn connect(&self, port: u16) -> anyhow::Result<TcpStream> {
+        let stream = self
+            .cluster
+            .pod(self.client)
+            .connect(self.addr(port), Duration::from_secs(5))?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
+    raise_fd_limit();
+    let secs = Duration::from_secs(options.seconds);
+    let cluster = Cluster::builder()
+        .node("a")
+        .node("b")
+        .namespace("mesh", true)
+        .namespace("direct", false)
+        .pod(PodSpec::new("mesh", "mclient", "a").service_account("client"))
+        .pod(PodSpec::new("mesh", "mserver", "b").service_account("server"))
+        .pod(PodSpec::new("direct", "dclient", "a"))
+        .pod(PodSpec::new("direct", "dserver", "b"))
+        .build()
+        .context("building the bench cluster")?;
+    let agent_a = cluster.start_agent("a")?;
+    let agent_b = cluster.start_agent("b")?;
+    let mut servers = Vec::new();
+    for pod in ["mserver", "dserver"] {
+        servers.push((
+            cluster.pod(pod).sink_server(SINK)?,
+            cluster.pod(pod).echo_server(ECHO)?,
+        ));
+    }
+    for pod in ["mclient", "dclient"] {
+        // Both clients open many short connections: let them reuse TIME_WAIT ports alike.
+        cluster.pod(pod).sysctl("ipv4/tcp_tw_reuse", "1")?;
+        cluster
+            .pod(pod)
+            .sysctl("ipv4/ip_local_port_range", "1024 65000")?;
+    }
+    let direct = Path2 {
+        cluster: &cluster,
+        client: "dclient",
+        server: "dserver",
+    };
+    let mesh = Path2 {
+        cluster: &cluster,
+        client: "mclient",
+        server: "mserver",
+    };
+
+    println!(
+        "ambit bench: {}; {} s per measure and path; binary {}",
+        machine(),
+        options.seconds,
+        ambit.display()
+    );
+    println!(
+        "  direct = pod to pod over veth and a bridge, no agent; mesh = the same through both agents\n"
+    );
+
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    rows.push(
+        ["measure", "direct", "mesh", "mesh/direct", "ztunnel bar"]
+            .map(String::from)
+            .to_vec(),
+    );
+
+    for streams in [1usize, 4] {
+        let d = bulk(&direct, streams, secs)?;
+        let m = bulk(&mesh, streams, secs)?;
+        let bar = if streams == 1 { ">= 0.40" } else { ">= 0.18" };
+        rows.push(vec![
+            format!(
+                "bulk throughput, {streams} stream{}",
+                if streams > 1 { "s" } else { "" }
+            ),
+            gbps(d),
+            gbps(m),
+            format!("{:.2}", m / d),
+            bar.into(),
+        ]);
+    }
+
+    let d = ping_pong(&direct, secs)?;
+    let m = ping_pong(&mesh, secs)?;
+    rows.push(vec![
+        "request/response p50".into(),
+        us(d.0),
+        us(m.0),
+        format!("+{:.0} us", m.0 - d.0),
+        "<= +53 us".into(),
+    ]);
+    rows.push(vec![
+        "request/response p99".into(),
+        us(d.1),
+        us(m.1),
+        format!("+{:.0} us", m.1 - d.1),
+        "<= +71 us".into(),
+    ]);
+
+    let d = connections_per_second(&direct, secs)?;
+    let m = connections_per_second(&mesh, secs)?;
+    rows.push(vec![
+        "new connections/s (16 B echo)".into(),
+        format!("{d:.0}"),
+        format!("{m:.0}"),
+        format!("{:.2}", m / d),
+        ">= 2,100/s".into(),
+    ]);
+
+    let per_conn = idle_memory(
+        &mesh,
+        &[agent_a.pid(), agent_b.pid()],
+        options.idle_connections,
+    )?;
+    rows.push(vec![
+        format!(
+            "memory per idle connection ({} open)",
+            options.idle_connections
+        ),
+        "-".into(),
+        format!("{:.1} KiB", per_conn / 2.0),
+        "per agent".into(),
+        "<= 6 KiB".into(),
+    ]);
+
+    crate::table::print(&rows);
+    println!("\nmesh = through both agents (client side and server side), plaintext passthrough.");
+    drop(servers);
+    Ok(())
+}
+
+/// Bytes per second over `streams` parallel connections for `time`.
+fn bulk(path: &Path2<'_>, streams: usize, time: Duration) -> anyhow::Result<f64> {
+    let total = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut connections = Vec::new();
+    for _ in 0..streams {
+        connections.push(path.connect(SINK)?);
+    }
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for mut stream in connections {
+            let (total, stop) = (total.clone(), stop.clone());
+            scope.spawn(move || {
+                let buf = vec![0x5au8; 128 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    match stream.write(&buf) {
+                        Ok(n) => total.fetch_add(n as u64, Ordering::Relaxed),
+                        Err(_) => break,
+                    };
+                }
+            });
+        }
+        std::thread::sleep(time);
+        stop.store(true, Ordering::Relaxed);
+    });
+    Ok(total.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// p50 and p99 round-trip time in microseconds of 1-byte ping-pong on one connection.
+fn ping_pong(path: &Path2<'_>, time: Duration) -> anyhow::Result<(f64, f64)> {
+    let mut stream = path.connect(ECHO)?;
+    let mut samples = Vec::with_capacity(100_000);
+    let mut byte = [0u8; 1];
+    let end = Instant::now() + time;
+    while Instant::now() < end {
+        let t = Instant::now();
+        stream.write_all(b"p")?;
+        stream.read_exact(&mut byte)?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
+    Ok((pick(0.50), pick(0.99)))
+}
+
+/// Connect, 16-byte echo, close, as fast as one client can, for `time`.
+fn connections_per_second(path: &Path2<'_>, time: Duration) -> anyhow::Result<f64> {
+    let addr = path.addr(ECHO);
+    let count = path
+        .cluster
+        .pod(path.client)
+        .in_netns(|| -> anyhow::Result<u64> {
+            let mut count = 0u64;
+            let mut buf = [0u8; 16];
+            let started = Instant::now();
+            while started.elapsed() < time {
+                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                stream.write_all(&[7u8; 16])?;
+                stream.read_exact(&mut buf)?;
+                count += 1;
+            }
+            Ok(count)
+        })??;
+    Ok(count as f64 / time.as_secs_f64())
+}
+
+/// KiB of agent memory (both agents) per idle proxied connection.
+fn idle_memory(path: &Path2<'_>, agents: &[u32], n: usize) -> anyhow::Result<f64> {
+    let rss = || agents.iter().map(|pid| rss_kib(*pid)).sum::<u64>();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss();
+    let mut open = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut stream = path.connect(ECHO)?;
+        ambit_tests::echo_roundtrip(&mut stream, b"x")?;
+        open.push(stream);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss();
+    drop(open);
+    Ok(after.saturating_sub(before) as f64 / n as f64)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer; then the same struct back in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores")
+}
+
+fn gbps(bytes_per_sec: f64) -> String {
+    format!("{:.2} Gbit/s", bytes_per_sec * 8.0 / 1e9)
+}
+
+fn us(v: f64) -> String {
+    format!("{v:.0} us")
+}

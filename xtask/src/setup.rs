@@ -1,0 +1,123 @@
+//! Installs what the project needs on a fresh Debian machine, and nothing when all is there.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+/// Debian packages: LLVM 22 for bpf-linker (rustc's LLVM is 22), iproute2 for the test
+/// harness, tcpdump and openssl as independent judges in the tests.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "libxml2-dev",
+    "iproute2",
+    "tcpdump",
+    "openssl",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Runs every check, installing what is missing.
+pub(crate) fn run() -> anyhow::Result<()> {
+    packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages: {}", missing.join(" "));
+    ensure_root("install Debian packages")?;
+    let update = Command::new("apt-get")
+        .args(["update", "-q"])
+        .status()
+        .context("apt-get update")?;
+    if !update.success() {
+        bail!("apt-get update failed: {update}");
+    }
+    let status = Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("apt-get install")?;
+    if !status.success() {
+        bail!(
+            "apt-get install {} failed ({status}); LLVM 22 comes from Debian's bookworm-security or a newer release",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "stable"])
+        .output()
+        .context("rustup (the eBPF build needs rustup's rust-src component)")?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: adding rust-src to the stable toolchain (the eBPF target builds core from source)"
+    );
+    let status = Command::new("rustup")
+        .args(["component", "add", "rust-src", "--toolchain", "stable"])
+        .status()
+        .context("rustup component add")?;
+    if !status.success() {
+        bail!("rustup component add rust-src failed: {status}");
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let current = Command::new("bpf-linker").arg("--version").output();
+    if current.is_ok_and(|o| {
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+    }) {
+        return Ok(());
+    }
+    eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+        ])
+        .args(["--no-default-features", "--features", "llvm-22"])
+        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+        .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")
+        .env("LLVM_SYS_220_PREFIX", "/usr/lib/llvm-22")
+        .status()
+        .context("cargo install bpf-linker")?;
+    if !status.success() {
+        bail!("cargo install bpf-linker failed: {status}");
+    }
+    Ok(())
+}
+
+fn ensure_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("setup needs root to {what}");
+    }
+    Ok(())
+}
