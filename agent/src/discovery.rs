@@ -15,6 +15,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use self::objects::{EndpointSlice, Namespace, Pod, Service};
+use crate::policy::{PeerAuthentication, PeerAuthentications};
 
 /// Label that enrolls a Namespace or Pod (`ambient`) or opts a Pod out (`none`), as in Istio.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -138,6 +139,21 @@ impl Workload {
     }
 }
 
+/// The objects a source of truth provides, before indexing.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Pods.
+    pub pods: Vec<Pod>,
+    /// Services.
+    pub services: BTreeMap<ObjectKey, Service>,
+    /// EndpointSlices.
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// PeerAuthentications.
+    pub peer_authentications: Vec<PeerAuthentication>,
+}
+
 /// One consistent snapshot of the cluster.
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
@@ -149,17 +165,16 @@ pub struct Cluster {
     pub services: BTreeMap<ObjectKey, Service>,
     /// EndpointSlices.
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// PeerAuthentications, indexed.
+    pub peer_authentications: PeerAuthentications,
     by_ip: HashMap<IpAddr, ObjectKey>,
 }
 
 impl Cluster {
-    /// Builds a snapshot from objects; pod IPs and enrollment are derived here once.
-    pub fn new(
-        namespaces: BTreeMap<String, Namespace>,
-        pods: Vec<Pod>,
-        services: BTreeMap<ObjectKey, Service>,
-        endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
-    ) -> Self {
+    /// Builds a snapshot from objects; pod IPs, enrollment and policy indexes are derived here
+    /// once, not per connection.
+    pub fn new(objects: Objects) -> Self {
+        let Objects { namespaces, pods, services, endpoint_slices, peer_authentications } = objects;
         let mut workloads = BTreeMap::new();
         let mut by_ip = HashMap::new();
         for pod in pods {
@@ -176,6 +191,7 @@ impl Cluster {
             workloads,
             services,
             endpoint_slices,
+            peer_authentications: PeerAuthentications::new(peer_authentications),
             by_ip,
         }
     }

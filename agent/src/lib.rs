@@ -6,8 +6,10 @@
 //!
 //! - [`discovery`]: the cluster as the agent knows it (local file or Kubernetes API);
 //! - [`bpf`]: the kernel programs and their maps;
+//! - [`identity`]: SPIFFE IDs, the embedded CA, certificates; [`tls`]: rustls for HBONE;
 //! - [`redirect`]: enrolling pods (network namespaces, listeners, map entries);
-//! - [`proxy`]: the outbound and inbound proxies;
+//! - [`policy`]: Istio PeerAuthentication compiled for per-connection decisions;
+//! - [`proxy`]: the outbound and inbound proxies (plaintext and HBONE);
 //! - [`telemetry`]: logs and connection records;
 //! - [`admin`]: the HTTP endpoints (admin API, readiness, metrics);
 //! - [`cli`]: the command line; [`agent`]: `ambit agent` itself.
@@ -17,6 +19,9 @@ pub mod agent;
 pub mod bpf;
 pub mod cli;
 pub mod discovery;
+pub mod identity;
+pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod telemetry;
+pub mod tls;

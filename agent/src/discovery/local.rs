@@ -13,8 +13,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::policy::PeerAuthentication;
+
 use super::{
-    Cluster, DiscoveryError, ObjectKey,
+    Cluster, DiscoveryError, ObjectKey, Objects,
     objects::{EndpointSlice, Namespace, ObjectMeta, Pod, Service, TypeMeta},
 };
 
@@ -39,23 +41,19 @@ pub fn parse(file: &Path, text: &str) -> Result<Cluster, DiscoveryError> {
         pods: BTreeMap::new(),
         services: BTreeMap::new(),
         slices: BTreeMap::new(),
+        peer_authentications: BTreeMap::new(),
     };
     for (first_line, doc) in documents(text) {
         parser.document(first_line, doc)?;
     }
-    let Parser {
-        namespaces,
-        pods,
-        services,
-        slices,
-        ..
-    } = parser;
-    Ok(Cluster::new(
-        namespaces.into_iter().map(|(k, (_, v))| (k, v)).collect(),
-        pods.into_values().map(|(_, pod)| pod).collect(),
-        services.into_iter().map(|(k, (_, v))| (k, v)).collect(),
-        slices.into_iter().map(|(k, (_, v))| (k, v)).collect(),
-    ))
+    let Parser { namespaces, pods, services, slices, peer_authentications, .. } = parser;
+    Ok(Cluster::new(Objects {
+        namespaces: namespaces.into_iter().map(|(k, (_, v))| (k, v)).collect(),
+        pods: pods.into_values().map(|(_, pod)| pod).collect(),
+        services: services.into_iter().map(|(k, (_, v))| (k, v)).collect(),
+        endpoint_slices: slices.into_iter().map(|(k, (_, v))| (k, v)).collect(),
+        peer_authentications: peer_authentications.into_values().map(|(_, p)| p).collect(),
+    }))
 }
 
 /// Splits a YAML stream at `---` lines, keeping the 1-based line where each document starts so
@@ -97,6 +95,7 @@ struct Parser<'a> {
     pods: BTreeMap<ObjectKey, (usize, Pod)>,
     services: BTreeMap<ObjectKey, (usize, Service)>,
     slices: BTreeMap<ObjectKey, (usize, EndpointSlice)>,
+    peer_authentications: BTreeMap<ObjectKey, (usize, PeerAuthentication)>,
 }
 
 impl Parser<'_> {
@@ -156,6 +155,17 @@ impl Parser<'_> {
                     return Err(self.duplicate(line, first, format!("EndpointSlice {key}")));
                 }
             }
+            ("security.istio.io", "PeerAuthentication") => {
+                self.istio_version(line, &meta)?;
+                let policy: PeerAuthentication = self.decode(line, &doc, "PeerAuthentication")?;
+                let key = self.key(line, "PeerAuthentication", &policy.metadata)?;
+                policy
+                    .validate()
+                    .map_err(|m| self.invalid(line, format!("PeerAuthentication {key}"), m))?;
+                if let Some((first, _)) = self.peer_authentications.insert(key.clone(), (line, policy)) {
+                    return Err(self.duplicate(line, first, format!("PeerAuthentication {key}")));
+                }
+            }
             (_, "") => {
                 return Err(self.invalid(line, "document".into(), "missing `kind`".into()));
             }
@@ -190,6 +200,18 @@ impl Parser<'_> {
                 message: format!("{what}: {message}"),
             }
         })
+    }
+
+    /// Istio's security API is served as v1 and v1beta1; other versions have other schemas.
+    fn istio_version(&self, line: usize, meta: &TypeMeta) -> Result<(), DiscoveryError> {
+        match meta.api_version.as_str() {
+            "security.istio.io/v1" | "security.istio.io/v1beta1" => Ok(()),
+            other => Err(self.invalid(
+                line,
+                meta.kind.clone(),
+                format!("apiVersion {other} is not supported (use security.istio.io/v1 or v1beta1)"),
+            )),
+        }
     }
 
     fn name(&self, line: usize, kind: &str, meta: &ObjectMeta) -> Result<String, DiscoveryError> {
@@ -423,6 +445,24 @@ metadata: {name: ignored}
             err,
             "cluster.yaml:5: Namespace a: defined twice (first at line 1)"
         );
+    }
+
+    #[test]
+    fn peer_authentications_are_read_and_checked() {
+        let ok = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n";
+        let cluster = parse_str(ok).expect("valid");
+        assert_eq!(cluster.peer_authentications.len(), 1);
+        let text = format!("{ok}---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {{name: p, namespace: shop}}\nspec:\n  mtls:\n    mode: strict\n");
+        let err = parse_str(&text).expect_err("lowercase mode").to_string();
+        assert!(err.starts_with("cluster.yaml:11:") && err.contains("spec.mtls.mode") && err.contains("strict"), "{err}");
+        let err = parse_str("apiVersion: security.istio.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: p}\n")
+            .expect_err("old version")
+            .to_string();
+        assert!(err.contains("v1alpha1"), "{err}");
+        let err = parse_str("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: shop}\nspec: {portLevelMtls: {80: {mode: STRICT}}}\n")
+            .expect_err("no selector")
+            .to_string();
+        assert_eq!(err, "cluster.yaml:1: PeerAuthentication shop/p: spec.portLevelMtls requires spec.selector (port-level settings apply to workloads)");
     }
 
     #[test]

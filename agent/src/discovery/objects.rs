@@ -36,6 +36,9 @@ pub struct ObjectMeta {
     /// Annotations.
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// Creation time (RFC 3339); the oldest policy wins a tie, as in Istio.
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
 }
 
 /// `v1/Namespace`.

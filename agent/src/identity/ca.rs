@@ -1,0 +1,419 @@
+//! The embedded CA: `ca-cert.pem` and `ca-key.pem` in `--ca-dir`, created on first start
+//! (ECDSA P-256) or brought by the operator (ECDSA or RSA; PKCS#8, SEC1 or PKCS#1 PEM), and the
+//! X.509-SVIDs it issues.
+
+use std::{
+    fs::{self, File},
+    io::Write as _,
+    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use ring::rand::SecureRandom as _;
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, pem::PemObject as _},
+    sign::CertifiedKey,
+};
+use x509_parser::prelude::{FromDer as _, X509Certificate};
+
+use super::{Identity, IdentityError};
+
+/// File names inside `--ca-dir`.
+pub const CA_CERT: &str = "ca-cert.pem";
+/// See [`CA_CERT`].
+pub const CA_KEY: &str = "ca-key.pem";
+
+/// Lifetime of a CA the agent creates itself.
+const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates start a little in the past so a peer whose clock is slightly behind accepts them.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+/// The signing CA.
+pub struct Ca {
+    trust_domain: String,
+    issuer: Issuer<'static, KeyPair>,
+    root: CertificateDer<'static>,
+    dir: PathBuf,
+}
+
+/// An X.509-SVID and its private key, ready for rustls.
+pub struct Svid {
+    /// Whose.
+    pub identity: Identity,
+    /// Serial number, hex.
+    pub serial: String,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// Certificate chain (leaf only) and signing key.
+    pub certified_key: Arc<CertifiedKey>,
+}
+
+impl Svid {
+    /// The leaf certificate.
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.certified_key.cert[0]
+    }
+
+    /// The moment `fraction` of the lifetime has passed.
+    pub fn refresh_at(&self, fraction: f64) -> SystemTime {
+        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
+        self.not_before + life.mul_f64(fraction)
+    }
+}
+
+impl Ca {
+    /// Loads the CA from `dir`, creating it there first if neither file exists. Agents sharing a
+    /// directory create it once between them (the directory is locked while checking).
+    pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Self, IdentityError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| IdentityError::Io { path, source }
+        };
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let lock_path = dir.join(".lock");
+        let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+        // SAFETY: a valid fd; the lock is released when `lock` is closed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io(&lock_path)(std::io::Error::last_os_error()));
+        }
+        let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
+        match (cert_path.exists(), key_path.exists()) {
+            (false, false) => create(&cert_path, &key_path, trust_domain)?,
+            (true, false) => return Err(bad(&key_path, "missing, but ca-cert.pem exists: bring both files or neither")),
+            (false, true) => return Err(bad(&cert_path, "missing, but ca-key.pem exists: bring both files or neither")),
+            (true, true) => {}
+        }
+        let cert_pem = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        let key_pem = fs::read_to_string(&key_path).map_err(io(&key_path))?;
+        drop(lock);
+
+        let root = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| bad(&cert_path, &format!("no PEM certificate: {e}")))?;
+        check_ca_cert(&cert_path, &root)?;
+        let key = load_key(&key_path, &key_pem)?;
+        let (_, parsed) = X509Certificate::from_der(&root).map_err(|e| bad(&cert_path, &e.to_string()))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(bad(&key_path, "this key does not belong to ca-cert.pem"));
+        }
+        let issuer = Issuer::from_ca_cert_der(&root, key).map_err(|e| bad(&cert_path, &e.to_string()))?;
+        Ok(Self { trust_domain: trust_domain.to_owned(), issuer, root, dir: dir.to_owned() })
+    }
+
+    /// The trust domain identities are issued in.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The root certificate: the trust bundle every agent sharing this CA verifies peers with.
+    pub fn root(&self) -> &CertificateDer<'static> {
+        &self.root
+    }
+
+    /// The CA directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Issues an X.509-SVID for `identity`, valid for `ttl` from now, following the SPIFFE
+    /// X509-SVID standard: one URI SAN, `cA=false`, critical key usage with digitalSignature
+    /// only, EKU serverAuth and clientAuth.
+    pub fn issue(&self, identity: &Identity, ttl: Duration) -> Result<Svid, IdentityError> {
+        let err = |message: String| IdentityError::Issue { identity: identity.to_string(), message };
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
+        let now = SystemTime::now();
+        let (not_before, not_after) = (now - BACKDATE, now + ttl);
+        let serial = random_serial().map_err(err)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let uri = identity.to_string().try_into().map_err(|e: rcgen::Error| err(e.to_string()))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(|e| err(e.to_string()))?;
+
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let provider = rustls::crypto::ring::default_provider();
+        let signer = provider.key_provider.load_private_key(key_der).map_err(|e| err(e.to_string()))?;
+        Ok(Svid {
+            identity: identity.clone(),
+            serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+            not_before: truncate_to_seconds(not_before),
+            not_after: truncate_to_seconds(not_after),
+            certified_key: Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer)),
+        })
+    }
+}
+
+/// X.509 times have whole seconds.
+fn truncate_to_seconds(t: SystemTime) -> SystemTime {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// A positive 128-bit serial (RFC 5280 allows up to 20 octets).
+fn random_serial() -> Result<[u8; 16], String> {
+    let mut serial = [0u8; 16];
+    ring::rand::SystemRandom::new().fill(&mut serial).map_err(|_| "no randomness for a serial number".to_owned())?;
+    serial[0] &= 0x7f;
+    serial[0] |= 0x01;
+    Ok(serial)
+}
+
+fn bad(path: &Path, message: &str) -> IdentityError {
+    IdentityError::BadCa { path: path.to_owned(), message: message.to_owned() }
+}
+
+fn create(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Result<(), IdentityError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| bad(key_path, &e.to_string()))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, trust_domain);
+    dn.push(DnType::CommonName, "ambit root CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let td = format!("spiffe://{trust_domain}").try_into().map_err(|e: rcgen::Error| bad(cert_path, &e.to_string()))?;
+    params.subject_alt_names = vec![SanType::URI(td)];
+    let now = SystemTime::now();
+    params.not_before = (now - BACKDATE).into();
+    params.not_after = (now + CA_LIFETIME).into();
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial().map_err(|e| bad(cert_path, &e))?));
+    let cert = params.self_signed(&key).map_err(|e| bad(cert_path, &e.to_string()))?;
+    write_new(key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(cert_path, cert.pem().as_bytes(), 0o644)?;
+    tracing::info!(cert = %cert_path.display(), "created a new root CA");
+    Ok(())
+}
+
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
+    let io = |source| IdentityError::Io { path: path.to_owned(), source };
+    let tmp = path.with_extension("tmp");
+    let mut file = File::options().create(true).truncate(true).write(true).mode(mode).open(&tmp).map_err(io)?;
+    file.write_all(contents).and_then(|()| file.sync_all()).map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)
+}
+
+/// The CA certificate must be a CA that may sign certificates and is valid now.
+fn check_ca_cert(path: &Path, der: &CertificateDer<'_>) -> Result<(), IdentityError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| bad(path, &format!("not a valid X.509 certificate: {e}")))?;
+    let is_ca = cert.basic_constraints().ok().flatten().is_some_and(|bc| bc.value.ca);
+    if !is_ca {
+        return Err(bad(path, "not a CA certificate (basicConstraints cA is not true)"));
+    }
+    if let Ok(Some(ku)) = cert.key_usage() {
+        if !ku.value.key_cert_sign() {
+            return Err(bad(path, "its key usage does not allow signing certificates (keyCertSign)"));
+        }
+    }
+    if !cert.validity().is_valid() {
+        return Err(bad(path, &format!("not valid now (valid {} to {})", cert.validity().not_before, cert.validity().not_after)));
+    }
+    Ok(())
+}
+
+/// Reads an ECDSA or RSA private key in PKCS#8 (`PRIVATE KEY`), SEC1 (`EC PRIVATE KEY`) or
+/// PKCS#1 (`RSA PRIVATE KEY`) PEM.
+fn load_key(path: &Path, pem: &str) -> Result<KeyPair, IdentityError> {
+    let key = PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| bad(path, &format!("no PEM private key: {e}")))?;
+    let pkcs8 = match &key {
+        PrivateKeyDer::Pkcs8(der) => der.secret_pkcs8_der().to_vec(),
+        PrivateKeyDer::Sec1(der) => der::sec1_to_pkcs8(der.secret_sec1_der())
+            .ok_or_else(|| bad(path, "EC PRIVATE KEY without a named curve"))?,
+        PrivateKeyDer::Pkcs1(der) => der::pkcs1_to_pkcs8(der.secret_pkcs1_der()),
+        _ => return Err(bad(path, "unsupported private key format")),
+    };
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8));
+    KeyPair::try_from(&der).map_err(|e| bad(path, &format!("unusable private key (ECDSA P-256/P-384 or RSA expected): {e}")))
+}
+
+/// Just enough DER to wrap SEC1 and PKCS#1 keys into PKCS#8, which the signer requires.
+mod der {
+    const RSA_ENCRYPTION: &[u8] = &[0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+    const EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+
+    pub(super) fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
+        let algorithm = tlv(0x30, &[RSA_ENCRYPTION, &[0x05, 0x00]].concat());
+        pkcs8(&algorithm, pkcs1)
+    }
+
+    pub(super) fn sec1_to_pkcs8(sec1: &[u8]) -> Option<Vec<u8>> {
+        let curve = named_curve(sec1)?;
+        let algorithm = tlv(0x30, &[EC_PUBLIC_KEY, curve].concat());
+        Some(pkcs8(&algorithm, sec1))
+    }
+
+    fn pkcs8(algorithm: &[u8], key: &[u8]) -> Vec<u8> {
+        tlv(0x30, &[&[0x02, 0x01, 0x00][..], algorithm, &tlv(0x04, key)].concat())
+    }
+
+    /// The curve OID TLV from ECPrivateKey's `[0] parameters`.
+    fn named_curve(sec1: &[u8]) -> Option<&[u8]> {
+        let (tag, body, _) = read(sec1)?;
+        if tag != 0x30 {
+            return None;
+        }
+        let mut rest = body;
+        while !rest.is_empty() {
+            let (tag, value, next) = read(rest)?;
+            if tag == 0xa0 {
+                let (oid_tag, _, _) = read(value)?;
+                return (oid_tag == 0x06).then_some(value);
+            }
+            rest = next;
+        }
+        None
+    }
+
+    /// One TLV: tag, value, and what follows.
+    fn read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (len, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+            (len, &rest[n..])
+        };
+        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+    }
+
+    fn tlv(tag: u8, value: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = value.len();
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+        out.extend_from_slice(value);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ambit-ca-test-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn creates_once_and_reloads_the_same_root() {
+        let dir = temp_dir("create");
+        let first = Ca::load_or_create(&dir, "cluster.local").expect("create");
+        let second = Ca::load_or_create(&dir, "cluster.local").expect("reload");
+        assert_eq!(first.root(), second.root());
+        let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(dir.join(CA_KEY)).expect("key").permissions());
+        assert_eq!(mode & 0o777, 0o600, "the CA key is private");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn half_a_ca_is_an_error_naming_the_missing_file() {
+        let dir = temp_dir("half");
+        Ca::load_or_create(&dir, "cluster.local").expect("create");
+        fs::remove_file(dir.join(CA_KEY)).expect("rm");
+        let err = Ca::load_or_create(&dir, "cluster.local").err().expect("half a CA").to_string();
+        assert!(err.contains("ca-key.pem") && err.contains("missing"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_key_of_another_ca_is_refused() {
+        let (a, b) = (temp_dir("a"), temp_dir("b"));
+        Ca::load_or_create(&a, "cluster.local").expect("a");
+        Ca::load_or_create(&b, "cluster.local").expect("b");
+        fs::copy(b.join(CA_KEY), a.join(CA_KEY)).expect("swap key");
+        let err = Ca::load_or_create(&a, "cluster.local").err().expect("mismatch").to_string();
+        assert!(err.contains("does not belong"), "{err}");
+        let _ = fs::remove_dir_all(&a);
+        let _ = fs::remove_dir_all(&b);
+    }
+
+    #[test]
+    fn issued_svids_follow_the_x509_svid_standard() {
+        let dir = temp_dir("svid");
+        let ca = Ca::load_or_create(&dir, "cluster.local").expect("ca");
+        let id = Identity::new("cluster.local", "shop", "frontend-sa");
+        let svid = ca.issue(&id, Duration::from_secs(3600)).expect("issue");
+        let (_, cert) = X509Certificate::from_der(svid.cert()).expect("parse");
+        let san = cert.subject_alternative_name().expect("ext").expect("san");
+        let uris: Vec<_> = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(uris, ["spiffe://cluster.local/ns/shop/sa/frontend-sa"]);
+        assert_eq!(san.value.general_names.len(), 1, "exactly one SAN");
+        assert!(!cert.basic_constraints().expect("ext").expect("bc").value.ca);
+        let ku = cert.key_usage().expect("ext").expect("ku");
+        assert!(ku.critical && ku.value.digital_signature());
+        assert!(!ku.value.key_cert_sign() && !ku.value.crl_sign());
+        let eku = cert.extended_key_usage().expect("ext").expect("eku").value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert_ne!(cert.subject(), cert.issuer(), "not self-signed");
+        let life = svid.not_after.duration_since(svid.not_before).expect("order");
+        assert!(life >= Duration::from_secs(3600) && life <= Duration::from_secs(3661), "{life:?}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// An operator's own root made with openssl, in the traditional key formats openssl writes
+    /// (SEC1 for ECDSA, PKCS#1 for RSA): used as it is.
+    #[test]
+    fn brings_your_own_openssl_root() {
+        for (name, genkey) in [
+            ("ec", vec!["ecparam", "-name", "prime256v1", "-genkey", "-noout"]),
+            ("rsa", vec!["genrsa", "-traditional", "2048"]),
+        ] {
+            let dir = temp_dir(name);
+            fs::create_dir_all(&dir).expect("dir");
+            let key = std::process::Command::new("openssl").args(&genkey).output().expect("openssl");
+            assert!(key.status.success(), "{}", String::from_utf8_lossy(&key.stderr));
+            let key_pem = String::from_utf8(key.stdout).expect("pem");
+            assert!(key_pem.contains(if name == "ec" { "EC PRIVATE KEY" } else { "RSA PRIVATE KEY" }));
+            fs::write(dir.join(CA_KEY), &key_pem).expect("write key");
+            let cert = std::process::Command::new("openssl")
+                .args(["req", "-x509", "-new", "-key"])
+                .arg(dir.join(CA_KEY))
+                .args(["-subj", "/O=acme/CN=acme root", "-days", "30", "-out"])
+                .arg(dir.join(CA_CERT))
+                .args(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+                .output()
+                .expect("openssl req");
+            assert!(cert.status.success(), "{}", String::from_utf8_lossy(&cert.stderr));
+            let ca = Ca::load_or_create(&dir, "acme.internal").expect("own root loads");
+            let svid = ca.issue(&Identity::new("acme.internal", "a", "b"), Duration::from_secs(60)).expect("issue");
+            let (_, leaf) = X509Certificate::from_der(svid.cert()).expect("parse");
+            let (_, root) = X509Certificate::from_der(ca.root()).expect("parse root");
+            leaf.verify_signature(Some(root.public_key())).expect("signed by the operator's root");
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! rustls configurations for HBONE: TLS 1.3 only, AES-GCM suites, ALPN `h2`, no SNI; every
+//! peer must present an X.509-SVID that chains to the trust bundle. The server accepts clients
+//! of its own trust domain; the client accepts only the identity the destination should have.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, ServerConfig,
+    SignatureScheme,
+    client::{
+        ResolvesClientCert,
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        verify_server_cert_signed_by_trust_anchor,
+    },
+    crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    server::{
+        ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+    sign::CertifiedKey,
+};
+use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
+
+use crate::identity::{Identities, Identity};
+
+/// The ALPN protocol of HBONE.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Errors building TLS configurations.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The trust bundle was rejected.
+    #[error("trust bundle: {0}")]
+    Bundle(String),
+    /// rustls refused a configuration.
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// Builds and caches the agent's TLS configurations.
+pub struct TlsContext {
+    identities: Arc<Identities>,
+    provider: Arc<CryptoProvider>,
+    roots: Arc<RootCertStore>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+    clients: Mutex<HashMap<(Identity, Identity), Arc<ClientConfig>>>,
+}
+
+impl TlsContext {
+    /// Configurations backed by `identities`, trusting its CA.
+    pub fn new(identities: Arc<Identities>) -> Result<Self, TlsError> {
+        let provider = Arc::new(provider());
+        let mut roots = RootCertStore::empty();
+        roots.add(identities.ca().root().clone()).map_err(|e| TlsError::Bundle(e.to_string()))?;
+        let roots = Arc::new(roots);
+        let webpki = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| TlsError::Bundle(e.to_string()))?;
+        let client_verifier = Arc::new(SpiffeClientVerifier {
+            inner: webpki,
+            trust_domain: identities.trust_domain().to_owned(),
+        });
+        Ok(Self { identities, provider, roots, client_verifier, clients: Mutex::new(HashMap::new()) })
+    }
+
+    /// The server side of a pod's HBONE listener: presents `identity`'s current SVID at every
+    /// handshake (so rotation needs no restart), requires a client SVID of our trust domain.
+    pub fn server_config(&self, identity: Identity) -> Result<Arc<ServerConfig>, TlsError> {
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(self.client_verifier.clone())
+            .with_cert_resolver(Arc::new(CurrentSvid { identities: self.identities.clone(), identity }));
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        // Connections are pooled and long-lived; resumption tickets would only cost bytes.
+        config.send_tls13_tickets = 0;
+        Ok(Arc::new(config))
+    }
+
+    /// The client side from `src` to a destination that must present `dst`.
+    pub fn client_config(&self, src: &Identity, dst: &Identity) -> Result<Arc<ClientConfig>, TlsError> {
+        let key = (src.clone(), dst.clone());
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(config) = clients.get(&key) {
+            return Ok(config.clone());
+        }
+        let verifier = Arc::new(SpiffeServerVerifier {
+            roots: self.roots.clone(),
+            expected: dst.clone(),
+            algorithms: self.provider.signature_verification_algorithms,
+        });
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(CurrentSvid { identities: self.identities.clone(), identity: src.clone() }));
+        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.enable_sni = false;
+        let config = Arc::new(config);
+        clients.insert(key, config.clone());
+        Ok(config)
+    }
+}
+
+/// ring with the suites HBONE uses: TLS 1.3 AES-256-GCM and AES-128-GCM.
+fn provider() -> CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+    ];
+    provider
+}
+
+/// The one SPIFFE ID in a certificate's URI SANs.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<Identity, String> {
+    let (_, cert) = X509Certificate::from_der(cert).map_err(|e| format!("unparsable certificate: {e}"))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subjectAltName: {e}"))?
+        .ok_or("certificate has no subjectAltName")?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| if let GeneralName::URI(uri) = n { Some(*uri) } else { None })
+        .collect();
+    match uris.as_slice() {
+        [uri] => Identity::parse(uri).map_err(|e| e.to_string()),
+        [] => Err("certificate has no URI SAN (not an X.509-SVID)".into()),
+        _ => Err(format!("certificate has {} URI SANs; an X.509-SVID has exactly one", uris.len())),
+    }
+}
+
+fn rejection(message: String) -> Error {
+    Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(std::io::Error::other(message)))))
+}
+
+/// Presents the current SVID of one identity.
+#[derive(Debug)]
+struct CurrentSvid {
+    identities: Arc<Identities>,
+    identity: Identity,
+}
+
+impl CurrentSvid {
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        match self.identities.svid(&self.identity) {
+            Ok(svid) => Some(svid.certified_key.clone()),
+            Err(e) => {
+                tracing::error!(identity = %self.identity, error = %e, "no certificate to present");
+                None
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for CurrentSvid {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+}
+
+impl ResolvesClientCert for CurrentSvid {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for Identities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identities").field("trust_domain", &self.trust_domain()).finish_non_exhaustive()
+    }
+}
+
+/// WebPKI chain validation, then: exactly one SPIFFE ID, in our trust domain.
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: String,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let id = spiffe_id_of(end_entity).map_err(rejection)?;
+        if id.trust_domain != self.trust_domain {
+            return Err(rejection(format!("client {id} is not in trust domain {}", self.trust_domain)));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// WebPKI chain validation (no DNS names: SVIDs have none), then: the server is exactly the
+/// identity the destination workload has. Anything else is an impersonation attempt.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: Identity,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algorithms.all)?;
+        let id = spiffe_id_of(end_entity).map_err(rejection)?;
+        if id != self.expected {
+            return Err(rejection(format!("server presented {id}, expected {}", self.expected)));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
