@@ -82,6 +82,8 @@ pub struct AdminState {
     pub pods: watch::Receiver<Arc<Vec<PodReport>>>,
     /// Readiness.
     pub ready: watch::Receiver<bool>,
+    /// Certificates held.
+    pub certs: watch::Receiver<Arc<Vec<crate::identity::CertReport>>>,
 }
 
 impl AdminState {
@@ -204,9 +206,10 @@ fn admin_route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/status") => json(&state.status()),
         (&Method::GET, "/workloads") => json(&*state.pods.borrow().clone()),
+        (&Method::GET, "/certs") => json(&*state.certs.borrow().clone()),
         (&Method::GET, "/") => text(
             StatusCode::OK,
-            "ambit admin API: /status /workloads\n".into(),
+            "ambit admin API: /status /workloads /certs\n".into(),
         ),
         _ => text(
             StatusCode::NOT_FOUND,

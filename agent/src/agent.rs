@@ -14,8 +14,10 @@ use crate::{
     bpf::{BpfError, Datapath},
     cli::AgentArgs,
     discovery::{self, Cluster, DiscoveryError, local::SourceStatus},
-    proxy::Proxy,
+    identity::{Ca, Identities, IdentityError},
+    proxy::{Proxy, Settings},
     redirect::{Redirector, netns::Netns},
+    tls::{TlsContext, TlsError},
 };
 
 /// Why the agent could not start or had to stop.
@@ -32,6 +34,12 @@ pub enum AgentError {
         "ambit agent must run as root (it loads eBPF programs and enters pod network namespaces); running as uid {0}"
     )]
     NotRoot(u32),
+    /// The CA could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// TLS could not be configured.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The kernel side failed.
     #[error(transparent)]
     Bpf(#[from] BpfError),
@@ -80,6 +88,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let cluster = discovery::local::load(&file)?;
     info!(file = %file.display(), pods = cluster.workloads.len(), node = %args.node, "cluster file loaded");
 
+    let ca = Ca::load_or_create(&args.ca_dir, &args.trust_domain)?;
+    let identities = Arc::new(Identities::new(ca, args.cert_ttl));
+    let tls = Arc::new(TlsContext::new(identities.clone())?);
+
     let instance = args.instance.clone().unwrap_or_else(|| args.node.clone());
     let (datapath, orig_dst) = Datapath::load(&args.bpf_dir, &instance)?;
 
@@ -92,6 +104,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     });
     let (pods_tx, pods_rx) = watch::channel(Arc::new(Vec::new()));
     let (ready_tx, ready_rx) = watch::channel(false);
+    let (certs_tx, certs_rx) = watch::channel(Arc::new(Vec::new()));
 
     let info = AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -108,6 +121,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         source: source_rx,
         pods: pods_rx,
         ready: ready_rx,
+        certs: certs_rx,
     };
     let admin = admin::bind_admin(args.admin_addr, state.clone()).await?;
     let readiness = admin::bind_readiness(args.readiness_addr, state.clone()).await?;
@@ -116,9 +130,31 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     tokio::spawn(readiness);
     tokio::spawn(metrics);
 
-    let proxy = Arc::new(Proxy::new(orig_dst, cluster_rx.clone()));
-    let mut redirector = Redirector::new(args.node.clone(), datapath, proxy);
+    let settings = Settings {
+        root_namespace: args.root_namespace.clone(),
+    };
+    let proxy = Arc::new(Proxy::new(
+        orig_dst,
+        cluster_rx.clone(),
+        identities.clone(),
+        tls.clone(),
+        settings,
+    ));
+    let mut redirector = Redirector::new(
+        args.node.clone(),
+        datapath,
+        proxy.clone(),
+        identities.clone(),
+        tls,
+    );
     tokio::spawn(discovery::local::watch(file, cluster_tx, source_tx));
+    tokio::spawn(async move {
+        let mut sweep = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            sweep.tick().await;
+            proxy.pool().sweep();
+        }
+    });
 
     let mut changes = cluster_rx;
     let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -130,7 +166,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         redirector.reconcile(&cluster);
         pods_tx.send_replace(Arc::new(redirector.reports(&cluster)));
         ready_tx.send_replace(redirector.all_captured());
+        certs_tx.send_replace(Arc::new(identities.reports(&redirector.pods_by_identity())));
+        let refresh = identities.next_refresh(std::time::SystemTime::now());
         tokio::select! {
+            () = tokio::time::sleep(refresh) => identities.refresh_due(std::time::SystemTime::now()),
             changed = changes.changed() => if changed.is_err() {
                 error!("the source of truth stopped; exiting");
                 return Ok(());

@@ -6,6 +6,8 @@ pub mod table;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use crate::identity::CertReport;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use self::table::Table;
@@ -17,6 +19,9 @@ pub enum CliError {
     /// The admin API could not be reached or answered badly.
     #[error(transparent)]
     Client(#[from] client::ClientError),
+    /// Nothing matches what was asked for.
+    #[error("{0}")]
+    NotFound(String),
     /// The answer could not be decoded.
     #[error("the agent at {addr} answered {path} with something this ambit cannot read: {source}")]
     Decode {
@@ -42,11 +47,13 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent (needs root).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Show the agent's state: source of truth, datapath, readiness.
     Status(OperatorArgs),
     /// List the pods of this node and whether they are captured.
     Workloads(OperatorArgs),
+    /// Show the workload certificates the agent holds (all, or the one a pod presents).
+    Certs(CertsArgs),
 }
 
 /// `ambit agent` options.
@@ -71,6 +78,16 @@ pub struct AgentArgs {
     /// SPIFFE trust domain.
     #[arg(long, default_value = "cluster.local")]
     pub trust_domain: String,
+    /// Directory of the embedded CA (`ca-cert.pem`, `ca-key.pem`): created on first start when
+    /// absent, used as it is when present (bring your own root). Agents sharing it share trust.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/ambit/ca")]
+    pub ca_dir: PathBuf,
+    /// Lifetime of workload certificates (e.g. 24h, 90m, 30s); they are renewed at half-life.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+    /// Istio's root namespace: policies there apply mesh-wide.
+    #[arg(long, default_value = "istio-system")]
+    pub root_namespace: String,
     /// Name of this agent's eBPF state under the bpffs directory; defaults to the node name, so
     /// several simulated nodes can share one host.
     #[arg(long)]
@@ -78,6 +95,48 @@ pub struct AgentArgs {
     /// Where the eBPF state is pinned.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/ambit")]
     pub bpf_dir: PathBuf,
+}
+
+/// `ambit certs` options.
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Only the certificate this pod presents (`namespace/name`, or `name` in any namespace).
+    pub pod: Option<String>,
+    /// Connection options.
+    #[command(flatten)]
+    pub operator: OperatorArgs,
+}
+
+/// Parses `24h`, `90m`, `30s`, `1h30m` or a number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            'd' => 86_400,
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return Err(format!("{text:?}: unknown unit {c:?} (use d, h, m, s)")),
+        };
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{text:?}: a number must come before {c:?}"))?;
+        total += n * unit;
+        number.clear();
+    }
+    if !number.is_empty() || total == 0 {
+        return Err(format!("{text:?} is not a duration like 24h, 90m or 30s"));
+    }
+    Ok(Duration::from_secs(total))
 }
 
 /// Options shared by the operator commands.
@@ -194,4 +253,99 @@ pub async fn workloads(args: &OperatorArgs) -> Result<String, CliError> {
         ]);
     }
     Ok(t.render())
+}
+
+/// `ambit certs`.
+pub async fn certs(args: &CertsArgs) -> Result<String, CliError> {
+    let admin = args.operator.admin;
+    let body = client::get(admin, "/certs", TIMEOUT).await?;
+    let mut certs: Vec<CertReport> =
+        serde_json::from_slice(&body).map_err(|source| CliError::Decode {
+            addr: admin,
+            path: "/certs",
+            source,
+        })?;
+    if let Some(pod) = &args.pod {
+        certs.retain(|c| {
+            c.pods
+                .iter()
+                .any(|p| p == pod || p.rsplit('/').next() == Some(pod.as_str()))
+        });
+        if certs.is_empty() {
+            return Err(CliError::NotFound(format!(
+                "no certificate for pod {pod} on this node (is it captured? see `ambit workloads`)"
+            )));
+        }
+    }
+    if args.operator.output == Output::Json {
+        return serde_json::to_string_pretty(&certs)
+            .map(|s| s + "\n")
+            .map_err(|source| CliError::Decode {
+                addr: admin,
+                path: "/certs",
+                source,
+            });
+    }
+    let now = crate::discovery::local::unix_now();
+    let mut t = Table::new([
+        "IDENTITY",
+        "SERIAL",
+        "VALID FROM",
+        "VALID UNTIL",
+        "REFRESH IN",
+        "PODS",
+    ]);
+    for c in &certs {
+        let refresh = c.refresh_at.saturating_sub(now);
+        t.row([
+            c.identity.as_str(),
+            &c.serial,
+            &utc(c.not_before),
+            &utc(c.not_after),
+            &human(refresh),
+            &c.pods.join(","),
+        ]);
+    }
+    Ok(t.render())
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SSZ`.
+fn utc(secs: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs as i64)
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            )
+        })
+        .unwrap_or_else(|_| secs.to_string())
+}
+
+/// `3h12m`, `45s`.
+fn human(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        _ => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("10x").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("0s").is_err());
+    }
 }

@@ -174,7 +174,13 @@ impl Cluster {
     /// Builds a snapshot from objects; pod IPs, enrollment and policy indexes are derived here
     /// once, not per connection.
     pub fn new(objects: Objects) -> Self {
-        let Objects { namespaces, pods, services, endpoint_slices, peer_authentications } = objects;
+        let Objects {
+            namespaces,
+            pods,
+            services,
+            endpoint_slices,
+            peer_authentications,
+        } = objects;
         let mut workloads = BTreeMap::new();
         let mut by_ip = HashMap::new();
         for pod in pods {

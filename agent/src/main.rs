@@ -26,7 +26,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match runtime.block_on(ambit::agent::run(args)) {
+            match runtime.block_on(ambit::agent::run(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     let message = ambit::telemetry::error_chain(&e);
@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         }
         Command::Status(args) => operator(cli::status(&args)),
         Command::Workloads(args) => operator(cli::workloads(&args)),
+        Command::Certs(args) => operator(cli::certs(&args)),
     }
 }
 

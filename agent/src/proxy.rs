@@ -1,10 +1,16 @@
 //! The proxies: accept connections the kernel programs captured inside a pod, find where they
-//! were going, and carry the bytes there from inside the pod's network namespace.
+//! were going, and carry them there from inside the pod's network namespace.
 //!
-//! - outbound (`15001` on the pod's loopback): the application's `connect()` was redirected here;
-//!   the original destination comes from the `ORIG_DST` map.
-//! - inbound (`15006`): `sk_lookup` handed us a connection to one of the pod's addresses; the
-//!   original destination is the accepted socket's local address.
+//! - [`outbound`] (`15001` on the pod's loopback): the application's `connect()` was redirected
+//!   here; to a destination in the mesh it goes as an HBONE stream over mutual TLS with the
+//!   pod's identity, to anything else as plaintext.
+//! - [`inbound`]: HBONE on `15008` (verified peer identity), and plaintext steered to `15006`
+//!   by `sk_lookup`, which PeerAuthentication may refuse.
+
+pub mod hbone;
+pub mod inbound;
+pub mod outbound;
+pub mod relay;
 
 use std::{
     io,
@@ -13,26 +19,27 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use ambit_common::{AGENT_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use ambit_common::AGENT_MARK;
+use rustls::ServerConfig;
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpSocket, TcpStream},
     sync::watch,
 };
-use tracing::{Instrument as _, debug, info_span, warn};
 
 use crate::{
     bpf::OrigDstMap,
     discovery::{Cluster, Workload},
-    redirect::{from_kernel, netns::Netns},
-    telemetry::{self, Direction},
+    identity::{Identities, Identity},
+    redirect::netns::Netns,
+    tls::TlsContext,
 };
 
-/// How long the agent waits for the destination to accept a connection.
+/// How long the agent waits for a destination to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed `accept()` (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -60,6 +67,28 @@ pub enum ProxyError {
     /// The destination did not answer in time.
     #[error("connecting to {0}: timed out")]
     ConnectTimeout(SocketAddr),
+    /// The mTLS handshake failed (wrong identity, untrusted certificate...).
+    #[error("mTLS handshake with {addr}: {reason}")]
+    Handshake {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// HBONE protocol failure.
+    #[error("HBONE: {0}")]
+    Hbone(String),
+    /// The connection is refused by policy.
+    #[error("denied: {0}")]
+    Denied(String),
+    /// No certificate for the pod's identity.
+    #[error("no certificate for {identity}: {reason}")]
+    Identity {
+        /// Whose.
+        identity: String,
+        /// Why.
+        reason: String,
+    },
     /// Copying bytes failed.
     #[error("relaying bytes: {0}")]
     Relay(io::Error),
@@ -80,9 +109,9 @@ pub struct PodStats {
 pub struct StatsSnapshot {
     /// Outbound connections captured.
     pub outbound: u64,
-    /// Inbound connections captured.
+    /// Inbound connections captured (HBONE and plaintext).
     pub inbound: u64,
-    /// Connections that failed.
+    /// Connections that failed or were refused.
     pub failed: u64,
     /// Bytes the pod sent.
     pub bytes_sent: u64,
@@ -126,133 +155,78 @@ impl PodStats {
 pub struct PodContext {
     /// The pod.
     pub workload: Workload,
+    /// Its identity.
+    pub identity: Identity,
     /// Its network namespace.
     pub netns: Arc<Netns>,
     /// Its netns cookie.
     pub cookie: u64,
     /// Its counters.
     pub stats: Arc<PodStats>,
+    /// The TLS server side of its HBONE listener.
+    pub server_tls: Arc<ServerConfig>,
+}
+
+/// Settings of the proxies.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Istio's root namespace (mesh-wide policies).
+    pub root_namespace: String,
 }
 
 /// State shared by all proxies of the agent.
 pub struct Proxy {
     orig_dst: OrigDstMap,
     cluster: watch::Receiver<Arc<Cluster>>,
+    identities: Arc<Identities>,
+    pool: hbone::Pool,
+    settings: Settings,
 }
 
 impl Proxy {
-    /// A proxy that reads original destinations from `orig_dst` and the cluster from `cluster`.
-    pub fn new(orig_dst: OrigDstMap, cluster: watch::Receiver<Arc<Cluster>>) -> Self {
-        Self { orig_dst, cluster }
-    }
-
-    /// Accepts the pod's captured outbound connections until aborted.
-    pub async fn serve_outbound(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
-        loop {
-            let (client, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(pod = %pod.workload.key, error = %e, "outbound accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
-            pod.stats.outbound.fetch_add(1, Relaxed);
-            let span = info_span!("outbound", pod = %pod.workload.key, client_port = peer.port());
-            tokio::spawn(
-                self.clone()
-                    .outbound(pod.clone(), client, peer)
-                    .instrument(span),
-            );
+    /// The proxies of one agent.
+    pub fn new(
+        orig_dst: OrigDstMap,
+        cluster: watch::Receiver<Arc<Cluster>>,
+        identities: Arc<Identities>,
+        tls: Arc<TlsContext>,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            orig_dst,
+            cluster,
+            identities,
+            pool: hbone::Pool::new(tls),
+            settings,
         }
     }
 
-    /// Accepts the pod's captured inbound plaintext connections until aborted.
-    pub async fn serve_inbound(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
-        loop {
-            let (client, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(pod = %pod.workload.key, error = %e, "inbound accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
-            pod.stats.inbound.fetch_add(1, Relaxed);
-            let span = info_span!("inbound", pod = %pod.workload.key, src = %peer);
-            tokio::spawn(
-                self.clone()
-                    .inbound(pod.clone(), client, peer)
-                    .instrument(span),
-            );
-        }
+    /// The HBONE connection pool.
+    pub fn pool(&self) -> &hbone::Pool {
+        &self.pool
     }
 
-    async fn outbound(self: Arc<Self>, pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
-        let start = Instant::now();
-        let mut record = telemetry::ConnectionRecord::new(Direction::Outbound);
-        record.src_workload = Some(pod.workload.clone());
-        let result = async {
-            let dst = self
-                .orig_dst
-                .get(pod.cookie, peer.port())
-                .map(from_kernel)
-                .ok_or(ProxyError::NoOriginalDestination(peer.port()))?;
-            record.dst_addr = Some(dst);
-            record.dst_workload = self.cluster.borrow().workload_by_ip(dst.ip()).cloned();
-            let upstream = connect_from(&pod.netns, dst).await?;
-            record.src_addr = upstream.local_addr().ok();
-            relay(client, upstream, &mut record).await
-        }
-        .await;
-        self.finish(&pod, record, result, start);
+    fn cluster(&self) -> Arc<Cluster> {
+        self.cluster.borrow().clone()
     }
 
-    async fn inbound(self: Arc<Self>, pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
-        let start = Instant::now();
-        let mut record = telemetry::ConnectionRecord::new(Direction::Inbound);
-        record.src_addr = Some(peer);
-        record.src_workload = self.cluster.borrow().workload_by_ip(peer.ip()).cloned();
-        record.dst_workload = Some(pod.workload.clone());
-        let result = async {
-            // With sk_lookup the accepted socket keeps the address the client asked for.
-            let dst = client.local_addr().map_err(ProxyError::Relay)?;
-            record.dst_addr = Some(dst);
-            if [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&dst.port()) {
-                return Err(ProxyError::ReservedPort(dst.port()));
-            }
-            let upstream = connect_from(&pod.netns, dst).await?;
-            relay(client, upstream, &mut record).await
-        }
-        .await;
-        self.finish(&pod, record, result, start);
+    fn trust_domain(&self) -> &str {
+        self.identities.trust_domain()
     }
+}
 
-    fn finish(
-        &self,
-        pod: &PodContext,
-        mut record: telemetry::ConnectionRecord,
-        result: Result<(), ProxyError>,
-        start: Instant,
-    ) {
-        record.duration = start.elapsed();
-        let (sent, received) = match record.direction {
-            Direction::Outbound => (record.bytes_sent, record.bytes_received),
-            Direction::Inbound => (record.bytes_received, record.bytes_sent),
-        };
-        pod.stats.bytes_sent.fetch_add(sent, Relaxed);
-        pod.stats.bytes_received.fetch_add(received, Relaxed);
-        if let Err(e) = result {
-            pod.stats.failed.fetch_add(1, Relaxed);
-            record.error = Some(e.to_string());
-        }
-        record.log();
+/// Counts a finished connection into the pod's stats.
+fn count(pod: &PodContext, sent: u64, received: u64, failed: bool) {
+    pod.stats.bytes_sent.fetch_add(sent, Relaxed);
+    pod.stats.bytes_received.fetch_add(received, Relaxed);
+    if failed {
+        pod.stats.failed.fetch_add(1, Relaxed);
     }
 }
 
 /// Opens a connection to `dst` from inside the pod's network namespace, so the wire shows the
 /// pod's own address, marked so that the connect hooks leave it alone.
-async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, ProxyError> {
+pub async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, ProxyError> {
     let socket = netns
         .run(|| -> io::Result<Socket> {
             let socket = Socket::new(
@@ -274,20 +248,8 @@ async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, Proxy
     }
 }
 
-/// Copies bytes both ways until both sides are done, counting them into `record`.
-async fn relay(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-    record: &mut telemetry::ConnectionRecord,
-) -> Result<(), ProxyError> {
-    let _ = client.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((sent, received)) => {
-            record.bytes_sent = sent;
-            record.bytes_received = received;
-            debug!(sent, received, "relay done");
-            Ok(())
-        }
-        Err(e) => Err(ProxyError::Relay(e)),
-    }
+/// Closes a socket with a reset instead of a FIN: a refused client learns at once.
+fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
 }

@@ -12,7 +12,7 @@ use std::{
     sync::Arc,
 };
 
-use ambit_common::{AF_INET, AF_INET6, Enrolled, INBOUND_PORT, OUTBOUND_PORT};
+use ambit_common::{AF_INET, AF_INET6, Enrolled, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -22,7 +22,9 @@ use self::netns::Netns;
 use crate::{
     bpf::{self, BpfError, Datapath},
     discovery::{Cluster, ObjectKey, Workload},
+    identity::{Identities, Identity},
     proxy::{PodContext, PodStats, Proxy},
+    tls::TlsContext,
 };
 
 /// Errors enrolling one pod. Each names the pod; other pods are not affected.
@@ -53,6 +55,14 @@ pub enum RedirectError {
         addr: SocketAddr,
         /// Why.
         source: io::Error,
+    },
+    /// No certificate could be issued for the pod's identity.
+    #[error("pod {pod}: identity: {reason}")]
+    Identity {
+        /// The pod.
+        pod: ObjectKey,
+        /// Why.
+        reason: String,
     },
     /// The kernel programs refused the pod.
     #[error("pod {pod}: {source}")]
@@ -116,6 +126,8 @@ pub struct Redirector {
     node: String,
     datapath: Datapath,
     proxy: Arc<Proxy>,
+    identities: Arc<Identities>,
+    tls: Arc<TlsContext>,
     captured: BTreeMap<ObjectKey, Captured>,
     failed: BTreeMap<ObjectKey, String>,
     reconciled_once: bool,
@@ -123,11 +135,19 @@ pub struct Redirector {
 
 impl Redirector {
     /// A redirector for the pods of `node`.
-    pub fn new(node: String, datapath: Datapath, proxy: Arc<Proxy>) -> Self {
+    pub fn new(
+        node: String,
+        datapath: Datapath,
+        proxy: Arc<Proxy>,
+        identities: Arc<Identities>,
+        tls: Arc<TlsContext>,
+    ) -> Self {
         Self {
             node,
             datapath,
             proxy,
+            identities,
+            tls,
             captured: BTreeMap::new(),
             failed: BTreeMap::new(),
             reconciled_once: false,
@@ -203,6 +223,18 @@ impl Redirector {
             self.reconciled_once = true;
             self.forget_stale();
         }
+        let in_use: HashSet<Identity> = self
+            .captured
+            .values()
+            .map(|c| {
+                Identity::new(
+                    self.identities.trust_domain(),
+                    &c.workload.key.namespace,
+                    &c.workload.service_account,
+                )
+            })
+            .collect();
+        self.identities.retain(&in_use);
     }
 
     /// Removes state that a previous agent of this instance left for pods that are no longer
@@ -224,6 +256,21 @@ impl Redirector {
                 warn!(cookie, error = %e, "stale inbound link not removed");
             }
         }
+    }
+
+    /// The pods of this node that present each identity, for `ambit certs`.
+    pub fn pods_by_identity(&self) -> std::collections::HashMap<Identity, Vec<String>> {
+        let mut map: std::collections::HashMap<Identity, Vec<String>> =
+            std::collections::HashMap::new();
+        for c in self.captured.values() {
+            let id = Identity::new(
+                self.identities.trust_domain(),
+                &c.workload.key.namespace,
+                &c.workload.service_account,
+            );
+            map.entry(id).or_default().push(c.workload.key.to_string());
+        }
+        map
     }
 
     /// Reports of every pod of this node.
@@ -255,30 +302,46 @@ impl Redirector {
         if workload.ips.is_empty() {
             return Err(RedirectError::NoIp(pod));
         }
+        let identity = Identity::new(
+            self.identities.trust_domain(),
+            &workload.key.namespace,
+            &workload.service_account,
+        );
+        // Issue the certificate now, so the first connection does not wait for it.
+        self.identities
+            .svid(&identity)
+            .map_err(|e| RedirectError::Identity {
+                pod: pod.clone(),
+                reason: e.to_string(),
+            })?;
+        let server_tls =
+            self.tls
+                .server_config(identity.clone())
+                .map_err(|e| RedirectError::Identity {
+                    pod: pod.clone(),
+                    reason: e.to_string(),
+                })?;
         let netns = Arc::new(open_netns(workload)?);
 
+        let has_v4 = workload.ips.iter().any(|ip| ip.is_ipv4());
+        let has_v6 = workload.ips.iter().any(|ip| ip.is_ipv6());
         let outbound_addrs: Vec<SocketAddr> = [
-            workload
-                .ips
-                .iter()
-                .any(|ip| ip.is_ipv4())
-                .then_some(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT))),
-            workload
-                .ips
-                .iter()
-                .any(|ip| ip.is_ipv6())
-                .then_some(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))),
+            has_v4.then_some(SocketAddr::from((Ipv4Addr::LOCALHOST, OUTBOUND_PORT))),
+            has_v6.then_some(SocketAddr::from((Ipv6Addr::LOCALHOST, OUTBOUND_PORT))),
         ]
         .into_iter()
         .flatten()
         .collect();
-        // Dual-stack pods get one IPv6 listener that takes IPv4 too; IPv4-only pods may have no
-        // IPv6 at all, so they get an IPv4 one.
-        let inbound_addr = if workload.ips.iter().any(|ip| ip.is_ipv6()) {
-            SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_PORT))
-        } else {
-            SocketAddr::from((Ipv4Addr::UNSPECIFIED, INBOUND_PORT))
+        // Dual-stack pods get IPv6 listeners that take IPv4 too; IPv4-only pods may have no IPv6
+        // at all, so they get IPv4 ones.
+        let any = |port| {
+            if has_v6 {
+                SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
+            } else {
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+            }
         };
+        let (inbound_addr, hbone_addr) = (any(INBOUND_PORT), any(HBONE_PORT));
 
         let listen = |addr: SocketAddr| {
             netns
@@ -295,6 +358,7 @@ impl Redirector {
             .map(|a| Ok((*a, listen(*a)?)))
             .collect::<Result<_, _>>()?;
         let inbound = listen(inbound_addr)?;
+        let hbone = listen(hbone_addr)?;
         let cookie = bpf::netns_cookie(&inbound).map_err(|source| RedirectError::Listen {
             pod: pod.clone(),
             addr: inbound_addr,
@@ -317,29 +381,33 @@ impl Redirector {
         let stats = Arc::new(PodStats::default());
         let context = Arc::new(PodContext {
             workload: workload.clone(),
+            identity,
             netns: netns.clone(),
             cookie,
             stats: stats.clone(),
+            server_tls,
         });
-        let to_tokio = |s: Socket| TcpListener::from_std(s.into());
-        let mut tasks = Vec::new();
-        for (addr, socket) in outbound {
-            let listener = to_tokio(socket).map_err(|source| RedirectError::Listen {
+        let to_tokio = |(addr, socket): (SocketAddr, Socket)| {
+            TcpListener::from_std(socket.into()).map_err(|source| RedirectError::Listen {
                 pod: pod.clone(),
                 addr,
                 source,
-            })?;
+            })
+        };
+        let mut tasks = Vec::new();
+        for socket in outbound {
+            let listener = to_tokio(socket)?;
             tasks.push(tokio::spawn(
                 self.proxy.clone().serve_outbound(context.clone(), listener),
             ));
         }
-        let listener = to_tokio(inbound).map_err(|source| RedirectError::Listen {
-            pod: pod.clone(),
-            addr: inbound_addr,
-            source,
-        })?;
+        let listener = to_tokio((inbound_addr, inbound))?;
         tasks.push(tokio::spawn(
             self.proxy.clone().serve_inbound(context.clone(), listener),
+        ));
+        let listener = to_tokio((hbone_addr, hbone))?;
+        tasks.push(tokio::spawn(
+            self.proxy.clone().serve_hbone(context.clone(), listener),
         ));
 
         let mut enrolled = Enrolled::default();
@@ -389,7 +457,7 @@ impl Redirector {
 
 /// Two views of a pod need the same capture when they share netns path and IPs.
 fn same_capture(a: &Workload, b: &Workload) -> bool {
-    a.netns == b.netns && a.ips == b.ips && a.uid == b.uid
+    a.netns == b.netns && a.ips == b.ips && a.uid == b.uid && a.service_account == b.service_account
 }
 
 fn open_netns(workload: &Workload) -> Result<Netns, RedirectError> {

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use tracing::info;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use crate::discovery::Workload;
+use crate::{discovery::Workload, identity::Identity};
 
 /// Sets up logging: `RUST_LOG` filters (default `info`), `LOG_FORMAT=json` selects JSON lines.
 pub fn init_logging() {
@@ -47,19 +47,49 @@ impl Direction {
     }
 }
 
+/// How a connection was protected on the wire, in Istio's words
+/// (`connection_security_policy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Security {
+    /// Plaintext (outside the mesh, or let in by PERMISSIVE).
+    #[default]
+    Plaintext,
+    /// HBONE over mutual TLS.
+    MutualTls,
+}
+
+impl Security {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Plaintext => "plaintext",
+            Self::MutualTls => "mutual_tls",
+        }
+    }
+}
+
 /// What the agent knows about one connection when it ends.
 #[derive(Debug)]
 pub struct ConnectionRecord {
     /// Direction.
     pub direction: Direction,
-    /// Source address on the wire.
+    /// Protection on the wire.
+    pub security: Security,
+    /// Source address.
     pub src_addr: Option<SocketAddr>,
     /// Original destination.
     pub dst_addr: Option<SocketAddr>,
+    /// The HBONE address the connection went through.
+    pub hbone_addr: Option<SocketAddr>,
     /// Source pod, when known.
     pub src_workload: Option<Workload>,
     /// Destination pod, when known.
     pub dst_workload: Option<Workload>,
+    /// Source identity: verified from its certificate (inbound) or our own (outbound).
+    pub src_identity: Option<Identity>,
+    /// Destination identity the source required.
+    pub dst_identity: Option<Identity>,
+    /// The PeerAuthentication that decided about a plaintext connection.
+    pub mtls_decided_by: Option<String>,
     /// Bytes from the client to the server.
     pub bytes_sent: u64,
     /// Bytes from the server to the client.
@@ -75,10 +105,15 @@ impl ConnectionRecord {
     pub fn new(direction: Direction) -> Self {
         Self {
             direction,
+            security: Security::Plaintext,
             src_addr: None,
             dst_addr: None,
+            hbone_addr: None,
             src_workload: None,
             dst_workload: None,
+            src_identity: None,
+            dst_identity: None,
+            mtls_decided_by: None,
             bytes_sent: 0,
             bytes_received: 0,
             duration: Duration::ZERO,
@@ -86,20 +121,33 @@ impl ConnectionRecord {
         }
     }
 
-    /// Emits the access-log event (target `access`).
+    /// Completes the record and logs it.
+    pub fn finish(mut self, start: std::time::Instant, error: Option<impl std::error::Error>) {
+        self.duration = start.elapsed();
+        self.error = error.map(|e| error_chain(&e));
+        self.log();
+    }
+
+    /// Emits the access-log event (target `access`, Istio's field names).
     pub fn log(&self) {
         let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
         let name = |w: &Option<Workload>| w.as_ref().map(|w| w.key.name.clone());
         let ns = |w: &Option<Workload>| w.as_ref().map(|w| w.key.namespace.clone());
+        let id = |i: &Option<Identity>| i.as_ref().map(ToString::to_string);
         info!(
             target: "access",
             direction = self.direction.as_str(),
+            security = self.security.as_str(),
             src.addr = addr(self.src_addr),
             src.workload = name(&self.src_workload),
             src.namespace = ns(&self.src_workload),
+            src.identity = id(&self.src_identity),
             dst.addr = addr(self.dst_addr),
+            dst.hbone_addr = addr(self.hbone_addr),
             dst.workload = name(&self.dst_workload),
             dst.namespace = ns(&self.dst_workload),
+            dst.identity = id(&self.dst_identity),
+            mtls.decided_by = self.mtls_decided_by.as_deref(),
             bytes_sent = self.bytes_sent,
             bytes_recv = self.bytes_received,
             duration_ms = self.duration.as_millis() as u64,

@@ -8,8 +8,8 @@ use std::{
 };
 
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore, ServerConfig,
-    SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
+    ServerConfig, SignatureScheme,
     client::{
         ResolvesClientCert,
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -55,7 +55,9 @@ impl TlsContext {
     pub fn new(identities: Arc<Identities>) -> Result<Self, TlsError> {
         let provider = Arc::new(provider());
         let mut roots = RootCertStore::empty();
-        roots.add(identities.ca().root().clone()).map_err(|e| TlsError::Bundle(e.to_string()))?;
+        roots
+            .add(identities.ca().root().clone())
+            .map_err(|e| TlsError::Bundle(e.to_string()))?;
         let roots = Arc::new(roots);
         let webpki = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
@@ -64,7 +66,13 @@ impl TlsContext {
             inner: webpki,
             trust_domain: identities.trust_domain().to_owned(),
         });
-        Ok(Self { identities, provider, roots, client_verifier, clients: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            identities,
+            provider,
+            roots,
+            client_verifier,
+            clients: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The server side of a pod's HBONE listener: presents `identity`'s current SVID at every
@@ -73,7 +81,10 @@ impl TlsContext {
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(self.client_verifier.clone())
-            .with_cert_resolver(Arc::new(CurrentSvid { identities: self.identities.clone(), identity }));
+            .with_cert_resolver(Arc::new(CurrentSvid {
+                identities: self.identities.clone(),
+                identity,
+            }));
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         // Connections are pooled and long-lived; resumption tickets would only cost bytes.
         config.send_tls13_tickets = 0;
@@ -81,7 +92,11 @@ impl TlsContext {
     }
 
     /// The client side from `src` to a destination that must present `dst`.
-    pub fn client_config(&self, src: &Identity, dst: &Identity) -> Result<Arc<ClientConfig>, TlsError> {
+    pub fn client_config(
+        &self,
+        src: &Identity,
+        dst: &Identity,
+    ) -> Result<Arc<ClientConfig>, TlsError> {
         let key = (src.clone(), dst.clone());
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(config) = clients.get(&key) {
@@ -96,7 +111,10 @@ impl TlsContext {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_client_cert_resolver(Arc::new(CurrentSvid { identities: self.identities.clone(), identity: src.clone() }));
+            .with_client_cert_resolver(Arc::new(CurrentSvid {
+                identities: self.identities.clone(),
+                identity: src.clone(),
+            }));
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         config.enable_sni = false;
         let config = Arc::new(config);
@@ -117,7 +135,8 @@ fn provider() -> CryptoProvider {
 
 /// The one SPIFFE ID in a certificate's URI SANs.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<Identity, String> {
-    let (_, cert) = X509Certificate::from_der(cert).map_err(|e| format!("unparsable certificate: {e}"))?;
+    let (_, cert) =
+        X509Certificate::from_der(cert).map_err(|e| format!("unparsable certificate: {e}"))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| format!("bad subjectAltName: {e}"))?
@@ -126,17 +145,28 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<Identity, String> {
         .value
         .general_names
         .iter()
-        .filter_map(|n| if let GeneralName::URI(uri) = n { Some(*uri) } else { None })
+        .filter_map(|n| {
+            if let GeneralName::URI(uri) = n {
+                Some(*uri)
+            } else {
+                None
+            }
+        })
         .collect();
     match uris.as_slice() {
         [uri] => Identity::parse(uri).map_err(|e| e.to_string()),
         [] => Err("certificate has no URI SAN (not an X.509-SVID)".into()),
-        _ => Err(format!("certificate has {} URI SANs; an X.509-SVID has exactly one", uris.len())),
+        _ => Err(format!(
+            "certificate has {} URI SANs; an X.509-SVID has exactly one",
+            uris.len()
+        )),
     }
 }
 
 fn rejection(message: String) -> Error {
-    Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(std::io::Error::other(message)))))
+    Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
+        std::io::Error::other(message),
+    ))))
 }
 
 /// Presents the current SVID of one identity.
@@ -176,7 +206,9 @@ impl ResolvesClientCert for CurrentSvid {
 
 impl std::fmt::Debug for Identities {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identities").field("trust_domain", &self.trust_domain()).finish_non_exhaustive()
+        f.debug_struct("Identities")
+            .field("trust_domain", &self.trust_domain())
+            .finish_non_exhaustive()
     }
 }
 
@@ -198,10 +230,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.inner
+            .verify_client_cert(end_entity, intermediates, now)?;
         let id = spiffe_id_of(end_entity).map_err(rejection)?;
         if id.trust_domain != self.trust_domain {
-            return Err(rejection(format!("client {id} is not in trust domain {}", self.trust_domain)));
+            return Err(rejection(format!(
+                "client {id} is not in trust domain {}",
+                self.trust_domain
+            )));
         }
         Ok(ClientCertVerified::assertion())
     }
@@ -248,10 +284,19 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
         let parsed = ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algorithms.all)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.algorithms.all,
+        )?;
         let id = spiffe_id_of(end_entity).map_err(rejection)?;
         if id != self.expected {
-            return Err(rejection(format!("server presented {id}, expected {}", self.expected)));
+            return Err(rejection(format!(
+                "server presented {id}, expected {}",
+                self.expected
+            )));
         }
         Ok(ServerCertVerified::assertion())
     }

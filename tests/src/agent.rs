@@ -37,6 +37,7 @@ impl Agent {
         node: &str,
         instance: &str,
         log: &Path,
+        ca_dir: &Path,
         extra: &[&str],
     ) -> io::Result<Self> {
         let out = File::options().create(true).append(true).open(log)?;
@@ -45,6 +46,8 @@ impl Agent {
             .args(["agent", "--local"])
             .arg(manifest)
             .args(["--node", node, "--instance", instance])
+            .arg("--ca-dir")
+            .arg(ca_dir)
             .args(extra)
             .env("LOG_FORMAT", "json")
             .env(

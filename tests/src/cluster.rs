@@ -368,6 +368,7 @@ impl Cluster {
             node.name(),
             &instance,
             &self.dir.join(format!("agent-{}.log", node.name())),
+            &self.ca_dir(),
             extra,
         )?;
         self.agent_pids
@@ -375,6 +376,11 @@ impl Cluster {
             .unwrap_or_else(|e| e.into_inner())
             .push(agent.pid());
         Ok(agent)
+    }
+
+    /// The CA directory all agents of the cluster share (one trust domain).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
     }
 
     /// The bpffs instance name of a node's agent.

@@ -46,7 +46,14 @@ pub fn parse(file: &Path, text: &str) -> Result<Cluster, DiscoveryError> {
     for (first_line, doc) in documents(text) {
         parser.document(first_line, doc)?;
     }
-    let Parser { namespaces, pods, services, slices, peer_authentications, .. } = parser;
+    let Parser {
+        namespaces,
+        pods,
+        services,
+        slices,
+        peer_authentications,
+        ..
+    } = parser;
     Ok(Cluster::new(Objects {
         namespaces: namespaces.into_iter().map(|(k, (_, v))| (k, v)).collect(),
         pods: pods.into_values().map(|(_, pod)| pod).collect(),
@@ -162,7 +169,10 @@ impl Parser<'_> {
                 policy
                     .validate()
                     .map_err(|m| self.invalid(line, format!("PeerAuthentication {key}"), m))?;
-                if let Some((first, _)) = self.peer_authentications.insert(key.clone(), (line, policy)) {
+                if let Some((first, _)) = self
+                    .peer_authentications
+                    .insert(key.clone(), (line, policy))
+                {
                     return Err(self.duplicate(line, first, format!("PeerAuthentication {key}")));
                 }
             }
@@ -209,7 +219,9 @@ impl Parser<'_> {
             other => Err(self.invalid(
                 line,
                 meta.kind.clone(),
-                format!("apiVersion {other} is not supported (use security.istio.io/v1 or v1beta1)"),
+                format!(
+                    "apiVersion {other} is not supported (use security.istio.io/v1 or v1beta1)"
+                ),
             )),
         }
     }
@@ -452,9 +464,16 @@ metadata: {name: ignored}
         let ok = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n";
         let cluster = parse_str(ok).expect("valid");
         assert_eq!(cluster.peer_authentications.len(), 1);
-        let text = format!("{ok}---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {{name: p, namespace: shop}}\nspec:\n  mtls:\n    mode: strict\n");
+        let text = format!(
+            "{ok}---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {{name: p, namespace: shop}}\nspec:\n  mtls:\n    mode: strict\n"
+        );
         let err = parse_str(&text).expect_err("lowercase mode").to_string();
-        assert!(err.starts_with("cluster.yaml:11:") && err.contains("spec.mtls.mode") && err.contains("strict"), "{err}");
+        assert!(
+            err.starts_with("cluster.yaml:11:")
+                && err.contains("spec.mtls.mode")
+                && err.contains("strict"),
+            "{err}"
+        );
         let err = parse_str("apiVersion: security.istio.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: p}\n")
             .expect_err("old version")
             .to_string();
@@ -462,7 +481,10 @@ metadata: {name: ignored}
         let err = parse_str("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: shop}\nspec: {portLevelMtls: {80: {mode: STRICT}}}\n")
             .expect_err("no selector")
             .to_string();
-        assert_eq!(err, "cluster.yaml:1: PeerAuthentication shop/p: spec.portLevelMtls requires spec.selector (port-level settings apply to workloads)");
+        assert_eq!(
+            err,
+            "cluster.yaml:1: PeerAuthentication shop/p: spec.portLevelMtls requires spec.selector (port-level settings apply to workloads)"
+        );
     }
 
     #[test]

@@ -13,13 +13,17 @@ pub enum SpiffeError {
     #[error("{0:?} has an invalid trust domain (lowercase letters, digits, '.', '-' and '_' only)")]
     TrustDomain(String),
     /// Bad path.
-    #[error("{0:?} has an invalid path (segments of letters, digits, '.', '-', '_'; no empty, '.' or '..' segments)")]
+    #[error(
+        "{0:?} has an invalid path (segments of letters, digits, '.', '-', '_'; no empty, '.' or '..' segments)"
+    )]
     Path(String),
     /// Too long.
     #[error("SPIFFE ID of {0} bytes exceeds 2048")]
     TooLong(usize),
     /// Valid SPIFFE ID, but not `/ns/<ns>/sa/<sa>`.
-    #[error("{0:?} is not a workload identity of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    #[error(
+        "{0:?} is not a workload identity of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
     NotWorkload(String),
 }
 
@@ -49,14 +53,19 @@ impl Identity {
         let (trust_domain, path) = parse_spiffe_id(uri)?;
         let segments: Vec<&str> = path.split('/').skip(1).collect();
         match segments.as_slice() {
-            ["ns", namespace, "sa", service_account] => Ok(Self::new(trust_domain, namespace, service_account)),
+            ["ns", namespace, "sa", service_account] => {
+                Ok(Self::new(trust_domain, namespace, service_account))
+            }
             _ => Err(SpiffeError::NotWorkload(uri.to_owned())),
         }
     }
 
     /// The identity as Istio writes principals: without `spiffe://`.
     pub fn principal(&self) -> String {
-        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
+        format!(
+            "{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
     }
 }
 
@@ -72,14 +81,18 @@ pub fn parse_spiffe_id(uri: &str) -> Result<(&str, &str), SpiffeError> {
     if uri.len() > 2048 {
         return Err(SpiffeError::TooLong(uri.len()));
     }
-    let rest = uri.strip_prefix("spiffe://").ok_or_else(|| SpiffeError::Scheme(uri.to_owned()))?;
+    let rest = uri
+        .strip_prefix("spiffe://")
+        .ok_or_else(|| SpiffeError::Scheme(uri.to_owned()))?;
     let (trust_domain, path) = match rest.find('/') {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
     };
     let td_ok = !trust_domain.is_empty()
         && trust_domain.len() <= 255
-        && trust_domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+        && trust_domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
     if !td_ok {
         return Err(SpiffeError::TrustDomain(uri.to_owned()));
     }
@@ -88,7 +101,9 @@ pub fn parse_spiffe_id(uri: &str) -> Result<(&str, &str), SpiffeError> {
             !segment.is_empty()
                 && segment != "."
                 && segment != ".."
-                && segment.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+                && segment
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
         });
         if !ok {
             return Err(SpiffeError::Path(uri.to_owned()));
@@ -105,7 +120,10 @@ mod tests {
     fn workload_identities_round_trip() {
         let id = Identity::parse("spiffe://cluster.local/ns/shop/sa/frontend-sa").expect("valid");
         assert_eq!(id, Identity::new("cluster.local", "shop", "frontend-sa"));
-        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/frontend-sa");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/frontend-sa"
+        );
         assert_eq!(id.principal(), "cluster.local/ns/shop/sa/frontend-sa");
     }
 
@@ -130,8 +148,14 @@ mod tests {
             Identity::parse("spiffe://cluster.local/workload/x"),
             Err(SpiffeError::NotWorkload(_))
         ));
-        assert!(parse_spiffe_id("spiffe://example.org").is_ok(), "a bare trust domain is a valid ID");
+        assert!(
+            parse_spiffe_id("spiffe://example.org").is_ok(),
+            "a bare trust domain is a valid ID"
+        );
         let long = format!("spiffe://td/{}", "a".repeat(2048));
-        assert!(matches!(parse_spiffe_id(&long), Err(SpiffeError::TooLong(_))));
+        assert!(matches!(
+            parse_spiffe_id(&long),
+            Err(SpiffeError::TooLong(_))
+        ));
     }
 }

@@ -1,0 +1,269 @@
+//! The HBONE client: HTTP/2 CONNECT streams over pooled mutual-TLS connections, one pool entry
+//! per (source identity, destination identity, destination address), as Istio defines it.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream, client::SendRequest};
+use http::{Method, Request, StatusCode};
+use rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, warn};
+
+use super::{ProxyError, connect_from};
+use crate::{identity::Identity, redirect::netns::Netns, tls::TlsContext};
+
+/// Streams per pooled connection before another connection is opened (ztunnel's limit).
+pub const MAX_STREAMS: usize = 100;
+/// Per-stream receive window (ztunnel's).
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Per-connection receive window (ztunnel's).
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Largest DATA frame we accept.
+pub const MAX_FRAME: u32 = 1024 * 1024;
+/// A pooled connection with no stream for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which pooled connection a stream may use.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// The identity the source presents.
+    pub src: Identity,
+    /// The identity the destination must present.
+    pub dst: Identity,
+    /// The destination's HBONE address (`pod IP:15008`).
+    pub addr: SocketAddr,
+}
+
+struct Pooled {
+    sender: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+    /// Streams open on this connection.
+    active: AtomicUsize,
+    /// Milliseconds since the pool's epoch when a stream last started.
+    last_used: AtomicU64,
+}
+
+/// The pool of HBONE connections of the agent.
+pub struct Pool {
+    tls: Arc<TlsContext>,
+    epoch: Instant,
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
+}
+
+/// An open CONNECT stream.
+pub struct Tunnel {
+    /// Towards the destination.
+    pub send: SendStream<Bytes>,
+    /// From the destination.
+    pub recv: RecvStream,
+    /// Whether the stream went over a connection that was already open.
+    pub reused: bool,
+    /// Counts the stream against its connection until dropped.
+    pub slot: StreamSlot,
+}
+
+/// One stream's place on a pooled connection; released when dropped.
+pub struct StreamSlot(Arc<Pooled>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Pooled {
+    /// Takes a stream slot if the connection is live and has room.
+    fn claim(self: &Arc<Self>) -> Option<StreamSlot> {
+        if self.closed.load(Relaxed) {
+            return None;
+        }
+        self.active
+            .fetch_update(Relaxed, Relaxed, |n| (n < MAX_STREAMS).then_some(n + 1))
+            .ok()
+            .map(|_| StreamSlot(self.clone()))
+    }
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new(tls: Arc<TlsContext>) -> Self {
+        Self {
+            tls,
+            epoch: Instant::now(),
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Opens a CONNECT stream to `authority` (the original destination) through the pool entry
+    /// `key`, creating a TLS connection from `netns` when none has room.
+    pub async fn connect(
+        &self,
+        netns: &Netns,
+        key: &PoolKey,
+        authority: SocketAddr,
+    ) -> Result<Tunnel, ProxyError> {
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string())
+            .body(())
+            .map_err(|e| ProxyError::Hbone(format!("building CONNECT {authority}: {e}")))?;
+        if let Some((sender, slot)) = self.reusable(key)
+            && let Ok(mut sender) = sender.ready().await
+            && let Ok(tunnel) = open(&mut sender, request.clone(), slot).await
+        {
+            return Ok(Tunnel {
+                reused: true,
+                ..tunnel
+            });
+        }
+        let pooled = self.dial(netns, key).await?;
+        let slot = pooled
+            .claim()
+            .ok_or_else(|| ProxyError::Hbone("new HBONE connection closed at once".into()))?;
+        let mut sender = pooled
+            .sender
+            .clone()
+            .ready()
+            .await
+            .map_err(|e| ProxyError::Hbone(e.to_string()))?;
+        open(&mut sender, request, slot).await
+    }
+
+    /// A sender of a live pooled connection with room for another stream, and the stream's slot.
+    fn reusable(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, StreamSlot)> {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = conns.get_mut(key)?;
+        list.retain(|c| !c.closed.load(Relaxed));
+        let (pooled, slot) = list.iter().find_map(|c| Some((c, c.claim()?)))?;
+        pooled.last_used.store(self.now_ms(), Relaxed);
+        Some((pooled.sender.clone(), slot))
+    }
+
+    async fn dial(&self, netns: &Netns, key: &PoolKey) -> Result<Arc<Pooled>, ProxyError> {
+        let config = self
+            .tls
+            .client_config(&key.src, &key.dst)
+            .map_err(|e| ProxyError::Hbone(e.to_string()))?;
+        let tcp = connect_from(netns, key.addr).await?;
+        // No SNI: the server name is only an address, which rustls does not send.
+        let name = ServerName::IpAddress(key.addr.ip().into());
+        let tls = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            TlsConnector::from(config).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| ProxyError::Handshake {
+            addr: key.addr,
+            reason: "timed out".into(),
+        })?
+        .map_err(|e| ProxyError::Handshake {
+            addr: key.addr,
+            reason: crate::telemetry::error_chain(&e),
+        })?;
+        let (sender, connection) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_send_buffer_size(crate::proxy::relay::MAX_CHUNK)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| ProxyError::Hbone(format!("HTTP/2 handshake with {}: {e}", key.addr)))?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let pooled = Arc::new(Pooled {
+            sender,
+            closed: closed.clone(),
+            active: AtomicUsize::new(0),
+            last_used: AtomicU64::new(self.now_ms()),
+        });
+        let addr = key.addr;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(%addr, error = %e, "pooled HBONE connection ended");
+            }
+            closed.store(true, Relaxed);
+        });
+        debug!(src = %key.src, dst = %key.dst, %addr, "new pooled HBONE connection");
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(pooled.clone());
+        Ok(pooled)
+    }
+
+    /// Drops connections that closed or stayed idle past [`IDLE_TIMEOUT`]; dropping the last
+    /// sender lets the connection shut down cleanly.
+    pub fn sweep(&self) {
+        let now = self.now_ms();
+        let idle_ms = IDLE_TIMEOUT.as_millis() as u64;
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for list in conns.values_mut() {
+            list.retain(|c| {
+                !c.closed.load(Relaxed)
+                    && (c.active.load(Relaxed) > 0
+                        || now.saturating_sub(c.last_used.load(Relaxed)) < idle_ms)
+            });
+        }
+        conns.retain(|_, list| !list.is_empty());
+    }
+
+    /// Open pooled connections, for reports.
+    pub fn connections(&self) -> usize {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// Sends the CONNECT request and waits for the answer.
+async fn open(
+    sender: &mut SendRequest<Bytes>,
+    request: Request<()>,
+    slot: StreamSlot,
+) -> Result<Tunnel, ProxyError> {
+    let (response, send) = sender
+        .send_request(request, false)
+        .map_err(|e| ProxyError::Hbone(e.to_string()))?;
+    let response = response
+        .await
+        .map_err(|e| ProxyError::Hbone(e.to_string()))?;
+    match response.status() {
+        StatusCode::OK => Ok(Tunnel {
+            send,
+            recv: response.into_body(),
+            reused: false,
+            slot,
+        }),
+        StatusCode::UNAUTHORIZED => Err(ProxyError::Denied(
+            "destination policy denied the connection (401)".into(),
+        )),
+        StatusCode::SERVICE_UNAVAILABLE => Err(ProxyError::Hbone(
+            "destination could not reach the application (503)".into(),
+        )),
+        status => {
+            warn!(%status, "HBONE CONNECT refused");
+            Err(ProxyError::Hbone(format!(
+                "destination answered CONNECT with {status}"
+            )))
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Inbound: HBONE streams on `15008` (mutual TLS, verified peer identity) and plaintext
+//! connections steered to `15006` (refused under STRICT).
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use ambit_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument as _, debug, info_span, warn};
+
+use super::{
+    ACCEPT_BACKOFF, PodContext, Proxy, ProxyError, connect_from, count,
+    hbone::{CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW},
+    relay, reset,
+};
+use crate::{
+    identity::Identity,
+    telemetry::{ConnectionRecord, Direction, Security},
+    tls::spiffe_id_of,
+};
+
+/// How long a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Proxy {
+    /// Accepts plaintext connections `sk_lookup` steered to the pod, until aborted.
+    pub async fn serve_inbound(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
+        loop {
+            let (client, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(pod = %pod.workload.key, error = %e, "inbound accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            pod.stats
+                .inbound
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let span = info_span!("inbound", pod = %pod.workload.key, src = %peer);
+            tokio::spawn(
+                self.clone()
+                    .inbound_plaintext(pod.clone(), client, peer)
+                    .instrument(span),
+            );
+        }
+    }
+
+    async fn inbound_plaintext(
+        self: Arc<Self>,
+        pod: Arc<PodContext>,
+        client: TcpStream,
+        peer: SocketAddr,
+    ) {
+        let start = Instant::now();
+        let mut record = ConnectionRecord::new(Direction::Inbound);
+        record.src_addr = Some(peer);
+        let cluster = self.cluster();
+        record.src_workload = cluster.workload_by_ip(peer.ip()).cloned();
+        record.dst_workload = Some(pod.workload.clone());
+        record.dst_identity = Some(pod.identity.clone());
+        let result = async {
+            // With sk_lookup the accepted socket keeps the address the client asked for.
+            let dst = client.local_addr().map_err(ProxyError::Relay)?;
+            record.dst_addr = Some(dst);
+            if is_reserved(dst.port()) {
+                return Err(ProxyError::ReservedPort(dst.port()));
+            }
+            let decision = cluster.peer_authentications.decide(
+                &pod.workload,
+                dst.port(),
+                &self.settings.root_namespace,
+            );
+            record.mtls_decided_by = Some(decision.decided_by.clone());
+            if !decision.mode.allows_plaintext() {
+                reset(client);
+                return Err(ProxyError::Denied(format!(
+                    "plaintext refused: mTLS mode STRICT ({})",
+                    decision.decided_by
+                )));
+            }
+            let upstream = connect_from(&pod.netns, dst).await?;
+            let moved = relay::tcp_to_tcp(client, upstream)
+                .await
+                .map_err(ProxyError::Relay)?;
+            record.bytes_sent = moved.sent;
+            record.bytes_received = moved.received;
+            Ok(())
+        }
+        .await;
+        count(
+            &pod,
+            record.bytes_received,
+            record.bytes_sent,
+            result.is_err(),
+        );
+        record.finish(start, result.err());
+    }
+
+    /// Accepts HBONE connections to the pod, until aborted.
+    pub async fn serve_hbone(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
+        let acceptor = TlsAcceptor::from(pod.server_tls.clone());
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(pod = %pod.workload.key, error = %e, "HBONE accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            let span = info_span!("hbone", pod = %pod.workload.key, peer = %peer);
+            tokio::spawn(
+                self.clone()
+                    .hbone_connection(pod.clone(), acceptor.clone(), tcp, peer)
+                    .instrument(span),
+            );
+        }
+    }
+
+    async fn hbone_connection(
+        self: Arc<Self>,
+        pod: Arc<PodContext>,
+        acceptor: TlsAcceptor,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) {
+        let Ok(local) = tcp.local_addr() else { return };
+        let _ = tcp.set_nodelay(true);
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                warn!(pod = %pod.workload.key, %peer, error = %crate::telemetry::error_chain(&e), "mTLS handshake refused");
+                pod.stats
+                    .failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            Err(_) => {
+                warn!(pod = %pod.workload.key, %peer, "mTLS handshake timed out");
+                return;
+            }
+        };
+        // The verifier accepted exactly one SPIFFE ID in our trust domain; read it back.
+        let peer_identity = match tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(spiffe_id_of)
+        {
+            Some(Ok(id)) => id,
+            _ => return,
+        };
+        let mut connection = match h2::server::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_concurrent_streams(MAX_STREAMS as u32)
+            .max_send_buffer_size(relay::MAX_CHUNK)
+            .handshake::<_, Bytes>(tls)
+            .await
+        {
+            Ok(connection) => connection,
+            Err(e) => {
+                debug!(%peer, error = %e, "HTTP/2 handshake failed");
+                return;
+            }
+        };
+        let peer_identity = Arc::new(peer_identity);
+        while let Some(stream) = connection.accept().await {
+            match stream {
+                Ok((request, respond)) => {
+                    let this = self.clone();
+                    let (pod, id) = (pod.clone(), peer_identity.clone());
+                    tokio::spawn(
+                        async move {
+                            this.hbone_stream(pod, request, respond, peer, local, id)
+                                .await
+                        }
+                        .in_current_span(),
+                    );
+                }
+                Err(e) => {
+                    debug!(%peer, error = %e, "HBONE connection error");
+                    break;
+                }
+            }
+        }
+        // Keep driving the connection until its last stream is done.
+        let _ = std::future::poll_fn(|cx| connection.poll_closed(cx)).await;
+    }
+
+    async fn hbone_stream(
+        self: Arc<Self>,
+        pod: Arc<PodContext>,
+        request: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        peer_identity: Arc<Identity>,
+    ) {
+        let start = Instant::now();
+        pod.stats
+            .inbound
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut record = ConnectionRecord::new(Direction::Inbound);
+        record.security = Security::MutualTls;
+        record.src_addr = Some(peer);
+        record.src_identity = Some((*peer_identity).clone());
+        record.src_workload = self.cluster().workload_by_ip(peer.ip()).cloned();
+        record.dst_workload = Some(pod.workload.clone());
+        record.dst_identity = Some(pod.identity.clone());
+        record.hbone_addr = Some(local);
+        let result = async {
+            let dst = match connect_target(&request, local) {
+                Ok(dst) => dst,
+                Err(message) => {
+                    answer(&mut respond, StatusCode::BAD_REQUEST);
+                    return Err(ProxyError::Hbone(message));
+                }
+            };
+            record.dst_addr = Some(dst);
+            let upstream = match connect_from(&pod.netns, dst).await {
+                Ok(upstream) => upstream,
+                Err(e) => {
+                    answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                    return Err(e);
+                }
+            };
+            let response = Response::builder()
+                .status(StatusCode::OK)
+                .body(())
+                .map_err(|e| ProxyError::Hbone(e.to_string()))?;
+            let send = respond
+                .send_response(response, false)
+                .map_err(|e| ProxyError::Hbone(e.to_string()))?;
+            let moved = relay::tcp_to_h2(upstream, send, request.into_body())
+                .await
+                .map_err(ProxyError::Relay)?;
+            // Seen from the pod: what the app sent is what went back to the client.
+            record.bytes_sent = moved.received;
+            record.bytes_received = moved.sent;
+            Ok(())
+        }
+        .await;
+        count(
+            &pod,
+            record.bytes_received,
+            record.bytes_sent,
+            result.is_err(),
+        );
+        record.finish(start, result.err());
+    }
+}
+
+/// The original destination of a CONNECT request, which must be a port of the very address the
+/// HBONE connection arrived on: a peer cannot use one pod's tunnel to reach another address.
+fn connect_target(
+    request: &Request<h2::RecvStream>,
+    local: SocketAddr,
+) -> Result<SocketAddr, String> {
+    if request.method() != Method::CONNECT {
+        return Err(format!("{} is not CONNECT", request.method()));
+    }
+    let authority = request
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .unwrap_or_default();
+    let dst: SocketAddr = authority
+        .parse()
+        .map_err(|_| format!("CONNECT authority {authority:?} is not ip:port"))?;
+    if dst.ip() != local.ip() {
+        return Err(format!(
+            "CONNECT authority {dst} is not the address the connection arrived on ({})",
+            local.ip()
+        ));
+    }
+    if is_reserved(dst.port()) {
+        return Err(format!("CONNECT to the agent's own port {}", dst.port()));
+    }
+    Ok(dst)
+}
+
+fn is_reserved(port: u16) -> bool {
+    [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&port)
+}
+
+fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+    if let Ok(response) = Response::builder().status(status).body(()) {
+        let _ = respond.send_response(response, true);
+    }
+}

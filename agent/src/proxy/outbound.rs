@@ -1,0 +1,112 @@
+//! Outbound: connections the pod's applications opened, captured to `15001`.
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use ambit_common::HBONE_PORT;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{Instrument as _, info_span, warn};
+
+use super::{
+    ACCEPT_BACKOFF, PodContext, Proxy, ProxyError, connect_from, count, hbone::PoolKey, relay,
+};
+use crate::{
+    identity::Identity,
+    redirect::from_kernel,
+    telemetry::{ConnectionRecord, Direction, Security},
+};
+
+impl Proxy {
+    /// Accepts the pod's captured outbound connections until aborted.
+    pub async fn serve_outbound(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
+        loop {
+            let (client, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(pod = %pod.workload.key, error = %e, "outbound accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            pod.stats
+                .outbound
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let span = info_span!("outbound", pod = %pod.workload.key, client_port = peer.port());
+            tokio::spawn(
+                self.clone()
+                    .outbound(pod.clone(), client, peer)
+                    .instrument(span),
+            );
+        }
+    }
+
+    async fn outbound(self: Arc<Self>, pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
+        let start = Instant::now();
+        let mut record = ConnectionRecord::new(Direction::Outbound);
+        record.src_workload = Some(pod.workload.clone());
+        record.src_identity = Some(pod.identity.clone());
+        let result = self.forward(&pod, client, peer, &mut record).await;
+        count(
+            &pod,
+            record.bytes_sent,
+            record.bytes_received,
+            result.is_err(),
+        );
+        record.finish(start, result.err());
+    }
+
+    async fn forward(
+        &self,
+        pod: &PodContext,
+        client: TcpStream,
+        peer: SocketAddr,
+        record: &mut ConnectionRecord,
+    ) -> Result<(), ProxyError> {
+        let dst = self
+            .orig_dst
+            .get(pod.cookie, peer.port())
+            .map(from_kernel)
+            .ok_or(ProxyError::NoOriginalDestination(peer.port()))?;
+        record.dst_addr = Some(dst);
+        let cluster = self.cluster();
+        let dst_workload = cluster.workload_by_ip(dst.ip()).cloned();
+        record.dst_workload = dst_workload.clone();
+
+        match dst_workload.filter(|w| w.enrollment.is_enrolled()) {
+            Some(dst_workload) => {
+                // In the mesh: mutual TLS to the destination pod's HBONE port, which must present
+                // the destination workload's identity.
+                let dst_identity = Identity::new(
+                    self.trust_domain(),
+                    &dst_workload.key.namespace,
+                    &dst_workload.service_account,
+                );
+                let key = PoolKey {
+                    src: pod.identity.clone(),
+                    dst: dst_identity.clone(),
+                    addr: SocketAddr::new(dst.ip(), HBONE_PORT),
+                };
+                record.security = Security::MutualTls;
+                record.dst_identity = Some(dst_identity);
+                record.hbone_addr = Some(key.addr);
+                let tunnel = self.pool.connect(&pod.netns, &key, dst).await?;
+                let moved = relay::tcp_to_h2(client, tunnel.send, tunnel.recv)
+                    .await
+                    .map_err(ProxyError::Relay)?;
+                drop(tunnel.slot);
+                record.bytes_sent = moved.sent;
+                record.bytes_received = moved.received;
+            }
+            None => {
+                // Not in the mesh: plaintext passthrough, as ztunnel does.
+                let upstream = connect_from(&pod.netns, dst).await?;
+                record.src_addr = upstream.local_addr().ok();
+                let moved = relay::tcp_to_tcp(client, upstream)
+                    .await
+                    .map_err(ProxyError::Relay)?;
+                record.bytes_sent = moved.sent;
+                record.bytes_received = moved.received;
+            }
+        }
+        Ok(())
+    }
+}
