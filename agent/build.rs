@@ -8,10 +8,7 @@ use anyhow::{Context as _, anyhow};
 use aya_build::Toolchain;
 
 fn main() -> anyhow::Result<()> {
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
+    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
     let ebpf = metadata
         .packages
         .iter()
@@ -29,18 +26,12 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: build scripts are single-threaded; the variable is meant for the nested cargo.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
     aya_build::build_ebpf(
-        [aya_build::Package {
-            name: ebpf.name.as_str(),
-            root_dir: root_dir.as_str(),
-            ..Default::default()
-        }],
+        [aya_build::Package { name: ebpf.name.as_str(), root_dir: root_dir.as_str(), ..Default::default() }],
         Toolchain::Custom("stable"),
     )
 }
 
 fn which_bpf_linker() -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("bpf-linker"))
-        .find(|candidate| candidate.is_file())
+    std::env::split_paths(&path).map(|dir| dir.join("bpf-linker")).find(|candidate| candidate.is_file())
 }

@@ -27,9 +27,7 @@ pub enum AdminError {
         source: std::io::Error,
     },
     /// The admin address is not on loopback.
-    #[error(
-        "--admin-addr {0} is not a loopback address: the admin API must not be reachable from pods"
-    )]
+    #[error("--admin-addr {0} is not a loopback address: the admin API must not be reachable from pods")]
     NotLoopback(SocketAddr),
 }
 
@@ -105,15 +103,9 @@ impl AdminState {
         let pods = self.pods.borrow().clone();
         let mut out = String::new();
         let mut gauge = |name: &str, help: &str, value: u64| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-            ));
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"));
         };
-        gauge(
-            "ambit_ready",
-            "1 when every enrolled pod of the node is captured.",
-            u64::from(status.ready),
-        );
+        gauge("ambit_ready", "1 when every enrolled pod of the node is captured.", u64::from(status.ready));
         gauge(
             "ambit_pods_captured",
             "Enrolled pods of the node that are captured.",
@@ -129,36 +121,22 @@ impl AdminState {
             "1 when the last reload of the source of truth failed.",
             u64::from(status.config.error.is_some()),
         );
-        let snapshots: Vec<_> = pods
-            .iter()
-            .filter_map(|p| p.stats.as_ref())
-            .map(|s| s.snapshot())
-            .collect();
-        let total =
-            |f: fn(&crate::proxy::StatsSnapshot) -> u64| -> u64 { snapshots.iter().map(f).sum() };
+        let snapshots: Vec<_> = pods.iter().filter_map(|p| p.stats.as_ref()).map(|s| s.snapshot()).collect();
+        let total = |f: fn(&crate::proxy::StatsSnapshot) -> u64| -> u64 { snapshots.iter().map(f).sum() };
         out.push_str("# HELP ambit_connections_total Connections proxied for captured pods.\n# TYPE ambit_connections_total counter\n");
         out.push_str(&format!(
             "ambit_connections_total{{direction=\"outbound\"}} {}\n",
             total(|s| s.outbound)
         ));
-        out.push_str(&format!(
-            "ambit_connections_total{{direction=\"inbound\"}} {}\n",
-            total(|s| s.inbound)
-        ));
+        out.push_str(&format!("ambit_connections_total{{direction=\"inbound\"}} {}\n", total(|s| s.inbound)));
         out.push_str("# HELP ambit_connections_failed_total Proxied connections that failed.\n# TYPE ambit_connections_failed_total counter\n");
-        out.push_str(&format!(
-            "ambit_connections_failed_total {}\n",
-            total(|s| s.failed)
-        ));
+        out.push_str(&format!("ambit_connections_failed_total {}\n", total(|s| s.failed)));
         out
     }
 }
 
 /// Serves the admin API on `addr`, which must be a loopback address.
-pub async fn bind_admin(
-    addr: SocketAddr,
-    state: AdminState,
-) -> Result<impl Future<Output = ()>, AdminError> {
+pub async fn bind_admin(addr: SocketAddr, state: AdminState) -> Result<impl Future<Output = ()>, AdminError> {
     if !addr.ip().is_loopback() {
         return Err(AdminError::NotLoopback(addr));
     }
@@ -170,20 +148,18 @@ pub async fn bind_readiness(
     addr: SocketAddr,
     state: AdminState,
 ) -> Result<impl Future<Output = ()>, AdminError> {
-    bind("readiness", addr, move |req| {
-        match (req.method(), req.uri().path()) {
-            (&Method::GET, "/healthz/ready") => {
-                if *state.ready.borrow() {
-                    text(StatusCode::OK, "ready\n".into())
-                } else {
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: not every enrolled pod is captured\n".into(),
-                    )
-                }
+    bind("readiness", addr, move |req| match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz/ready") => {
+            if *state.ready.borrow() {
+                text(StatusCode::OK, "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: not every enrolled pod is captured\n".into(),
+                )
             }
-            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     })
     .await
 }
@@ -193,11 +169,9 @@ pub async fn bind_metrics(
     addr: SocketAddr,
     state: AdminState,
 ) -> Result<impl Future<Output = ()>, AdminError> {
-    bind("metrics", addr, move |req| {
-        match (req.method(), req.uri().path()) {
-            (&Method::GET, "/metrics") => text(StatusCode::OK, state.metrics()),
-            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
-        }
+    bind("metrics", addr, move |req| match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => text(StatusCode::OK, state.metrics()),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     })
     .await
 }
@@ -207,24 +181,15 @@ fn admin_route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
         (&Method::GET, "/status") => json(&state.status()),
         (&Method::GET, "/workloads") => json(&*state.pods.borrow().clone()),
         (&Method::GET, "/certs") => json(&*state.certs.borrow().clone()),
-        (&Method::GET, "/") => text(
-            StatusCode::OK,
-            "ambit admin API: /status /workloads /certs\n".into(),
-        ),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            format!("no such endpoint: {}\n", req.uri().path()),
-        ),
+        (&Method::GET, "/") => text(StatusCode::OK, "ambit admin API: /status /workloads /certs\n".into()),
+        _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {}\n", req.uri().path())),
     }
 }
 
 fn json<T: Serialize + ?Sized>(value: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => respond(StatusCode::OK, "application/json", body.into()),
-        Err(e) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding: {e}\n"),
-        ),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {e}\n")),
     }
 }
 
@@ -235,10 +200,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
     response
 }
 
@@ -250,9 +212,7 @@ async fn bind<F>(
 where
     F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError::Bind { what, addr, source })?;
+    let listener = TcpListener::bind(addr).await.map_err(|source| AdminError::Bind { what, addr, source })?;
     let local = listener.local_addr().unwrap_or(addr);
     info!(endpoint = what, addr = %local, "listening");
     let route = Arc::new(route);

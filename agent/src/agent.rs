@@ -74,9 +74,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         ));
     };
     if args.node.is_empty() {
-        return Err(AgentError::Usage(
-            "--node (or NODE_NAME) must not be empty".into(),
-        ));
+        return Err(AgentError::Usage("--node (or NODE_NAME) must not be empty".into()));
     }
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
@@ -130,23 +128,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     tokio::spawn(readiness);
     tokio::spawn(metrics);
 
-    let settings = Settings {
-        root_namespace: args.root_namespace.clone(),
-    };
-    let proxy = Arc::new(Proxy::new(
-        orig_dst,
-        cluster_rx.clone(),
-        identities.clone(),
-        tls.clone(),
-        settings,
-    ));
-    let mut redirector = Redirector::new(
-        args.node.clone(),
-        datapath,
-        proxy.clone(),
-        identities.clone(),
-        tls,
-    );
+    let settings = Settings { root_namespace: args.root_namespace.clone() };
+    let proxy = Arc::new(Proxy::new(orig_dst, cluster_rx.clone(), identities.clone(), tls.clone(), settings));
+    let mut redirector = Redirector::new(args.node.clone(), datapath, proxy.clone(), identities.clone(), tls);
     tokio::spawn(discovery::local::watch(file, cluster_tx, source_tx));
     tokio::spawn(async move {
         let mut sweep = tokio::time::interval(std::time::Duration::from_secs(30));
@@ -186,10 +170,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 /// Every proxied connection holds two sockets; the default soft limit of 1024 descriptors would
 /// cap a node at a few hundred connections. Raise it to the hard limit.
 fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: a valid out-pointer, then the same struct back in.
     let raised = unsafe {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
@@ -202,19 +183,13 @@ fn raise_fd_limit() {
     }
 }
 
-fn signal(
-    kind: tokio::signal::unix::SignalKind,
-) -> Result<tokio::signal::unix::Signal, AgentError> {
-    tokio::signal::unix::signal(kind).map_err(|source| AgentError::Io {
-        what: "installing signal handler",
-        source,
-    })
+fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, AgentError> {
+    tokio::signal::unix::signal(kind)
+        .map_err(|source| AgentError::Io { what: "installing signal handler", source })
 }
 
 /// Records the host network namespace; must run on the main thread before the runtime starts.
 pub fn init_host_netns() -> Result<(), AgentError> {
-    Netns::init_host().map_err(|source| AgentError::Io {
-        what: "opening the agent's own network namespace",
-        source,
-    })
+    Netns::init_host()
+        .map_err(|source| AgentError::Io { what: "opening the agent's own network namespace", source })
 }

@@ -31,12 +31,8 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Programs attached once at the cgroup v2 root, by name in the object file.
-const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 4] = [
-    "capture_connect4",
-    "capture_connect6",
-    "restore_peername4",
-    "restore_peername6",
-];
+const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 4] =
+    ["capture_connect4", "capture_connect6", "restore_peername4", "restore_peername6"];
 const SOCK_OPS_PROGRAM: &str = "track_established";
 const SK_LOOKUP_PROGRAM: &str = "steer_inbound";
 
@@ -127,11 +123,7 @@ pub struct OrigDstMap {
 impl OrigDstMap {
     /// Where the connection from `port` on the loopback of netns `netns_cookie` was going.
     pub fn get(&self, netns_cookie: u64, port: u16) -> Option<SockAddr> {
-        let key = OrigDstKey {
-            netns_cookie,
-            port: u32::from(port),
-            _pad: 0,
-        };
+        let key = OrigDstKey { netns_cookie, port: u32::from(port), _pad: 0 };
         self.map.get(&key, 0).ok()
     }
 }
@@ -144,20 +136,14 @@ impl Datapath {
         ensure_bpffs(Path::new(BPFFS))?;
         let cgroup_root = cgroup2_root()?;
         let pin_dir = pin_root.join(instance);
-        for dir in [
-            pin_dir.clone(),
-            pin_dir.join("links"),
-            pin_dir.join("netns"),
-        ] {
+        for dir in [pin_dir.clone(), pin_dir.join("links"), pin_dir.join("netns")] {
             fs::create_dir_all(&dir).map_err(|source| BpfError::Io {
                 what: "creating",
                 path: dir,
                 source,
             })?;
         }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .load(PROGRAMS)?;
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pin_dir).load(PROGRAMS)?;
 
         let cgroup = File::open(&cgroup_root).map_err(|source| BpfError::Io {
             what: "opening cgroup",
@@ -168,63 +154,38 @@ impl Datapath {
         // agents on one host each attach their own); `Single` only means "no legacy flags".
         for name in CGROUP_SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| BpfError::Program { name, source })?;
+            program.load().map_err(|source| BpfError::Program { name, source })?;
             let id = program
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|source| BpfError::Program { name, source })?;
-            let link = program
-                .take_link(id)
-                .map_err(|source| BpfError::Program { name, source })?;
-            let link = FdLink::try_from(link).map_err(|source| BpfError::Link {
-                path: cgroup_root.clone(),
-                source,
-            })?;
+            let link = program.take_link(id).map_err(|source| BpfError::Program { name, source })?;
+            let link = FdLink::try_from(link)
+                .map_err(|source| BpfError::Link { path: cgroup_root.clone(), source })?;
             replace_pin(link, &pin_dir.join("links").join(name))?;
         }
         {
             let name = SOCK_OPS_PROGRAM;
             let program: &mut SockOps = program_mut(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| BpfError::Program { name, source })?;
+            program.load().map_err(|source| BpfError::Program { name, source })?;
             let id = program
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|source| BpfError::Program { name, source })?;
-            let link = program
-                .take_link(id)
-                .map_err(|source| BpfError::Program { name, source })?;
-            let link = FdLink::try_from(link).map_err(|source| BpfError::Link {
-                path: cgroup_root.clone(),
-                source,
-            })?;
+            let link = program.take_link(id).map_err(|source| BpfError::Program { name, source })?;
+            let link = FdLink::try_from(link)
+                .map_err(|source| BpfError::Link { path: cgroup_root.clone(), source })?;
             replace_pin(link, &pin_dir.join("links").join(name))?;
         }
         {
             let name = SK_LOOKUP_PROGRAM;
             let program: &mut SkLookup = program_mut(&mut ebpf, name)?;
-            program
-                .load()
-                .map_err(|source| BpfError::Program { name, source })?;
+            program.load().map_err(|source| BpfError::Program { name, source })?;
         }
 
         let enrolled = take_map(&mut ebpf, "ENROLLED")?;
         let listeners = take_map(&mut ebpf, "INBOUND_LISTENERS")?;
-        let orig_dst = OrigDstMap {
-            map: take_map(&mut ebpf, "ORIG_DST")?,
-        };
+        let orig_dst = OrigDstMap { map: take_map(&mut ebpf, "ORIG_DST")? };
         info!(pin_dir = %pin_dir.display(), cgroup = %cgroup_root.display(), "eBPF programs attached");
-        Ok((
-            Self {
-                ebpf,
-                pin_dir,
-                cgroup_root,
-                enrolled,
-                listeners,
-            },
-            orig_dst,
-        ))
+        Ok((Self { ebpf, pin_dir, cgroup_root, enrolled, listeners }, orig_dst))
     }
 
     /// The instance's pin directory.
@@ -242,12 +203,8 @@ impl Datapath {
     pub fn link_netns(&mut self, netns: impl AsFd, cookie: u64) -> Result<(), BpfError> {
         let name = SK_LOOKUP_PROGRAM;
         let program: &mut SkLookup = program_mut(&mut self.ebpf, name)?;
-        let id = program
-            .attach(netns)
-            .map_err(|source| BpfError::Program { name, source })?;
-        let link = program
-            .take_link(id)
-            .map_err(|source| BpfError::Program { name, source })?;
+        let id = program.attach(netns).map_err(|source| BpfError::Program { name, source })?;
+        let link = program.take_link(id).map_err(|source| BpfError::Program { name, source })?;
         let link = FdLink::from(link);
         replace_pin(link, &self.netns_pin(cookie))
     }
@@ -264,29 +221,19 @@ impl Datapath {
         let Ok(entries) = fs::read_dir(&dir) else {
             return Vec::new();
         };
-        entries
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect()
+        entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect()
     }
 
     /// Turns outbound capture on for a netns.
     pub fn enroll(&mut self, cookie: u64, pod: Enrolled) -> Result<(), BpfError> {
-        self.enrolled
-            .insert(cookie, pod, 0)
-            .map_err(|source| BpfError::Map {
-                map: "ENROLLED",
-                source,
-            })
+        self.enrolled.insert(cookie, pod, 0).map_err(|source| BpfError::Map { map: "ENROLLED", source })
     }
 
     /// Turns outbound capture off for a netns; a missing entry is not an error.
     pub fn unenroll(&mut self, cookie: u64) -> Result<(), BpfError> {
         match self.enrolled.remove(&cookie) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(BpfError::Map {
-                map: "ENROLLED",
-                source,
-            }),
+            Err(source) => Err(BpfError::Map { map: "ENROLLED", source }),
         }
     }
 
@@ -296,27 +243,17 @@ impl Datapath {
     }
 
     /// Registers the inbound listener for a pod address.
-    pub fn set_listener(
-        &mut self,
-        ip: IpAddr,
-        listener: &impl std::os::fd::AsRawFd,
-    ) -> Result<(), BpfError> {
+    pub fn set_listener(&mut self, ip: IpAddr, listener: &impl std::os::fd::AsRawFd) -> Result<(), BpfError> {
         self.listeners
             .insert(ip, listener.as_raw_fd(), 0)
-            .map_err(|source| BpfError::Map {
-                map: "INBOUND_LISTENERS",
-                source,
-            })
+            .map_err(|source| BpfError::Map { map: "INBOUND_LISTENERS", source })
     }
 
     /// Forgets the inbound listener of a pod address.
     pub fn clear_listener(&mut self, ip: IpAddr) -> Result<(), BpfError> {
         match self.listeners.remove(&ip) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(BpfError::Map {
-                map: "INBOUND_LISTENERS",
-                source,
-            }),
+            Err(source) => Err(BpfError::Map { map: "INBOUND_LISTENERS", source }),
         }
     }
 
@@ -329,12 +266,8 @@ fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut 
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let program = ebpf
-        .program_mut(name)
-        .ok_or(BpfError::MissingProgram(name))?;
-    program
-        .try_into()
-        .map_err(|source| BpfError::Program { name, source })
+    let program = ebpf.program_mut(name).ok_or(BpfError::MissingProgram(name))?;
+    program.try_into().map_err(|source| BpfError::Program { name, source })
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
@@ -349,10 +282,7 @@ where
 /// attached, so there is no moment without the program.
 fn replace_pin(link: FdLink, path: &Path) -> Result<(), BpfError> {
     remove_pin(path)?;
-    link.pin(path).map_err(|source| BpfError::Pin {
-        path: path.to_owned(),
-        source,
-    })?;
+    link.pin(path).map_err(|source| BpfError::Pin { path: path.to_owned(), source })?;
     debug!(pin = %path.display(), "link pinned");
     Ok(())
 }
@@ -361,16 +291,10 @@ fn remove_pin(path: &Path) -> Result<(), BpfError> {
     if !path.exists() {
         return Ok(());
     }
-    let old = PinnedLink::from_pin(path).map_err(|source| BpfError::Link {
-        path: path.to_owned(),
-        source,
-    })?;
+    let old =
+        PinnedLink::from_pin(path).map_err(|source| BpfError::Link { path: path.to_owned(), source })?;
     // Dropping the unpinned link closes its last reference, which detaches it.
-    old.unpin().map(drop).map_err(|source| BpfError::Io {
-        what: "unpinning",
-        path: path.to_owned(),
-        source,
-    })
+    old.unpin().map(drop).map_err(|source| BpfError::Io { what: "unpinning", path: path.to_owned(), source })
 }
 
 /// Mounts bpffs at `path` unless it is already there (a fresh host or VM may not mount it).
@@ -378,27 +302,12 @@ fn ensure_bpffs(path: &Path) -> Result<(), BpfError> {
     if fs_magic(path) == Some(BPF_FS_MAGIC) {
         return Ok(());
     }
-    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| {
-        BpfError::Bpffs {
-            path: path.to_owned(),
-            source: io::Error::other(e),
-        }
-    })?;
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| BpfError::Bpffs { path: path.to_owned(), source: io::Error::other(e) })?;
     // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe {
-        libc::mount(
-            c"bpf".as_ptr(),
-            target.as_ptr(),
-            c"bpf".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
-        return Err(BpfError::Bpffs {
-            path: path.to_owned(),
-            source: io::Error::last_os_error(),
-        });
+        return Err(BpfError::Bpffs { path: path.to_owned(), source: io::Error::last_os_error() });
     }
     info!(path = %path.display(), "mounted bpffs");
     Ok(())
@@ -410,10 +319,7 @@ fn fs_magic(path: &Path) -> Option<i64> {
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid path pointer and a valid out-pointer.
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    #[allow(
-        clippy::unnecessary_cast,
-        reason = "f_type's width differs between libcs"
-    )]
+    #[allow(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
     (rc == 0).then_some(stat.f_type as i64)
 }
 
@@ -456,11 +362,7 @@ pub fn netns_cookie(socket: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
             &mut len,
         )
     };
-    if rc == 0 {
-        Ok(cookie)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(cookie) } else { Err(io::Error::last_os_error()) }
 }
 
 #[cfg(test)]
@@ -471,10 +373,6 @@ mod tests {
     fn finds_a_cgroup2_mount() {
         // Every machine this project runs on has cgroup v2 somewhere; the path must be a dir.
         let root = cgroup2_root().expect("cgroup2 mounted");
-        assert!(
-            root.join("cgroup.procs").exists(),
-            "{} is not a cgroup2 root",
-            root.display()
-        );
+        assert!(root.join("cgroup.procs").exists(), "{} is not a cgroup2 root", root.display());
     }
 }

@@ -127,9 +127,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             's' => 1,
             _ => return Err(format!("{text:?}: unknown unit {c:?} (use d, h, m, s)")),
         };
-        let n: u64 = number
-            .parse()
-            .map_err(|_| format!("{text:?}: a number must come before {c:?}"))?;
+        let n: u64 = number.parse().map_err(|_| format!("{text:?}: a number must come before {c:?}"))?;
         total += n * unit;
         number.clear();
     }
@@ -164,12 +162,11 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// `ambit status`.
 pub async fn status(args: &OperatorArgs) -> Result<String, CliError> {
     let body = client::get(args.admin, "/status", TIMEOUT).await?;
-    let status: StatusReport =
-        serde_json::from_slice(&body).map_err(|source| CliError::Decode {
-            addr: args.admin,
-            path: "/status",
-            source,
-        })?;
+    let status: StatusReport = serde_json::from_slice(&body).map_err(|source| CliError::Decode {
+        addr: args.admin,
+        path: "/status",
+        source,
+    })?;
     if args.output == Output::Json {
         return Ok(String::from_utf8_lossy(&body).into_owned());
     }
@@ -177,21 +174,11 @@ pub async fn status(args: &OperatorArgs) -> Result<String, CliError> {
     let mut t = Table::new(["", ""]);
     t.row(["node", &a.node]);
     t.row(["version", &a.version]);
-    t.row([
-        "ready",
-        if status.ready {
-            "yes"
-        } else {
-            "NO: not every enrolled pod is captured"
-        },
-    ]);
+    t.row(["ready", if status.ready { "yes" } else { "NO: not every enrolled pod is captured" }]);
     t.row(["source", &a.source]);
     let config = match &status.config.error {
         None => format!("ok (generation {})", status.config.generation),
-        Some(e) => format!(
-            "LAST RELOAD FAILED, serving generation {}: {e}",
-            status.config.generation
-        ),
+        Some(e) => format!("LAST RELOAD FAILED, serving generation {}: {e}", status.config.generation),
     };
     t.row(["config", &config]);
     t.row(["trust domain", &a.trust_domain]);
@@ -208,33 +195,19 @@ pub async fn status(args: &OperatorArgs) -> Result<String, CliError> {
 /// `ambit workloads`.
 pub async fn workloads(args: &OperatorArgs) -> Result<String, CliError> {
     let body = client::get(args.admin, "/workloads", TIMEOUT).await?;
-    let pods: Vec<PodReport> =
-        serde_json::from_slice(&body).map_err(|source| CliError::Decode {
-            addr: args.admin,
-            path: "/workloads",
-            source,
-        })?;
+    let pods: Vec<PodReport> = serde_json::from_slice(&body).map_err(|source| CliError::Decode {
+        addr: args.admin,
+        path: "/workloads",
+        source,
+    })?;
     if args.output == Output::Json {
         return Ok(String::from_utf8_lossy(&body).into_owned());
     }
-    let mut t = Table::new([
-        "NAMESPACE",
-        "POD",
-        "IP",
-        "SERVICE ACCOUNT",
-        "MODE",
-        "CAPTURE",
-        "CONNS OUT/IN",
-        "NOTE",
-    ]);
+    let mut t =
+        Table::new(["NAMESPACE", "POD", "IP", "SERVICE ACCOUNT", "MODE", "CAPTURE", "CONNS OUT/IN", "NOTE"]);
     for p in &pods {
         let w = &p.workload;
-        let ips = w
-            .ips
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
+        let ips = w.ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
         let conns = p
             .stats
             .as_ref()
@@ -259,18 +232,13 @@ pub async fn workloads(args: &OperatorArgs) -> Result<String, CliError> {
 pub async fn certs(args: &CertsArgs) -> Result<String, CliError> {
     let admin = args.operator.admin;
     let body = client::get(admin, "/certs", TIMEOUT).await?;
-    let mut certs: Vec<CertReport> =
-        serde_json::from_slice(&body).map_err(|source| CliError::Decode {
-            addr: admin,
-            path: "/certs",
-            source,
-        })?;
+    let mut certs: Vec<CertReport> = serde_json::from_slice(&body).map_err(|source| CliError::Decode {
+        addr: admin,
+        path: "/certs",
+        source,
+    })?;
     if let Some(pod) = &args.pod {
-        certs.retain(|c| {
-            c.pods
-                .iter()
-                .any(|p| p == pod || p.rsplit('/').next() == Some(pod.as_str()))
-        });
+        certs.retain(|c| c.pods.iter().any(|p| p == pod || p.rsplit('/').next() == Some(pod.as_str())));
         if certs.is_empty() {
             return Err(CliError::NotFound(format!(
                 "no certificate for pod {pod} on this node (is it captured? see `ambit workloads`)"
@@ -278,23 +246,14 @@ pub async fn certs(args: &CertsArgs) -> Result<String, CliError> {
         }
     }
     if args.operator.output == Output::Json {
-        return serde_json::to_string_pretty(&certs)
-            .map(|s| s + "\n")
-            .map_err(|source| CliError::Decode {
-                addr: admin,
-                path: "/certs",
-                source,
-            });
+        return serde_json::to_string_pretty(&certs).map(|s| s + "\n").map_err(|source| CliError::Decode {
+            addr: admin,
+            path: "/certs",
+            source,
+        });
     }
     let now = crate::discovery::local::unix_now();
-    let mut t = Table::new([
-        "IDENTITY",
-        "SERIAL",
-        "VALID FROM",
-        "VALID UNTIL",
-        "REFRESH IN",
-        "PODS",
-    ]);
+    let mut t = Table::new(["IDENTITY", "SERIAL", "VALID FROM", "VALID UNTIL", "REFRESH IN", "PODS"]);
     for c in &certs {
         let refresh = c.refresh_at.saturating_sub(now);
         t.row([

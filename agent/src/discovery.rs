@@ -132,10 +132,7 @@ pub struct Workload {
 impl Workload {
     /// The SPIFFE ID of the workload in `trust_domain`.
     pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.key.namespace, self.service_account
-        )
+        format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.key.namespace, self.service_account)
     }
 }
 
@@ -174,13 +171,7 @@ impl Cluster {
     /// Builds a snapshot from objects; pod IPs, enrollment and policy indexes are derived here
     /// once, not per connection.
     pub fn new(objects: Objects) -> Self {
-        let Objects {
-            namespaces,
-            pods,
-            services,
-            endpoint_slices,
-            peer_authentications,
-        } = objects;
+        let Objects { namespaces, pods, services, endpoint_slices, peer_authentications } = objects;
         let mut workloads = BTreeMap::new();
         let mut by_ip = HashMap::new();
         for pod in pods {
@@ -204,9 +195,7 @@ impl Cluster {
 
     /// The pods scheduled to `node`.
     pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.workloads
-            .values()
-            .filter(move |w| w.node.as_deref() == Some(node))
+        self.workloads.values().filter(move |w| w.node.as_deref() == Some(node))
     }
 
     /// The pod that owns `ip`, if any (host-network pods own no IP of their own).
@@ -216,16 +205,8 @@ impl Cluster {
 }
 
 fn workload_of(pod: &Pod, namespaces: &BTreeMap<String, Namespace>) -> Workload {
-    let namespace = pod
-        .metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".to_owned());
-    let pod_mode = pod
-        .metadata
-        .labels
-        .get(DATAPLANE_MODE_LABEL)
-        .map(String::as_str);
+    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
+    let pod_mode = pod.metadata.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
     let ns_mode = namespaces
         .get(&namespace)
         .and_then(|ns| ns.metadata.labels.get(DATAPLANE_MODE_LABEL))
@@ -239,22 +220,14 @@ fn workload_of(pod: &Pod, namespaces: &BTreeMap<String, Namespace>) -> Workload 
     } else {
         Enrollment::NotEnrolled
     };
-    let mut ips: Vec<IpAddr> = pod
-        .status
-        .pod_ips
-        .iter()
-        .filter_map(|p| p.ip.parse().ok())
-        .collect();
+    let mut ips: Vec<IpAddr> = pod.status.pod_ips.iter().filter_map(|p| p.ip.parse().ok()).collect();
     if let Some(ip) = pod.status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
         && !ips.contains(&ip)
     {
         ips.insert(0, ip);
     }
     Workload {
-        key: ObjectKey {
-            namespace,
-            name: pod.metadata.name.clone(),
-        },
+        key: ObjectKey { namespace, name: pod.metadata.name.clone() },
         uid: pod.metadata.uid.clone().unwrap_or_default(),
         node: pod.spec.node_name.clone(),
         service_account: pod
@@ -264,11 +237,7 @@ fn workload_of(pod: &Pod, namespaces: &BTreeMap<String, Namespace>) -> Workload 
             .filter(|sa| !sa.is_empty())
             .unwrap_or_else(|| "default".to_owned()),
         ips,
-        netns: pod
-            .metadata
-            .annotations
-            .get(NETNS_ANNOTATION)
-            .map(PathBuf::from),
+        netns: pod.metadata.annotations.get(NETNS_ANNOTATION).map(PathBuf::from),
         enrollment,
         labels: pod.metadata.labels.clone(),
     }

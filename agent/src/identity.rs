@@ -83,11 +83,7 @@ pub struct CertReport {
 impl Identities {
     /// Certificates from `ca`, each valid for `ttl`.
     pub fn new(ca: Ca, ttl: Duration) -> Self {
-        Self {
-            ca,
-            ttl,
-            svids: RwLock::new(HashMap::new()),
-        }
+        Self { ca, ttl, svids: RwLock::new(HashMap::new()) }
     }
 
     /// The CA.
@@ -124,10 +120,7 @@ impl Identities {
             match self.ca.issue(&identity, self.ttl) {
                 Ok(svid) => {
                     info!(identity = %identity, serial = %svid.serial, "certificate refreshed");
-                    self.svids
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(identity, Arc::new(svid));
+                    self.svids.write().unwrap_or_else(|e| e.into_inner()).insert(identity, Arc::new(svid));
                 }
                 Err(e) => {
                     warn!(identity = %identity, error = %e, "certificate refresh failed; keeping the current one")
@@ -138,21 +131,14 @@ impl Identities {
 
     /// Forgets certificates of identities no pod of this node uses any more.
     pub fn retain(&self, in_use: &HashSet<Identity>) {
-        self.svids
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|id, _| in_use.contains(id));
+        self.svids.write().unwrap_or_else(|e| e.into_inner()).retain(|id, _| in_use.contains(id));
     }
 
     /// How long until the next certificate must be refreshed (for the refresh timer).
     pub fn next_refresh(&self, now: SystemTime) -> Duration {
         self.read()
             .values()
-            .map(|svid| {
-                svid.refresh_at(REFRESH_AT)
-                    .duration_since(now)
-                    .unwrap_or(Duration::ZERO)
-            })
+            .map(|svid| svid.refresh_at(REFRESH_AT).duration_since(now).unwrap_or(Duration::ZERO))
             .min()
             .unwrap_or(Duration::from_secs(60))
     }
@@ -181,6 +167,5 @@ impl Identities {
 }
 
 fn epoch(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

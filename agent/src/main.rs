@@ -16,10 +16,7 @@ fn main() -> ExitCode {
                 eprintln!("ambit agent: {e}");
                 return ExitCode::from(1);
             }
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("ambit agent: starting the async runtime: {e}");
@@ -44,10 +41,7 @@ fn main() -> ExitCode {
 
 /// Runs an operator command on a small single-threaded runtime and prints its output.
 fn operator(command: impl std::future::Future<Output = Result<String, cli::CliError>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ambit: starting the async runtime: {e}");

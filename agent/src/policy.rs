@@ -8,9 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer};
 
-pub use self::peer_authentication::{
-    MtlsDecision, MtlsMode, PeerAuthentication, PeerAuthentications,
-};
+pub use self::peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentication, PeerAuthentications};
 
 /// `spec.selector` of Istio policies.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -24,9 +22,7 @@ pub struct WorkloadSelector {
 impl WorkloadSelector {
     /// Whether a workload with `labels` is selected. An empty selector selects every workload.
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.match_labels
-            .iter()
-            .all(|(k, v)| labels.get(k) == Some(v))
+        self.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
 }
 
@@ -51,9 +47,7 @@ impl<'de> Deserialize<'de> for Port {
         };
         match u16::try_from(n) {
             Ok(port) if port > 0 => Ok(Port(port)),
-            _ => Err(serde::de::Error::custom(format!(
-                "port {n} is out of range 1-65535"
-            ))),
+            _ => Err(serde::de::Error::custom(format!("port {n} is out of range 1-65535"))),
         }
     }
 }

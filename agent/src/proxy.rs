@@ -192,13 +192,7 @@ impl Proxy {
         tls: Arc<TlsContext>,
         settings: Settings,
     ) -> Self {
-        Self {
-            orig_dst,
-            cluster,
-            identities,
-            pool: hbone::Pool::new(tls),
-            settings,
-        }
+        Self { orig_dst, cluster, pool: hbone::Pool::new(tls, identities.clone()), identities, settings }
     }
 
     /// The HBONE connection pool.
@@ -229,11 +223,8 @@ fn count(pod: &PodContext, sent: u64, received: u64, failed: bool) {
 pub async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, ProxyError> {
     let socket = netns
         .run(|| -> io::Result<Socket> {
-            let socket = Socket::new(
-                Domain::for_address(dst),
-                Type::STREAM.nonblocking(),
-                Some(Protocol::TCP),
-            )?;
+            let socket =
+                Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
             socket.set_mark(AGENT_MARK)?;
             Ok(socket)
         })

@@ -176,11 +176,7 @@ impl Redirector {
         let gone: Vec<ObjectKey> = self
             .captured
             .iter()
-            .filter(|(key, captured)| {
-                wanted
-                    .get(*key)
-                    .is_none_or(|w| !same_capture(&captured.workload, w))
-            })
+            .filter(|(key, captured)| wanted.get(*key).is_none_or(|w| !same_capture(&captured.workload, w)))
             .map(|(key, _)| key.clone())
             .collect();
         for key in gone {
@@ -260,8 +256,7 @@ impl Redirector {
 
     /// The pods of this node that present each identity, for `ambit certs`.
     pub fn pods_by_identity(&self) -> std::collections::HashMap<Identity, Vec<String>> {
-        let mut map: std::collections::HashMap<Identity, Vec<String>> =
-            std::collections::HashMap::new();
+        let mut map: std::collections::HashMap<Identity, Vec<String>> = std::collections::HashMap::new();
         for c in self.captured.values() {
             let id = Identity::new(
                 self.identities.trust_domain(),
@@ -302,25 +297,16 @@ impl Redirector {
         if workload.ips.is_empty() {
             return Err(RedirectError::NoIp(pod));
         }
-        let identity = Identity::new(
-            self.identities.trust_domain(),
-            &workload.key.namespace,
-            &workload.service_account,
-        );
+        let identity =
+            Identity::new(self.identities.trust_domain(), &workload.key.namespace, &workload.service_account);
         // Issue the certificate now, so the first connection does not wait for it.
         self.identities
             .svid(&identity)
-            .map_err(|e| RedirectError::Identity {
-                pod: pod.clone(),
-                reason: e.to_string(),
-            })?;
-        let server_tls =
-            self.tls
-                .server_config(identity.clone())
-                .map_err(|e| RedirectError::Identity {
-                    pod: pod.clone(),
-                    reason: e.to_string(),
-                })?;
+            .map_err(|e| RedirectError::Identity { pod: pod.clone(), reason: e.to_string() })?;
+        let server_tls = self
+            .tls
+            .server_config(identity.clone())
+            .map_err(|e| RedirectError::Identity { pod: pod.clone(), reason: e.to_string() })?;
         let netns = Arc::new(open_netns(workload)?);
 
         let has_v4 = workload.ips.iter().any(|ip| ip.is_ipv4());
@@ -344,19 +330,14 @@ impl Redirector {
         let (inbound_addr, hbone_addr) = (any(INBOUND_PORT), any(HBONE_PORT));
 
         let listen = |addr: SocketAddr| {
-            netns
-                .run(|| listen_socket(addr))
-                .and_then(|r| r)
-                .map_err(|source| RedirectError::Listen {
-                    pod: pod.clone(),
-                    addr,
-                    source,
-                })
+            netns.run(|| listen_socket(addr)).and_then(|r| r).map_err(|source| RedirectError::Listen {
+                pod: pod.clone(),
+                addr,
+                source,
+            })
         };
-        let outbound: Vec<(SocketAddr, Socket)> = outbound_addrs
-            .iter()
-            .map(|a| Ok((*a, listen(*a)?)))
-            .collect::<Result<_, _>>()?;
+        let outbound: Vec<(SocketAddr, Socket)> =
+            outbound_addrs.iter().map(|a| Ok((*a, listen(*a)?))).collect::<Result<_, _>>()?;
         let inbound = listen(inbound_addr)?;
         let hbone = listen(hbone_addr)?;
         let cookie = bpf::netns_cookie(&inbound).map_err(|source| RedirectError::Listen {
@@ -367,14 +348,9 @@ impl Redirector {
 
         // Order matters: the inbound listener is registered before steering starts, and
         // outbound capture starts last, once its listener is accepting.
-        let bpf_err = |source: BpfError| RedirectError::Bpf {
-            pod: pod.clone(),
-            source: Box::new(source),
-        };
+        let bpf_err = |source: BpfError| RedirectError::Bpf { pod: pod.clone(), source: Box::new(source) };
         for ip in &workload.ips {
-            self.datapath
-                .set_listener(kernel_ip(*ip), &inbound)
-                .map_err(bpf_err)?;
+            self.datapath.set_listener(kernel_ip(*ip), &inbound).map_err(bpf_err)?;
         }
         self.datapath.link_netns(&*netns, cookie).map_err(bpf_err)?;
 
@@ -397,18 +373,12 @@ impl Redirector {
         let mut tasks = Vec::new();
         for socket in outbound {
             let listener = to_tokio(socket)?;
-            tasks.push(tokio::spawn(
-                self.proxy.clone().serve_outbound(context.clone(), listener),
-            ));
+            tasks.push(tokio::spawn(self.proxy.clone().serve_outbound(context.clone(), listener)));
         }
         let listener = to_tokio((inbound_addr, inbound))?;
-        tasks.push(tokio::spawn(
-            self.proxy.clone().serve_inbound(context.clone(), listener),
-        ));
+        tasks.push(tokio::spawn(self.proxy.clone().serve_inbound(context.clone(), listener)));
         let listener = to_tokio((hbone_addr, hbone))?;
-        tasks.push(tokio::spawn(
-            self.proxy.clone().serve_hbone(context.clone(), listener),
-        ));
+        tasks.push(tokio::spawn(self.proxy.clone().serve_hbone(context.clone(), listener)));
 
         let mut enrolled = Enrolled::default();
         for ip in &workload.ips {
@@ -421,22 +391,11 @@ impl Redirector {
             tasks.iter().for_each(JoinHandle::abort);
             return Err(bpf_err(e));
         }
-        Ok(Captured {
-            workload: workload.clone(),
-            netns_id: netns.id(),
-            cookie,
-            stats,
-            tasks,
-        })
+        Ok(Captured { workload: workload.clone(), netns_id: netns.id(), cookie, stats, tasks })
     }
 
     fn release(&mut self, captured: Captured) {
-        let Captured {
-            workload,
-            cookie,
-            tasks,
-            ..
-        } = captured;
+        let Captured { workload, cookie, tasks, .. } = captured;
         // Reverse order of capture: stop capturing outbound first, then inbound.
         if let Err(e) = self.datapath.unenroll(cookie) {
             warn!(pod = %workload.key, error = %e, "releasing outbound capture");
@@ -461,10 +420,7 @@ fn same_capture(a: &Workload, b: &Workload) -> bool {
 }
 
 fn open_netns(workload: &Workload) -> Result<Netns, RedirectError> {
-    let path = workload
-        .netns
-        .as_ref()
-        .ok_or_else(|| RedirectError::NoNetns(workload.key.clone()))?;
+    let path = workload.netns.as_ref().ok_or_else(|| RedirectError::NoNetns(workload.key.clone()))?;
     Netns::open(path).map_err(|source| RedirectError::Netns {
         pod: workload.key.clone(),
         path: path.display().to_string(),
@@ -490,17 +446,13 @@ fn listen_socket(addr: SocketAddr) -> io::Result<Socket> {
 /// An IP address in the layout the kernel programs use.
 pub fn kernel_ip(ip: std::net::IpAddr) -> ambit_common::IpAddr {
     match ip {
-        std::net::IpAddr::V4(v4) => ambit_common::IpAddr {
-            family: AF_INET,
-            addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
-        },
+        std::net::IpAddr::V4(v4) => {
+            ambit_common::IpAddr { family: AF_INET, addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0] }
+        }
         std::net::IpAddr::V6(v6) => {
             let o = v6.octets();
             let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            ambit_common::IpAddr {
-                family: AF_INET6,
-                addr: [word(0), word(4), word(8), word(12)],
-            }
+            ambit_common::IpAddr { family: AF_INET6, addr: [word(0), word(4), word(8), word(12)] }
         }
     }
 }
@@ -528,16 +480,11 @@ mod tests {
     fn kernel_layout_round_trips() {
         for addr in ["10.1.2.3:8080", "[fd00::1:2]:443"] {
             let addr: SocketAddr = addr.parse().expect("addr");
-            let kernel = ambit_common::SockAddr {
-                ip: kernel_ip(addr.ip()),
-                port: u32::from(addr.port().to_be()),
-            };
+            let kernel =
+                ambit_common::SockAddr { ip: kernel_ip(addr.ip()), port: u32::from(addr.port().to_be()) };
             assert_eq!(from_kernel(kernel), addr);
         }
         // The kernel stores 10.1.2.3 with the first octet in the lowest byte in memory.
-        assert_eq!(
-            kernel_ip("10.1.2.3".parse().expect("ip")).addr[0].to_ne_bytes(),
-            [10, 1, 2, 3]
-        );
+        assert_eq!(kernel_ip("10.1.2.3".parse().expect("ip")).addr[0].to_ne_bytes(), [10, 1, 2, 3]);
     }
 }

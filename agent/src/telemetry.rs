@@ -16,13 +16,7 @@ pub fn init_logging() {
     let registry = tracing_subscriber::registry().with(filter);
     if json {
         registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false)
-                    .with_span_list(false),
-            )
+            .with(fmt::layer().json().flatten_event(true).with_current_span(false).with_span_list(false))
             .init();
     } else {
         registry.with(fmt::layer().with_target(true)).init();

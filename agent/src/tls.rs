@@ -55,9 +55,7 @@ impl TlsContext {
     pub fn new(identities: Arc<Identities>) -> Result<Self, TlsError> {
         let provider = Arc::new(provider());
         let mut roots = RootCertStore::empty();
-        roots
-            .add(identities.ca().root().clone())
-            .map_err(|e| TlsError::Bundle(e.to_string()))?;
+        roots.add(identities.ca().root().clone()).map_err(|e| TlsError::Bundle(e.to_string()))?;
         let roots = Arc::new(roots);
         let webpki = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
@@ -66,13 +64,7 @@ impl TlsContext {
             inner: webpki,
             trust_domain: identities.trust_domain().to_owned(),
         });
-        Ok(Self {
-            identities,
-            provider,
-            roots,
-            client_verifier,
-            clients: Mutex::new(HashMap::new()),
-        })
+        Ok(Self { identities, provider, roots, client_verifier, clients: Mutex::new(HashMap::new()) })
     }
 
     /// The server side of a pod's HBONE listener: presents `identity`'s current SVID at every
@@ -81,10 +73,7 @@ impl TlsContext {
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(self.client_verifier.clone())
-            .with_cert_resolver(Arc::new(CurrentSvid {
-                identities: self.identities.clone(),
-                identity,
-            }));
+            .with_cert_resolver(Arc::new(CurrentSvid { identities: self.identities.clone(), identity }));
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         // Connections are pooled and long-lived; resumption tickets would only cost bytes.
         config.send_tls13_tickets = 0;
@@ -92,11 +81,7 @@ impl TlsContext {
     }
 
     /// The client side from `src` to a destination that must present `dst`.
-    pub fn client_config(
-        &self,
-        src: &Identity,
-        dst: &Identity,
-    ) -> Result<Arc<ClientConfig>, TlsError> {
+    pub fn client_config(&self, src: &Identity, dst: &Identity) -> Result<Arc<ClientConfig>, TlsError> {
         let key = (src.clone(), dst.clone());
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(config) = clients.get(&key) {
@@ -135,8 +120,7 @@ fn provider() -> CryptoProvider {
 
 /// The one SPIFFE ID in a certificate's URI SANs.
 pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<Identity, String> {
-    let (_, cert) =
-        X509Certificate::from_der(cert).map_err(|e| format!("unparsable certificate: {e}"))?;
+    let (_, cert) = X509Certificate::from_der(cert).map_err(|e| format!("unparsable certificate: {e}"))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| format!("bad subjectAltName: {e}"))?
@@ -145,28 +129,19 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<Identity, String> {
         .value
         .general_names
         .iter()
-        .filter_map(|n| {
-            if let GeneralName::URI(uri) = n {
-                Some(*uri)
-            } else {
-                None
-            }
-        })
+        .filter_map(|n| if let GeneralName::URI(uri) = n { Some(*uri) } else { None })
         .collect();
     match uris.as_slice() {
         [uri] => Identity::parse(uri).map_err(|e| e.to_string()),
         [] => Err("certificate has no URI SAN (not an X.509-SVID)".into()),
-        _ => Err(format!(
-            "certificate has {} URI SANs; an X.509-SVID has exactly one",
-            uris.len()
-        )),
+        _ => Err(format!("certificate has {} URI SANs; an X.509-SVID has exactly one", uris.len())),
     }
 }
 
 fn rejection(message: String) -> Error {
-    Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
-        std::io::Error::other(message),
-    ))))
+    Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(std::io::Error::other(
+        message,
+    )))))
 }
 
 /// Presents the current SVID of one identity.
@@ -206,9 +181,7 @@ impl ResolvesClientCert for CurrentSvid {
 
 impl std::fmt::Debug for Identities {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identities")
-            .field("trust_domain", &self.trust_domain())
-            .finish_non_exhaustive()
+        f.debug_struct("Identities").field("trust_domain", &self.trust_domain()).finish_non_exhaustive()
     }
 }
 
@@ -230,14 +203,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
+        self.inner.verify_client_cert(end_entity, intermediates, now)?;
         let id = spiffe_id_of(end_entity).map_err(rejection)?;
         if id.trust_domain != self.trust_domain {
-            return Err(rejection(format!(
-                "client {id} is not in trust domain {}",
-                self.trust_domain
-            )));
+            return Err(rejection(format!("client {id} is not in trust domain {}", self.trust_domain)));
         }
         Ok(ClientCertVerified::assertion())
     }
@@ -293,10 +262,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )?;
         let id = spiffe_id_of(end_entity).map_err(rejection)?;
         if id != self.expected {
-            return Err(rejection(format!(
-                "server presented {id}, expected {}",
-                self.expected
-            )));
+            return Err(rejection(format!("server presented {id}, expected {}", self.expected)));
         }
         Ok(ServerCertVerified::assertion())
     }

@@ -27,24 +27,12 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     }
     let (local, remote) = match lookup.family {
         AF_INET => (
-            IpAddr {
-                family: AF_INET,
-                addr: [lookup.local_ip4, 0, 0, 0],
-            },
-            IpAddr {
-                family: AF_INET,
-                addr: [lookup.remote_ip4, 0, 0, 0],
-            },
+            IpAddr { family: AF_INET, addr: [lookup.local_ip4, 0, 0, 0] },
+            IpAddr { family: AF_INET, addr: [lookup.remote_ip4, 0, 0, 0] },
         ),
         AF_INET6 => (
-            IpAddr {
-                family: AF_INET6,
-                addr: read_words(&lookup.local_ip6),
-            },
-            IpAddr {
-                family: AF_INET6,
-                addr: read_words(&lookup.remote_ip6),
-            },
+            IpAddr { family: AF_INET6, addr: read_words(&lookup.local_ip6) },
+            IpAddr { family: AF_INET6, addr: read_words(&lookup.remote_ip6) },
         ),
         _ => return SK_PASS,
     };

@@ -1,8 +1,6 @@
 //! Outbound capture: `connect()` from an enrolled pod goes to the agent instead.
 
-use ambit_common::{
-    AF_INET, AF_INET6, AGENT_MARK, Enrolled, IpAddr, OUTBOUND_PORT, OrigDstKey, SockAddr,
-};
+use ambit_common::{AF_INET, AF_INET6, AGENT_MARK, Enrolled, IpAddr, OUTBOUND_PORT, OrigDstKey, SockAddr};
 use aya_ebpf::{
     EbpfContext as _,
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -32,13 +30,7 @@ pub fn capture_connect4(ctx: SockAddrContext) -> i32 {
         if is_loopback4(dst) || dst == enrolled.ipv4 {
             return ALLOW;
         }
-        let orig = SockAddr {
-            ip: IpAddr {
-                family: AF_INET,
-                addr: [dst, 0, 0, 0],
-            },
-            port: sa.user_port,
-        };
+        let orig = SockAddr { ip: IpAddr { family: AF_INET, addr: [dst, 0, 0, 0] }, port: sa.user_port };
         if remember(&ctx, &orig) {
             sa.user_ip4 = LOOPBACK4;
             sa.user_port = u32::from(OUTBOUND_PORT.to_be());
@@ -59,13 +51,7 @@ pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
             if is_loopback4(dst[3]) || dst[3] == enrolled.ipv4 {
                 return ALLOW;
             }
-            orig = SockAddr {
-                ip: IpAddr {
-                    family: AF_INET,
-                    addr: [dst[3], 0, 0, 0],
-                },
-                port: sa.user_port,
-            };
+            orig = SockAddr { ip: IpAddr { family: AF_INET, addr: [dst[3], 0, 0, 0] }, port: sa.user_port };
             if remember(&ctx, &orig) {
                 crate::write_words(&mut sa.user_ip6, [0, 0, V4_MAPPED, LOOPBACK4]);
                 sa.user_port = u32::from(OUTBOUND_PORT.to_be());
@@ -75,18 +61,9 @@ pub fn capture_connect6(ctx: SockAddrContext) -> i32 {
         if is_loopback6(dst) || dst == enrolled.ipv6 {
             return ALLOW;
         }
-        orig = SockAddr {
-            ip: IpAddr {
-                family: AF_INET6,
-                addr: dst,
-            },
-            port: sa.user_port,
-        };
+        orig = SockAddr { ip: IpAddr { family: AF_INET6, addr: dst }, port: sa.user_port };
         if remember(&ctx, &orig) {
-            crate::write_words(
-                &mut sa.user_ip6,
-                [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])],
-            );
+            crate::write_words(&mut sa.user_ip6, [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]);
             sa.user_port = u32::from(OUTBOUND_PORT.to_be());
         }
     }
@@ -111,11 +88,7 @@ pub fn restore_peername6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in `capture_connect4`.
     let sa = unsafe { &mut *ctx.sock_addr };
     if let Some(orig) = captured_orig(&ctx) {
-        let ip = if orig.ip.family == AF_INET {
-            [0, 0, V4_MAPPED, orig.ip.addr[0]]
-        } else {
-            orig.ip.addr
-        };
+        let ip = if orig.ip.family == AF_INET { [0, 0, V4_MAPPED, orig.ip.addr[0]] } else { orig.ip.addr };
         crate::write_words(&mut sa.user_ip6, ip);
         sa.user_port = orig.port;
     }

@@ -50,10 +50,7 @@ impl Agent {
             .arg(ca_dir)
             .args(extra)
             .env("LOG_FORMAT", "json")
-            .env(
-                "RUST_LOG",
-                std::env::var("AMBIT_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("AMBIT_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
@@ -67,11 +64,7 @@ impl Agent {
             });
         }
         let child = command.spawn()?;
-        Ok(Self {
-            child,
-            log: log.to_owned(),
-            netns: netns.to_owned(),
-        })
+        Ok(Self { child, log: log.to_owned(), netns: netns.to_owned() })
     }
 
     /// Process id.
@@ -98,9 +91,7 @@ impl Agent {
 
     /// The HTTP status of the readiness endpoint, `None` if nothing answers.
     pub fn readiness(&self) -> io::Result<Option<u16>> {
-        Ok(self
-            .http_get(15021, "/healthz/ready")?
-            .map(|(status, _)| status))
+        Ok(self.http_get(15021, "/healthz/ready")?.map(|(status, _)| status))
     }
 
     /// `GET path` on `127.0.0.1:port` in the agent's node: status and body, `None` if refused.
@@ -118,10 +109,7 @@ impl Agent {
                 .nth(1)
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| io::Error::other(format!("bad HTTP response: {response:?}")))?;
-            let body = response
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default();
+            let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
             Ok(Some((status, body)))
         })?
     }
@@ -169,10 +157,7 @@ impl Agent {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait()? {
-                return Ok(AgentOutput {
-                    status,
-                    log: self.log_text(),
-                });
+                return Ok(AgentOutput { status, log: self.log_text() });
             }
             if Instant::now() > deadline {
                 self.kill();
@@ -192,26 +177,16 @@ impl Agent {
 
     /// The agent's JSON log lines.
     pub fn log_events(&self) -> Vec<Value> {
-        self.log_text()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        self.log_text().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
     }
 
     /// The access-log records (`connection complete`).
     pub fn access_records(&self) -> Vec<Value> {
-        self.log_events()
-            .into_iter()
-            .filter(|v| v["target"] == "access")
-            .collect()
+        self.log_events().into_iter().filter(|v| v["target"] == "access").collect()
     }
 
     /// Waits until a log event satisfies `matches`, returning it.
-    pub fn wait_for_event(
-        &self,
-        limit: Duration,
-        matches: impl Fn(&Value) -> bool,
-    ) -> io::Result<Value> {
+    pub fn wait_for_event(&self, limit: Duration, matches: impl Fn(&Value) -> bool) -> io::Result<Value> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(event) = self.log_events().into_iter().find(|e| matches(e)) {
@@ -236,19 +211,10 @@ impl Drop for Agent {
 
 /// Runs a command to completion, killing it after `limit`.
 pub(crate) fn output_with_timeout(mut command: Command, limit: Duration) -> io::Result<Output> {
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = command.spawn()?;
-    let mut stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| io::Error::other("no stdout"))?;
-    let mut stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| io::Error::other("no stderr"))?;
+    let mut stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?;
+    let mut stderr = child.stderr.take().ok_or_else(|| io::Error::other("no stderr"))?;
     let out_thread = std::thread::spawn(move || {
         let mut buf = Vec::new();
         let _ = stdout.read_to_end(&mut buf);

@@ -32,11 +32,7 @@ impl EchoServer {
                 echo(stream);
             }
         })?;
-        Ok(Self {
-            addr,
-            peers,
-            _acceptor: acceptor,
-        })
+        Ok(Self { addr, peers, _acceptor: acceptor })
     }
 
     /// The listening address.
@@ -88,10 +84,7 @@ impl SinkServer {
             let mut buf = vec![0u8; 256 * 1024];
             while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
         })?;
-        Ok(Self {
-            addr,
-            _acceptor: acceptor,
-        })
+        Ok(Self { addr, _acceptor: acceptor })
     }
 
     /// The listening address.
@@ -131,11 +124,7 @@ impl Acceptor {
                 }
             })
         };
-        Ok(Self {
-            listener,
-            stop,
-            thread: Some(thread),
-        })
+        Ok(Self { listener, stop, thread: Some(thread) })
     }
 }
 

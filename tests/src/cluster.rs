@@ -109,11 +109,7 @@ impl ClusterBuilder {
     /// Creates the namespaces, links and cgroups, and writes the cluster file.
     pub fn build(self) -> io::Result<Cluster> {
         sys::sweep_dead_runs();
-        let run = format!(
-            "{PREFIX}{}x{}",
-            std::process::id(),
-            RUNS.fetch_add(1, Ordering::Relaxed)
-        );
+        let run = format!("{PREFIX}{}x{}", std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed));
         let dir = std::env::temp_dir().join(&run);
         std::fs::create_dir_all(&dir)?;
         let cgroup = sys::cgroup2_root()?.join(&run);
@@ -185,11 +181,7 @@ impl Cluster {
             let ip = Ipv4Addr::new(10, 90, 0, 1 + i as u8);
             self.add_netns(&netns)?;
             self.plug(&netns, &format!("n{i}"), ip)?;
-            self.nodes.push(Node {
-                name: name.clone(),
-                netns,
-                ip,
-            });
+            self.nodes.push(Node { name: name.clone(), netns, ip });
         }
         for (i, spec) in pods.into_iter().enumerate() {
             let netns = format!("{}-{}", self.run, spec.name);
@@ -198,13 +190,7 @@ impl Cluster {
             self.plug(&netns, &format!("p{i}"), ip)?;
             let cgroup = self.cgroup.join(&spec.name);
             std::fs::create_dir_all(&cgroup)?;
-            self.pods.push(Pod {
-                name: spec.name.clone(),
-                spec: Mutex::new(spec),
-                netns,
-                ip,
-                cgroup,
-            });
+            self.pods.push(Pod { name: spec.name.clone(), spec: Mutex::new(spec), netns, ip, cgroup });
         }
         Ok(())
     }
@@ -219,19 +205,10 @@ impl Cluster {
     fn plug(&self, netns: &str, port: &str, ip: Ipv4Addr) -> io::Result<()> {
         let fabric = self.fabric.as_str();
         sys::ip(&[
-            "link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", port, "netns",
-            fabric,
+            "link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", port, "netns", fabric,
         ])?;
         sys::ip(&["-n", fabric, "link", "set", port, "master", "br0", "up"])?;
-        sys::ip(&[
-            "-n",
-            netns,
-            "addr",
-            "add",
-            &format!("{ip}/16"),
-            "dev",
-            "eth0",
-        ])?;
+        sys::ip(&["-n", netns, "addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
         sys::ip(&["-n", netns, "link", "set", "eth0", "up"])
     }
 
@@ -252,35 +229,20 @@ impl Cluster {
 
     /// A node by name.
     pub fn node(&self, name: &str) -> NodeHandle<'_> {
-        let node = self
-            .nodes
-            .iter()
-            .find(|n| n.name == name)
-            .unwrap_or_else(|| panic!("no node {name}"));
-        NodeHandle {
-            cluster: self,
-            node,
-        }
+        let node = self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"));
+        NodeHandle { cluster: self, node }
     }
 
     /// A pod by name.
     pub fn pod(&self, name: &str) -> PodHandle<'_> {
-        let pod = self
-            .pods
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name}"));
+        let pod = self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"));
         PodHandle { pod }
     }
 
     /// Changes a pod's spec (labels, service account...); call [`Cluster::write_manifest`] to
     /// publish the change to the agents.
     pub fn edit_pod(&self, name: &str, edit: impl FnOnce(&mut PodSpec)) {
-        let pod = self
-            .pods
-            .iter()
-            .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name}"));
+        let pod = self.pods.iter().find(|p| p.name == name).unwrap_or_else(|| panic!("no pod {name}"));
         edit(&mut pod.spec.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
@@ -293,10 +255,7 @@ impl Cluster {
     pub fn manifest(&self) -> String {
         let mut out = String::new();
         for (name, labels) in &self.namespaces {
-            let _ = write!(
-                out,
-                "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n"
-            );
+            let _ = write!(out, "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n");
             if !labels.is_empty() {
                 out.push_str("  labels:\n");
                 for (k, v) in labels {
@@ -371,10 +330,7 @@ impl Cluster {
             &self.ca_dir(),
             extra,
         )?;
-        self.agent_pids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(agent.pid());
+        self.agent_pids.lock().unwrap_or_else(|e| e.into_inner()).push(agent.pid());
         Ok(agent)
     }
 
@@ -412,12 +368,7 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             eprintln!("{}", self.agent_logs());
         }
-        for pid in self
-            .agent_pids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
+        for pid in self.agent_pids.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
             // SAFETY: plain syscall; a pid that already exited is harmless here.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
@@ -429,8 +380,7 @@ impl Drop for Cluster {
             let _ = sys::ip(&["netns", "del", name]);
         }
         for node in &self.nodes {
-            let _ =
-                std::fs::remove_dir_all(Path::new(sys::BPF_DIR).join(self.instance(&node.name)));
+            let _ = std::fs::remove_dir_all(Path::new(sys::BPF_DIR).join(self.instance(&node.name)));
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);

@@ -71,10 +71,7 @@ pub(crate) fn cgroup2_root() -> io::Result<PathBuf> {
         })
         .collect();
     found.sort_by_key(|p| p.components().count());
-    found
-        .into_iter()
-        .next()
-        .ok_or_else(|| io::Error::other("no cgroup v2 mount"))
+    found.into_iter().next().ok_or_else(|| io::Error::other("no cgroup v2 mount"))
 }
 
 /// Removes a cgroup after killing everything in it.

@@ -61,27 +61,15 @@ fn enrolled_traffic_goes_through_both_agents_and_other_traffic_does_not() {
     let dst = cluster.pod("server").addr(PORT);
 
     // The application sees an ordinary connection to the address it asked for.
-    let mut stream = cluster
-        .pod("client")
-        .connect(dst, STEP)
-        .expect("connect through the mesh");
-    assert_eq!(
-        stream.peer_addr().expect("peer"),
-        dst,
-        "getpeername shows the original destination"
-    );
-    assert_eq!(
-        echo_roundtrip(&mut stream, b"hello").expect("echo"),
-        b"hello"
-    );
+    let mut stream = cluster.pod("client").connect(dst, STEP).expect("connect through the mesh");
+    assert_eq!(stream.peer_addr().expect("peer"), dst, "getpeername shows the original destination");
+    assert_eq!(echo_roundtrip(&mut stream, b"hello").expect("echo"), b"hello");
     drop(stream);
 
     // Agent a captured it outbound with the right original destination, agent b inbound.
     let out = agent_a
         .wait_for_event(STEP, |e| {
-            e["target"] == "access"
-                && e["direction"] == "outbound"
-                && e["dst.addr"] == dst.to_string()
+            e["target"] == "access" && e["direction"] == "outbound" && e["dst.addr"] == dst.to_string()
         })
         .expect("outbound record on node a");
     assert_eq!(out["src.workload"], "client");
@@ -89,26 +77,18 @@ fn enrolled_traffic_goes_through_both_agents_and_other_traffic_does_not() {
     assert_eq!(out["bytes_sent"], 5);
     let inbound = agent_b
         .wait_for_event(STEP, |e| {
-            e["target"] == "access"
-                && e["direction"] == "inbound"
-                && e["dst.addr"] == dst.to_string()
+            e["target"] == "access" && e["direction"] == "inbound" && e["dst.addr"] == dst.to_string()
         })
         .expect("inbound record on node b");
     assert_eq!(inbound["src.workload"], "client");
-    assert_eq!(
-        server.peers().len(),
-        1,
-        "the server app saw exactly one connection"
-    );
+    assert_eq!(server.peers().len(), 1, "the server app saw exactly one connection");
 
     // Inbound is captured even though the app listens on that port: a non-enrolled client's
     // connection to the enrolled server also passes agent b.
     roundtrip(&cluster, "outsider", dst).expect("outsider to server");
     agent_b
         .wait_for_event(STEP, |e| {
-            e["target"] == "access"
-                && e["direction"] == "inbound"
-                && e["src.workload"] == "outsider"
+            e["target"] == "access" && e["direction"] == "inbound" && e["src.workload"] == "outsider"
         })
         .expect("inbound record for the outsider");
 
@@ -120,33 +100,16 @@ fn enrolled_traffic_goes_through_both_agents_and_other_traffic_does_not() {
         assert!(access_to(&agent.access_records(), "outbound", plain_dst).is_empty());
         assert!(access_to(&agent.access_records(), "inbound", plain_dst).is_empty());
     }
-    assert_eq!(
-        plain.peers()[0].ip(),
-        cluster.pod("outsider").ip(),
-        "direct traffic keeps its source"
-    );
+    assert_eq!(plain.peers()[0].ip(), cluster.pod("outsider").ip(), "direct traffic keeps its source");
 
     // The operator's view matches.
-    let out = cluster
-        .node("a")
-        .ambit(&["workloads", "-o", "json"])
-        .expect("ambit workloads");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cluster.node("a").ambit(&["workloads", "-o", "json"]).expect("ambit workloads");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let pods: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
-    let client = pods
-        .iter()
-        .find(|p| p["name"] == "client")
-        .expect("client listed on node a");
+    let client = pods.iter().find(|p| p["name"] == "client").expect("client listed on node a");
     assert_eq!(client["state"], "captured");
     assert_eq!(client["stats"]["outbound"], 1);
-    let outsider = pods
-        .iter()
-        .find(|p| p["name"] == "outsider")
-        .expect("outsider listed");
+    let outsider = pods.iter().find(|p| p["name"] == "outsider").expect("outsider listed");
     assert_eq!(outsider["state"], "not-captured");
     assert_eq!(outsider["enrollment"], "not-enrolled");
 }
@@ -168,60 +131,29 @@ fn killed_agent_fails_closed_and_a_new_one_takes_over() {
     // Out of an enrolled pod: the connection is refused at once (nothing serves the capture
     // listener), never sent around the agent.
     let started = Instant::now();
-    let err = cluster
-        .pod("client")
-        .connect(dst, STEP)
-        .expect_err("no agent, no connection");
+    let err = cluster.pod("client").connect(dst, STEP).expect_err("no agent, no connection");
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "failed fast: {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(1), "failed fast: {:?}", started.elapsed());
 
     // Into an enrolled pod: reset at once, and the app never sees it.
     let started = Instant::now();
-    let err = cluster
-        .pod("outsider")
-        .connect(dst, STEP)
-        .expect_err("no agent, no connection");
-    assert!(
-        matches!(
-            err.kind(),
-            ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset
-        ),
-        "{err}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(1),
-        "failed fast: {:?}",
-        started.elapsed()
-    );
-    assert_eq!(
-        server.peers().len(),
-        seen,
-        "no connection reached the app without the agent"
-    );
+    let err = cluster.pod("outsider").connect(dst, STEP).expect_err("no agent, no connection");
+    assert!(matches!(err.kind(), ErrorKind::ConnectionRefused | ErrorKind::ConnectionReset), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(1), "failed fast: {:?}", started.elapsed());
+    assert_eq!(server.peers().len(), seen, "no connection reached the app without the agent");
 
     // Pods outside the mesh are unaffected.
-    roundtrip(&cluster, "outsider", cluster.pod("plain").addr(PORT))
-        .expect("plain traffic still flows");
+    roundtrip(&cluster, "outsider", cluster.pod("plain").addr(PORT)).expect("plain traffic still flows");
 
     // A new agent re-opens the pinned state and traffic flows again within seconds.
     let started = Instant::now();
     let new_a = cluster.start_agent("a").expect("agent a again");
     let new_b = cluster.start_agent("b").expect("agent b again");
     roundtrip(&cluster, "client", dst).expect("works again after restart");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took over in {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(5), "took over in {:?}", started.elapsed());
     assert_eq!(server.peers().len(), seen + 1);
     new_a
-        .wait_for_event(STEP, |e| {
-            e["target"] == "access" && e["dst.addr"] == dst.to_string()
-        })
+        .wait_for_event(STEP, |e| e["target"] == "access" && e["dst.addr"] == dst.to_string())
         .expect("new agent a proxied it");
     drop(new_b);
 }
@@ -245,25 +177,16 @@ fn labels_enroll_and_release_a_running_pod() {
     assert_eq!(outbound_count(), 0, "not enrolled yet: not captured");
 
     // Label the running pod: captured from its next connection, no restart.
-    cluster.edit_pod("web", |p| {
-        p.labels
-            .push(("istio.io/dataplane-mode".into(), "ambient".into()))
-    });
+    cluster.edit_pod("web", |p| p.labels.push(("istio.io/dataplane-mode".into(), "ambient".into())));
     cluster.write_manifest().expect("write");
-    wait_until(STEP, "web captured", || {
-        agent.pod_state("web").as_deref() == Some("captured")
-    });
+    wait_until(STEP, "web captured", || agent.pod_state("web").as_deref() == Some("captured"));
     roundtrip(&cluster, "web", dst).expect("after enrollment");
     wait_until(STEP, "outbound record", || outbound_count() == 1);
 
     // `none` on the pod opts it out again.
-    cluster.edit_pod("web", |p| {
-        p.labels = vec![("istio.io/dataplane-mode".into(), "none".into())]
-    });
+    cluster.edit_pod("web", |p| p.labels = vec![("istio.io/dataplane-mode".into(), "none".into())]);
     cluster.write_manifest().expect("write");
-    wait_until(STEP, "web released", || {
-        agent.pod_state("web").as_deref() == Some("not-captured")
-    });
+    wait_until(STEP, "web released", || agent.pod_state("web").as_deref() == Some("not-captured"));
     roundtrip(&cluster, "web", dst).expect("after release");
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(outbound_count(), 1, "released: no longer captured");
@@ -279,56 +202,35 @@ fn bad_input_is_named_and_the_rest_keeps_working() {
         .pod(PodSpec::new("shop", "ghost", "a"))
         .build()
         .expect("cluster");
-    cluster.edit_pod("ghost", |p| {
-        p.netns_override = Some("/var/run/netns/does-not-exist".into())
-    });
+    cluster.edit_pod("ghost", |p| p.netns_override = Some("/var/run/netns/does-not-exist".into()));
     cluster.write_manifest().expect("write");
 
     let agent = cluster.spawn_agent("a", &[]).expect("agent");
     let _server = cluster.pod("server").echo_server(PORT).expect("server");
     let dst = cluster.pod("server").addr(PORT);
     wait_until(STEP, "the two good pods captured", || {
-        agent
-            .admin_json("/status")
-            .is_some_and(|s| s["pods_captured"] == 2)
+        agent.admin_json("/status").is_some_and(|s| s["pods_captured"] == 2)
     });
     // The broken pod is reported by name and path; the node is not ready; the others work.
-    let out = cluster
-        .node("a")
-        .ambit(&["workloads"])
-        .expect("ambit workloads");
+    let out = cluster.node("a").ambit(&["workloads"]).expect("ambit workloads");
     let table = String::from_utf8_lossy(&out.stdout);
-    let ghost = table
-        .lines()
-        .find(|l| l.contains("ghost"))
-        .expect("ghost listed");
-    assert!(
-        ghost.contains("FAILED") && ghost.contains("/var/run/netns/does-not-exist"),
-        "{table}"
-    );
+    let ghost = table.lines().find(|l| l.contains("ghost")).expect("ghost listed");
+    assert!(ghost.contains("FAILED") && ghost.contains("/var/run/netns/does-not-exist"), "{table}");
     assert_eq!(agent.readiness().expect("readiness"), Some(503));
     roundtrip(&cluster, "client", dst).expect("good pods still work");
 
     // A broken edit is rejected with file and line; the last good state keeps serving.
     let good = cluster.manifest();
     cluster
-        .write_raw_manifest(&format!(
-            "{good}apiVersion: v1\nkind: Pod\nmetadata:\n  name: x\n   oops: [\n"
-        ))
+        .write_raw_manifest(&format!("{good}apiVersion: v1\nkind: Pod\nmetadata:\n  name: x\n   oops: [\n"))
         .expect("write");
     let error_line = good.lines().count() + 5;
     let event = agent
-        .wait_for_event(STEP, |e| {
-            e["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("cluster file rejected"))
-        })
+        .wait_for_event(STEP, |e| e["message"].as_str().is_some_and(|m| m.contains("cluster file rejected")))
         .expect("rejection logged");
     let expected = format!("{}:{error_line}:", cluster.manifest_path().display());
     assert!(
-        event["error"]
-            .as_str()
-            .is_some_and(|e| e.starts_with(&expected)),
+        event["error"].as_str().is_some_and(|e| e.starts_with(&expected)),
         "{event} (expected {expected})"
     );
     let out = cluster.node("a").ambit(&["status"]).expect("ambit status");
@@ -337,11 +239,7 @@ fn bad_input_is_named_and_the_rest_keeps_working() {
     drop(agent);
 
     // At start, a broken file is a configuration error: exit code 2, file and line.
-    let failed = cluster
-        .spawn_agent("a", &[])
-        .expect("spawn")
-        .wait_exit(STEP)
-        .expect("exits");
+    let failed = cluster.spawn_agent("a", &[]).expect("spawn").wait_exit(STEP).expect("exits");
     assert_eq!(failed.status.code(), Some(2), "{}", failed.log);
     assert!(failed.log.contains(&expected), "{}", failed.log);
 }
@@ -353,15 +251,9 @@ fn operator_commands_explain_what_is_wrong() {
     let out = cluster.node("a").ambit(&["status"]).expect("ambit status");
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("cannot reach the ambit agent's admin API at 127.0.0.1:15000"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("cannot reach the ambit agent's admin API at 127.0.0.1:15000"), "{stderr}");
     // Bad usage: exit code 2.
-    let out = cluster
-        .node("a")
-        .ambit(&["status", "-o", "yaml"])
-        .expect("ambit status");
+    let out = cluster.node("a").ambit(&["status", "-o", "yaml"]).expect("ambit status");
     assert_eq!(out.status.code(), Some(2));
 
     // Not root: one clear message at start.

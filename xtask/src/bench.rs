@@ -45,10 +45,7 @@ impl Path2<'_> {
     }
 
     fn connect(&self, port: u16) -> anyhow::Result<TcpStream> {
-        let stream = self
-            .cluster
-            .pod(self.client)
-            .connect(self.addr(port), Duration::from_secs(5))?;
+        let stream = self.cluster.pod(self.client).connect(self.addr(port), Duration::from_secs(5))?;
         stream.set_nodelay(true)?;
         Ok(stream)
     }
@@ -72,28 +69,15 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
     let agent_b = cluster.start_agent("b")?;
     let mut servers = Vec::new();
     for pod in ["mserver", "dserver"] {
-        servers.push((
-            cluster.pod(pod).sink_server(SINK)?,
-            cluster.pod(pod).echo_server(ECHO)?,
-        ));
+        servers.push((cluster.pod(pod).sink_server(SINK)?, cluster.pod(pod).echo_server(ECHO)?));
     }
     for pod in ["mclient", "dclient"] {
         // Both clients open many short connections: let them reuse TIME_WAIT ports alike.
         cluster.pod(pod).sysctl("ipv4/tcp_tw_reuse", "1")?;
-        cluster
-            .pod(pod)
-            .sysctl("ipv4/ip_local_port_range", "1024 65000")?;
+        cluster.pod(pod).sysctl("ipv4/ip_local_port_range", "1024 65000")?;
     }
-    let direct = Path2 {
-        cluster: &cluster,
-        client: "dclient",
-        server: "dserver",
-    };
-    let mesh = Path2 {
-        cluster: &cluster,
-        client: "mclient",
-        server: "mserver",
-    };
+    let direct = Path2 { cluster: &cluster, client: "dclient", server: "dserver" };
+    let mesh = Path2 { cluster: &cluster, client: "mclient", server: "mserver" };
 
     println!(
         "ambit bench: {}; {} s per measure and path; binary {}",
@@ -101,26 +85,17 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
         options.seconds,
         ambit.display()
     );
-    println!(
-        "  direct = pod to pod over veth and a bridge, no agent; mesh = the same through both agents\n"
-    );
+    println!("  direct = pod to pod over veth and a bridge, no agent; mesh = the same through both agents\n");
 
     let mut rows: Vec<Vec<String>> = Vec::new();
-    rows.push(
-        ["measure", "direct", "mesh", "mesh/direct", "ztunnel bar"]
-            .map(String::from)
-            .to_vec(),
-    );
+    rows.push(["measure", "direct", "mesh", "mesh/direct", "ztunnel bar"].map(String::from).to_vec());
 
     for streams in [1usize, 4] {
         let d = bulk(&direct, streams, secs)?;
         let m = bulk(&mesh, streams, secs)?;
         let bar = if streams == 1 { ">= 0.40" } else { ">= 0.18" };
         rows.push(vec![
-            format!(
-                "bulk throughput, {streams} stream{}",
-                if streams > 1 { "s" } else { "" }
-            ),
+            format!("bulk throughput, {streams} stream{}", if streams > 1 { "s" } else { "" }),
             gbps(d),
             gbps(m),
             format!("{:.2}", m / d),
@@ -155,16 +130,9 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
         ">= 2,100/s".into(),
     ]);
 
-    let per_conn = idle_memory(
-        &mesh,
-        &[agent_a.pid(), agent_b.pid()],
-        options.idle_connections,
-    )?;
+    let per_conn = idle_memory(&mesh, &[agent_a.pid(), agent_b.pid()], options.idle_connections)?;
     rows.push(vec![
-        format!(
-            "memory per idle connection ({} open)",
-            options.idle_connections
-        ),
+        format!("memory per idle connection ({} open)", options.idle_connections),
         "-".into(),
         format!("{:.1} KiB", per_conn / 2.0),
         "per agent".into(),
@@ -225,21 +193,18 @@ fn ping_pong(path: &Path2<'_>, time: Duration) -> anyhow::Result<(f64, f64)> {
 /// Connect, 16-byte echo, close, as fast as one client can, for `time`.
 fn connections_per_second(path: &Path2<'_>, time: Duration) -> anyhow::Result<f64> {
     let addr = path.addr(ECHO);
-    let count = path
-        .cluster
-        .pod(path.client)
-        .in_netns(|| -> anyhow::Result<u64> {
-            let mut count = 0u64;
-            let mut buf = [0u8; 16];
-            let started = Instant::now();
-            while started.elapsed() < time {
-                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-                stream.write_all(&[7u8; 16])?;
-                stream.read_exact(&mut buf)?;
-                count += 1;
-            }
-            Ok(count)
-        })??;
+    let count = path.cluster.pod(path.client).in_netns(|| -> anyhow::Result<u64> {
+        let mut count = 0u64;
+        let mut buf = [0u8; 16];
+        let started = Instant::now();
+        while started.elapsed() < time {
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            stream.write_all(&[7u8; 16])?;
+            stream.read_exact(&mut buf)?;
+            count += 1;
+        }
+        Ok(count)
+    })??;
     Ok(count as f64 / time.as_secs_f64())
 }
 
@@ -273,10 +238,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid out-pointer; then the same struct back in.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {

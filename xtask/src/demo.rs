@@ -18,42 +18,17 @@ pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
         .node("node-b")
         .namespace("shop", true)
         .namespace("legacy", false)
-        .pod(
-            PodSpec::new("shop", "frontend", "node-a")
-                .service_account("frontend-sa")
-                .port("http", HTTP),
-        )
-        .pod(
-            PodSpec::new("shop", "backend", "node-b")
-                .service_account("backend-sa")
-                .port("http", HTTP),
-        )
-        .pod(
-            PodSpec::new("shop", "db", "node-b")
-                .service_account("db-sa")
-                .port("postgres", POSTGRES),
-        )
+        .pod(PodSpec::new("shop", "frontend", "node-a").service_account("frontend-sa").port("http", HTTP))
+        .pod(PodSpec::new("shop", "backend", "node-b").service_account("backend-sa").port("http", HTTP))
+        .pod(PodSpec::new("shop", "db", "node-b").service_account("db-sa").port("postgres", POSTGRES))
         .pod(PodSpec::new("legacy", "outsider", "node-a"))
         .build()
         .context("building the simulated cluster")?;
     let agents = [
-        (
-            "node-a",
-            cluster
-                .start_agent("node-a")
-                .context("starting the agent of node-a")?,
-        ),
-        (
-            "node-b",
-            cluster
-                .start_agent("node-b")
-                .context("starting the agent of node-b")?,
-        ),
+        ("node-a", cluster.start_agent("node-a").context("starting the agent of node-a")?),
+        ("node-b", cluster.start_agent("node-b").context("starting the agent of node-b")?),
     ];
-    println!(
-        "  agents ready on node-a and node-b (cluster file {})\n",
-        cluster.manifest_path().display()
-    );
+    println!("  agents ready on node-a and node-b (cluster file {})\n", cluster.manifest_path().display());
 
     let _servers = [
         cluster.pod("frontend").echo_server(HTTP)?,
@@ -68,11 +43,7 @@ pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
         ("outsider", "backend", HTTP),
     ];
     println!("Traffic between the pods (each: connect, send 32 bytes, read the echo):\n");
-    let mut rows = vec![
-        ["FROM", "TO", "RESULT", "PATH THROUGH THE MESH"]
-            .map(String::from)
-            .to_vec(),
-    ];
+    let mut rows = vec![["FROM", "TO", "RESULT", "PATH THROUGH THE MESH"].map(String::from).to_vec()];
     for (from, to, port) in flows {
         let dst = cluster.pod(to).addr(port);
         let result = cluster
@@ -120,9 +91,5 @@ fn path_of(agents: &[(&str, Agent)], from: &str, dst: SocketAddr) -> String {
             }
         }
     }
-    if hops.is_empty() {
-        "not captured".into()
-    } else {
-        hops.join(" -> ")
-    }
+    if hops.is_empty() { "not captured".into() } else { hops.join(" -> ") }
 }

@@ -59,10 +59,7 @@ fn main() -> anyhow::Result<()> {
 
 /// The workspace root.
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 fn cargo() -> Command {
@@ -72,9 +69,7 @@ fn cargo() -> Command {
 }
 
 fn run(mut command: Command) -> anyhow::Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("running {command:?}"))?;
+    let status = command.status().with_context(|| format!("running {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed: {status}");
     }
@@ -84,9 +79,7 @@ fn run(mut command: Command) -> anyhow::Result<()> {
 fn require_root(task: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "`cargo xtask {task}` needs root: it creates network namespaces and loads eBPF programs"
-        );
+        bail!("`cargo xtask {task}` needs root: it creates network namespaces and loads eBPF programs");
     }
     Ok(())
 }

@@ -33,10 +33,7 @@ fn packages() -> anyhow::Result<()> {
     }
     eprintln!("setup: installing Debian packages: {}", missing.join(" "));
     ensure_root("install Debian packages")?;
-    let update = Command::new("apt-get")
-        .args(["update", "-q"])
-        .status()
-        .context("apt-get update")?;
+    let update = Command::new("apt-get").args(["update", "-q"]).status().context("apt-get update")?;
     if !update.success() {
         bail!("apt-get update failed: {update}");
     }
@@ -67,15 +64,10 @@ fn rust_src() -> anyhow::Result<()> {
         .args(["component", "list", "--installed", "--toolchain", "stable"])
         .output()
         .context("rustup (the eBPF build needs rustup's rust-src component)")?;
-    if String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.starts_with("rust-src"))
-    {
+    if String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
-    eprintln!(
-        "setup: adding rust-src to the stable toolchain (the eBPF target builds core from source)"
-    );
+    eprintln!("setup: adding rust-src to the stable toolchain (the eBPF target builds core from source)");
     let status = Command::new("rustup")
         .args(["component", "add", "rust-src", "--toolchain", "stable"])
         .status()
@@ -88,20 +80,14 @@ fn rust_src() -> anyhow::Result<()> {
 
 fn bpf_linker() -> anyhow::Result<()> {
     let current = Command::new("bpf-linker").arg("--version").output();
-    if current.is_ok_and(|o| {
-        o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
-    }) {
+    if current
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+    {
         return Ok(());
     }
     eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
     let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args([
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--locked",
-        ])
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
         .args(["--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", "/usr/lib/llvm-22")
         .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")

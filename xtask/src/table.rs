@@ -10,11 +10,8 @@ pub(crate) fn print(rows: &[Vec<String>]) {
         }
     }
     for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
+        let line: Vec<String> =
+            row.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
         println!("  {}", line.join("   ").trim_end());
     }
 }

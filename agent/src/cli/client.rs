@@ -48,19 +48,14 @@ pub enum ClientError {
 
 /// `GET path` on the admin API at `addr`; the body of a 200 answer.
 pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Bytes, ClientError> {
-    tokio::time::timeout(timeout, get_inner(addr, path))
-        .await
-        .map_err(|_| ClientError::Timeout(addr))?
+    tokio::time::timeout(timeout, get_inner(addr, path)).await.map_err(|_| ClientError::Timeout(addr))?
 }
 
 async fn get_inner(addr: SocketAddr, path: &str) -> Result<Bytes, ClientError> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|source| ClientError::Connect { addr, source })?;
+    let stream = TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
     let http = |source| ClientError::Http { addr, source };
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(http)?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
     tokio::spawn(connection);
     let request = Request::get(path)
         .header(hyper::header::HOST, addr.to_string())
@@ -73,12 +68,7 @@ async fn get_inner(addr: SocketAddr, path: &str) -> Result<Bytes, ClientError> {
         })?;
     let response = sender.send_request(request).await.map_err(http)?;
     let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(http)?
-        .to_bytes();
+    let body = response.into_body().collect().await.map_err(http)?.to_bytes();
     if status != StatusCode::OK {
         return Err(ClientError::Status {
             addr,

@@ -9,21 +9,12 @@ pub struct Table {
 impl Table {
     /// A table with these column titles.
     pub fn new<const N: usize>(header: [&str; N]) -> Self {
-        Self {
-            header: header.iter().map(|s| (*s).to_owned()).collect(),
-            rows: Vec::new(),
-        }
+        Self { header: header.iter().map(|s| (*s).to_owned()).collect(), rows: Vec::new() }
     }
 
     /// Adds a row; cells beyond the header's width are dropped.
     pub fn row<const N: usize>(&mut self, cells: [&str; N]) {
-        self.rows.push(
-            cells
-                .iter()
-                .take(self.header.len())
-                .map(|s| (*s).to_owned())
-                .collect(),
-        );
+        self.rows.push(cells.iter().take(self.header.len()).map(|s| (*s).to_owned()).collect());
     }
 
     /// Renders with the header.
@@ -37,11 +28,7 @@ impl Table {
     }
 
     fn render_rows(&self, header: bool) -> String {
-        let all: Vec<&Vec<String>> = header
-            .then_some(&self.header)
-            .into_iter()
-            .chain(&self.rows)
-            .collect();
+        let all: Vec<&Vec<String>> = header.then_some(&self.header).into_iter().chain(&self.rows).collect();
         let mut widths = vec![0; self.header.len()];
         for row in &all {
             for (i, cell) in row.iter().enumerate() {

@@ -26,10 +26,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Reads and parses `file`.
 pub fn load(file: &Path) -> Result<Cluster, DiscoveryError> {
-    let text = std::fs::read_to_string(file).map_err(|source| DiscoveryError::Read {
-        file: file.to_owned(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|source| DiscoveryError::Read { file: file.to_owned(), source })?;
     parse(file, &text)
 }
 
@@ -46,14 +44,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Cluster, DiscoveryError> {
     for (first_line, doc) in documents(text) {
         parser.document(first_line, doc)?;
     }
-    let Parser {
-        namespaces,
-        pods,
-        services,
-        slices,
-        peer_authentications,
-        ..
-    } = parser;
+    let Parser { namespaces, pods, services, slices, peer_authentications, .. } = parser;
     Ok(Cluster::new(Objects {
         namespaces: namespaces.into_iter().map(|(k, (_, v))| (k, v)).collect(),
         pods: pods.into_values().map(|(_, pod)| pod).collect(),
@@ -70,12 +61,8 @@ fn documents(text: &str) -> Vec<(usize, String)> {
     let mut current = String::new();
     let mut start = 1;
     for (index, line) in text.lines().enumerate() {
-        let marker = line.starts_with("---")
-            && line[3..]
-                .trim_start()
-                .chars()
-                .next()
-                .is_none_or(|c| c == '#');
+        let marker =
+            line.starts_with("---") && line[3..].trim_start().chars().next().is_none_or(|c| c == '#');
         if marker {
             docs.push((start, std::mem::take(&mut current)));
             start = index + 2;
@@ -108,10 +95,7 @@ struct Parser<'a> {
 impl Parser<'_> {
     fn document(&mut self, line: usize, doc: String) -> Result<(), DiscoveryError> {
         let meta: TypeMeta = self.decode(line, &doc, "document")?;
-        let group = meta
-            .api_version
-            .rsplit_once('/')
-            .map_or("", |(group, _)| group);
+        let group = meta.api_version.rsplit_once('/').map_or("", |(group, _)| group);
         match (group, meta.kind.as_str()) {
             ("", "List") => {
                 let list: ListOf = self.decode(line, &doc, "List")?;
@@ -130,12 +114,7 @@ impl Parser<'_> {
             ("", "Pod") => {
                 let pod: Pod = self.decode(line, &doc, "Pod")?;
                 let key = self.key(line, "Pod", &pod.metadata)?;
-                for ip in pod
-                    .status
-                    .pod_ip
-                    .iter()
-                    .chain(pod.status.pod_ips.iter().map(|p| &p.ip))
-                {
+                for ip in pod.status.pod_ip.iter().chain(pod.status.pod_ips.iter().map(|p| &p.ip)) {
                     if ip.parse::<std::net::IpAddr>().is_err() {
                         return Err(self.invalid(
                             line,
@@ -166,13 +145,8 @@ impl Parser<'_> {
                 self.istio_version(line, &meta)?;
                 let policy: PeerAuthentication = self.decode(line, &doc, "PeerAuthentication")?;
                 let key = self.key(line, "PeerAuthentication", &policy.metadata)?;
-                policy
-                    .validate()
-                    .map_err(|m| self.invalid(line, format!("PeerAuthentication {key}"), m))?;
-                if let Some((first, _)) = self
-                    .peer_authentications
-                    .insert(key.clone(), (line, policy))
-                {
+                policy.validate().map_err(|m| self.invalid(line, format!("PeerAuthentication {key}"), m))?;
+                if let Some((first, _)) = self.peer_authentications.insert(key.clone(), (line, policy)) {
                     return Err(self.duplicate(line, first, format!("PeerAuthentication {key}")));
                 }
             }
@@ -186,23 +160,12 @@ impl Parser<'_> {
         Ok(())
     }
 
-    fn decode<T: DeserializeOwned>(
-        &self,
-        line: usize,
-        doc: &str,
-        what: &str,
-    ) -> Result<T, DiscoveryError> {
+    fn decode<T: DeserializeOwned>(&self, line: usize, doc: &str, what: &str) -> Result<T, DiscoveryError> {
         serde_yaml_ng::from_str(doc).map_err(|e| {
-            let (l, c) = e
-                .location()
-                .map_or((0, 0), |loc| (loc.line(), loc.column()));
+            let (l, c) = e.location().map_or((0, 0), |loc| (loc.line(), loc.column()));
             let message = e.to_string();
             // The location goes in front, file:line:column style; drop serde_yaml's own suffix.
-            let message = message
-                .split(" at line ")
-                .next()
-                .unwrap_or(&message)
-                .to_owned();
+            let message = message.split(" at line ").next().unwrap_or(&message).to_owned();
             DiscoveryError::Syntax {
                 file: self.file.to_owned(),
                 line: line + l.saturating_sub(1),
@@ -219,9 +182,7 @@ impl Parser<'_> {
             other => Err(self.invalid(
                 line,
                 meta.kind.clone(),
-                format!(
-                    "apiVersion {other} is not supported (use security.istio.io/v1 or v1beta1)"
-                ),
+                format!("apiVersion {other} is not supported (use security.istio.io/v1 or v1beta1)"),
             )),
         }
     }
@@ -235,27 +196,15 @@ impl Parser<'_> {
 
     fn key(&self, line: usize, kind: &str, meta: &ObjectMeta) -> Result<ObjectKey, DiscoveryError> {
         let name = self.name(line, kind, meta)?;
-        Ok(ObjectKey {
-            namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-            name,
-        })
+        Ok(ObjectKey { namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()), name })
     }
 
     fn invalid(&self, line: usize, object: String, message: String) -> DiscoveryError {
-        DiscoveryError::Invalid {
-            file: self.file.to_owned(),
-            line,
-            object,
-            message,
-        }
+        DiscoveryError::Invalid { file: self.file.to_owned(), line, object, message }
     }
 
     fn duplicate(&self, line: usize, first: usize, object: String) -> DiscoveryError {
-        self.invalid(
-            line,
-            object,
-            format!("defined twice (first at line {first})"),
-        )
+        self.invalid(line, object, format!("defined twice (first at line {first})"))
     }
 }
 
@@ -280,11 +229,7 @@ pub struct SourceStatus {
 
 /// Watches `file` and publishes each good snapshot on `tx`. Bad edits are logged and recorded in
 /// `status`; the last good snapshot stays published.
-pub async fn watch(
-    file: PathBuf,
-    tx: watch::Sender<Arc<Cluster>>,
-    status: watch::Sender<SourceStatus>,
-) {
+pub async fn watch(file: PathBuf, tx: watch::Sender<Arc<Cluster>>, status: watch::Sender<SourceStatus>) {
     let mut last = fingerprint(&file);
     let mut interval = tokio::time::interval(POLL_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -318,9 +263,7 @@ pub async fn watch(
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Identity of the file's current content as cheaply as the file system tells it.
@@ -387,27 +330,14 @@ metadata: {name: ignored}
     #[test]
     fn reads_pods_and_enrollment() {
         let cluster = parse_str(SHOP).expect("valid");
-        let frontend = &cluster.workloads[&ObjectKey {
-            namespace: "shop".into(),
-            name: "frontend".into(),
-        }];
+        let frontend = &cluster.workloads[&ObjectKey { namespace: "shop".into(), name: "frontend".into() }];
         assert_eq!(frontend.enrollment, Enrollment::Ambient);
-        assert_eq!(
-            frontend.spiffe_id("cluster.local"),
-            "spiffe://cluster.local/ns/shop/sa/frontend-sa"
-        );
-        assert_eq!(
-            frontend.netns.as_deref(),
-            Some(Path::new("/var/run/netns/frontend"))
-        );
-        let db = cluster
-            .workload_by_ip("fd00::4".parse().expect("ip"))
-            .expect("db by ip");
+        assert_eq!(frontend.spiffe_id("cluster.local"), "spiffe://cluster.local/ns/shop/sa/frontend-sa");
+        assert_eq!(frontend.netns.as_deref(), Some(Path::new("/var/run/netns/frontend")));
+        let db = cluster.workload_by_ip("fd00::4".parse().expect("ip")).expect("db by ip");
         assert_eq!(db.enrollment, Enrollment::OptedOut);
         assert_eq!(db.service_account, "default");
-        let outsider = cluster
-            .workload_by_ip("10.0.0.9".parse().expect("ip"))
-            .expect("outsider");
+        let outsider = cluster.workload_by_ip("10.0.0.9".parse().expect("ip")).expect("outsider");
         assert_eq!(outsider.enrollment, Enrollment::NotEnrolled);
         assert_eq!(cluster.workloads_on("node-a").count(), 2);
     }
@@ -420,11 +350,7 @@ metadata: {name: ignored}
         .expect("valid");
         let pod = cluster.workloads.values().next().expect("one pod");
         assert_eq!(pod.enrollment, Enrollment::HostNetwork);
-        assert!(
-            cluster
-                .workload_by_ip("192.0.2.1".parse().expect("ip"))
-                .is_none()
-        );
+        assert!(cluster.workload_by_ip("192.0.2.1".parse().expect("ip")).is_none());
     }
 
     #[test]
@@ -444,19 +370,14 @@ metadata: {name: ignored}
 
     #[test]
     fn bad_ip_and_duplicates_are_rejected() {
-        let err = parse_str(
-            "kind: Pod\napiVersion: v1\nmetadata: {name: p}\nstatus: {podIP: 10.0.0.300}\n",
-        )
-        .expect_err("bad ip")
-        .to_string();
+        let err = parse_str("kind: Pod\napiVersion: v1\nmetadata: {name: p}\nstatus: {podIP: 10.0.0.300}\n")
+            .expect_err("bad ip")
+            .to_string();
         assert!(err.contains("10.0.0.300"), "{err}");
         let err = parse_str("kind: Namespace\napiVersion: v1\nmetadata: {name: a}\n---\nkind: Namespace\napiVersion: v1\nmetadata: {name: a}\n")
             .expect_err("duplicate")
             .to_string();
-        assert_eq!(
-            err,
-            "cluster.yaml:5: Namespace a: defined twice (first at line 1)"
-        );
+        assert_eq!(err, "cluster.yaml:5: Namespace a: defined twice (first at line 1)");
     }
 
     #[test]
@@ -469,14 +390,14 @@ metadata: {name: ignored}
         );
         let err = parse_str(&text).expect_err("lowercase mode").to_string();
         assert!(
-            err.starts_with("cluster.yaml:11:")
-                && err.contains("spec.mtls.mode")
-                && err.contains("strict"),
+            err.starts_with("cluster.yaml:11:") && err.contains("spec.mtls.mode") && err.contains("strict"),
             "{err}"
         );
-        let err = parse_str("apiVersion: security.istio.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: p}\n")
-            .expect_err("old version")
-            .to_string();
+        let err = parse_str(
+            "apiVersion: security.istio.io/v1alpha1\nkind: PeerAuthentication\nmetadata: {name: p}\n",
+        )
+        .expect_err("old version")
+        .to_string();
         assert!(err.contains("v1alpha1"), "{err}");
         let err = parse_str("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: p, namespace: shop}\nspec: {portLevelMtls: {80: {mode: STRICT}}}\n")
             .expect_err("no selector")

@@ -12,8 +12,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use ring::rand::SecureRandom as _;
 use rustls::{
@@ -64,10 +64,7 @@ impl Svid {
 
     /// The moment `fraction` of the lifetime has passed.
     pub fn refresh_at(&self, fraction: f64) -> SystemTime {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
+        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
         self.not_before + life.mul_f64(fraction)
     }
 }
@@ -96,16 +93,10 @@ impl Ca {
         match (cert_path.exists(), key_path.exists()) {
             (false, false) => create(&cert_path, &key_path, trust_domain)?,
             (true, false) => {
-                return Err(bad(
-                    &key_path,
-                    "missing, but ca-cert.pem exists: bring both files or neither",
-                ));
+                return Err(bad(&key_path, "missing, but ca-cert.pem exists: bring both files or neither"));
             }
             (false, true) => {
-                return Err(bad(
-                    &cert_path,
-                    "missing, but ca-key.pem exists: bring both files or neither",
-                ));
+                return Err(bad(&cert_path, "missing, but ca-key.pem exists: bring both files or neither"));
             }
             (true, true) => {}
         }
@@ -117,19 +108,12 @@ impl Ca {
             .map_err(|e| bad(&cert_path, &format!("no PEM certificate: {e}")))?;
         check_ca_cert(&cert_path, &root)?;
         let key = load_key(&key_path, &key_pem)?;
-        let (_, parsed) =
-            X509Certificate::from_der(&root).map_err(|e| bad(&cert_path, &e.to_string()))?;
+        let (_, parsed) = X509Certificate::from_der(&root).map_err(|e| bad(&cert_path, &e.to_string()))?;
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(bad(&key_path, "this key does not belong to ca-cert.pem"));
         }
-        let issuer =
-            Issuer::from_ca_cert_der(&root, key).map_err(|e| bad(&cert_path, &e.to_string()))?;
-        Ok(Self {
-            trust_domain: trust_domain.to_owned(),
-            issuer,
-            root,
-            dir: dir.to_owned(),
-        })
+        let issuer = Issuer::from_ca_cert_der(&root, key).map_err(|e| bad(&cert_path, &e.to_string()))?;
+        Ok(Self { trust_domain: trust_domain.to_owned(), issuer, root, dir: dir.to_owned() })
     }
 
     /// The trust domain identities are issued in.
@@ -151,41 +135,28 @@ impl Ca {
     /// X509-SVID standard: one URI SAN, `cA=false`, critical key usage with digitalSignature
     /// only, EKU serverAuth and clientAuth.
     pub fn issue(&self, identity: &Identity, ttl: Duration) -> Result<Svid, IdentityError> {
-        let err = |message: String| IdentityError::Issue {
-            identity: identity.to_string(),
-            message,
-        };
+        let err = |message: String| IdentityError::Issue { identity: identity.to_string(), message };
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
         let now = SystemTime::now();
         let (not_before, not_after) = (now - BACKDATE, now + ttl);
         let serial = random_serial().map_err(err)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        let uri = identity
-            .to_string()
-            .try_into()
-            .map_err(|e: rcgen::Error| err(e.to_string()))?;
+        let uri = identity.to_string().try_into().map_err(|e: rcgen::Error| err(e.to_string()))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         params.not_before = not_before.into();
         params.not_after = not_after.into();
         params.use_authority_key_identifier_extension = true;
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|e| err(e.to_string()))?;
+        let cert = params.signed_by(&key, &self.issuer).map_err(|e| err(e.to_string()))?;
 
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let provider = rustls::crypto::ring::default_provider();
-        let signer = provider
-            .key_provider
-            .load_private_key(key_der)
-            .map_err(|e| err(e.to_string()))?;
+        let signer = provider.key_provider.load_private_key(key_der).map_err(|e| err(e.to_string()))?;
         Ok(Svid {
             identity: identity.clone(),
             serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
@@ -198,9 +169,7 @@ impl Ca {
 
 /// X.509 times have whole seconds.
 fn truncate_to_seconds(t: SystemTime) -> SystemTime {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
@@ -216,26 +185,19 @@ fn random_serial() -> Result<[u8; 16], String> {
 }
 
 fn bad(path: &Path, message: &str) -> IdentityError {
-    IdentityError::BadCa {
-        path: path.to_owned(),
-        message: message.to_owned(),
-    }
+    IdentityError::BadCa { path: path.to_owned(), message: message.to_owned() }
 }
 
 fn create(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Result<(), IdentityError> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| bad(key_path, &e.to_string()))?;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| bad(key_path, &e.to_string()))?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, trust_domain);
     dn.push(DnType::CommonName, "ambit root CA");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let td = format!("spiffe://{trust_domain}")
         .try_into()
         .map_err(|e: rcgen::Error| bad(cert_path, &e.to_string()))?;
@@ -243,12 +205,8 @@ fn create(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Result<(), I
     let now = SystemTime::now();
     params.not_before = (now - BACKDATE).into();
     params.not_after = (now + CA_LIFETIME).into();
-    params.serial_number = Some(SerialNumber::from_slice(
-        &random_serial().map_err(|e| bad(cert_path, &e))?,
-    ));
-    let cert = params
-        .self_signed(&key)
-        .map_err(|e| bad(cert_path, &e.to_string()))?;
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial().map_err(|e| bad(cert_path, &e))?));
+    let cert = params.self_signed(&key).map_err(|e| bad(cert_path, &e.to_string()))?;
     write_new(key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write_new(cert_path, cert.pem().as_bytes(), 0o644)?;
     tracing::info!(cert = %cert_path.display(), "created a new root CA");
@@ -256,21 +214,11 @@ fn create(cert_path: &Path, key_path: &Path, trust_domain: &str) -> Result<(), I
 }
 
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let io = |source| IdentityError::Io {
-        path: path.to_owned(),
-        source,
-    };
+    let io = |source| IdentityError::Io { path: path.to_owned(), source };
     let tmp = path.with_extension("tmp");
-    let mut file = File::options()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io)?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(io)?;
+    let mut file =
+        File::options().create(true).truncate(true).write(true).mode(mode).open(&tmp).map_err(io)?;
+    file.write_all(contents).and_then(|()| file.sync_all()).map_err(io)?;
     fs::rename(&tmp, path).map_err(io)
 }
 
@@ -278,33 +226,19 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityErro
 fn check_ca_cert(path: &Path, der: &CertificateDer<'_>) -> Result<(), IdentityError> {
     let (_, cert) = X509Certificate::from_der(der)
         .map_err(|e| bad(path, &format!("not a valid X.509 certificate: {e}")))?;
-    let is_ca = cert
-        .basic_constraints()
-        .ok()
-        .flatten()
-        .is_some_and(|bc| bc.value.ca);
+    let is_ca = cert.basic_constraints().ok().flatten().is_some_and(|bc| bc.value.ca);
     if !is_ca {
-        return Err(bad(
-            path,
-            "not a CA certificate (basicConstraints cA is not true)",
-        ));
+        return Err(bad(path, "not a CA certificate (basicConstraints cA is not true)"));
     }
     if let Ok(Some(ku)) = cert.key_usage()
         && !ku.value.key_cert_sign()
     {
-        return Err(bad(
-            path,
-            "its key usage does not allow signing certificates (keyCertSign)",
-        ));
+        return Err(bad(path, "its key usage does not allow signing certificates (keyCertSign)"));
     }
     if !cert.validity().is_valid() {
         return Err(bad(
             path,
-            &format!(
-                "not valid now (valid {} to {})",
-                cert.validity().not_before,
-                cert.validity().not_after
-            ),
+            &format!("not valid now (valid {} to {})", cert.validity().not_before, cert.validity().not_after),
         ));
     }
     Ok(())
@@ -323,19 +257,13 @@ fn load_key(path: &Path, pem: &str) -> Result<KeyPair, IdentityError> {
         _ => return Err(bad(path, "unsupported private key format")),
     };
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8));
-    KeyPair::try_from(&der).map_err(|e| {
-        bad(
-            path,
-            &format!("unusable private key (ECDSA P-256/P-384 or RSA expected): {e}"),
-        )
-    })
+    KeyPair::try_from(&der)
+        .map_err(|e| bad(path, &format!("unusable private key (ECDSA P-256/P-384 or RSA expected): {e}")))
 }
 
 /// Just enough DER to wrap SEC1 and PKCS#1 keys into PKCS#8, which the signer requires.
 mod der {
-    const RSA_ENCRYPTION: &[u8] = &[
-        0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
-    ];
+    const RSA_ENCRYPTION: &[u8] = &[0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
     const EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
 
     pub(super) fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
@@ -350,10 +278,7 @@ mod der {
     }
 
     fn pkcs8(algorithm: &[u8], key: &[u8]) -> Vec<u8> {
-        tlv(
-            0x30,
-            &[&[0x02, 0x01, 0x00][..], algorithm, &tlv(0x04, key)].concat(),
-        )
+        tlv(0x30, &[&[0x02, 0x01, 0x00][..], algorithm, &tlv(0x04, key)].concat())
     }
 
     /// The curve OID TLV from ECPrivateKey's `[0] parameters`.
@@ -385,9 +310,7 @@ mod der {
             if n == 0 || n > 4 || rest.len() < n {
                 return None;
             }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+            let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
             (len, &rest[n..])
         };
         (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
@@ -399,11 +322,7 @@ mod der {
         if len < 0x80 {
             out.push(len as u8);
         } else {
-            let bytes: Vec<u8> = len
-                .to_be_bytes()
-                .into_iter()
-                .skip_while(|b| *b == 0)
-                .collect();
+            let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
             out.push(0x80 | bytes.len() as u8);
             out.extend(bytes);
         }
@@ -440,14 +359,8 @@ mod tests {
         let dir = temp_dir("half");
         Ca::load_or_create(&dir, "cluster.local").expect("create");
         fs::remove_file(dir.join(CA_KEY)).expect("rm");
-        let err = Ca::load_or_create(&dir, "cluster.local")
-            .err()
-            .expect("half a CA")
-            .to_string();
-        assert!(
-            err.contains("ca-key.pem") && err.contains("missing"),
-            "{err}"
-        );
+        let err = Ca::load_or_create(&dir, "cluster.local").err().expect("half a CA").to_string();
+        assert!(err.contains("ca-key.pem") && err.contains("missing"), "{err}");
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -457,10 +370,7 @@ mod tests {
         Ca::load_or_create(&a, "cluster.local").expect("a");
         Ca::load_or_create(&b, "cluster.local").expect("b");
         fs::copy(b.join(CA_KEY), a.join(CA_KEY)).expect("swap key");
-        let err = Ca::load_or_create(&a, "cluster.local")
-            .err()
-            .expect("mismatch")
-            .to_string();
+        let err = Ca::load_or_create(&a, "cluster.local").err().expect("mismatch").to_string();
         assert!(err.contains("does not belong"), "{err}");
         let _ = fs::remove_dir_all(&a);
         let _ = fs::remove_dir_all(&b);
@@ -492,14 +402,8 @@ mod tests {
         let eku = cert.extended_key_usage().expect("ext").expect("eku").value;
         assert!(eku.server_auth && eku.client_auth);
         assert_ne!(cert.subject(), cert.issuer(), "not self-signed");
-        let life = svid
-            .not_after
-            .duration_since(svid.not_before)
-            .expect("order");
-        assert!(
-            life >= Duration::from_secs(3600) && life <= Duration::from_secs(3661),
-            "{life:?}"
-        );
+        let life = svid.not_after.duration_since(svid.not_before).expect("order");
+        assert!(life >= Duration::from_secs(3600) && life <= Duration::from_secs(3661), "{life:?}");
         let _ = fs::remove_dir_all(&dir);
     }
 
@@ -508,29 +412,15 @@ mod tests {
     #[test]
     fn brings_your_own_openssl_root() {
         for (name, genkey) in [
-            (
-                "ec",
-                vec!["ecparam", "-name", "prime256v1", "-genkey", "-noout"],
-            ),
+            ("ec", vec!["ecparam", "-name", "prime256v1", "-genkey", "-noout"]),
             ("rsa", vec!["genrsa", "-traditional", "2048"]),
         ] {
             let dir = temp_dir(name);
             fs::create_dir_all(&dir).expect("dir");
-            let key = std::process::Command::new("openssl")
-                .args(&genkey)
-                .output()
-                .expect("openssl");
-            assert!(
-                key.status.success(),
-                "{}",
-                String::from_utf8_lossy(&key.stderr)
-            );
+            let key = std::process::Command::new("openssl").args(&genkey).output().expect("openssl");
+            assert!(key.status.success(), "{}", String::from_utf8_lossy(&key.stderr));
             let key_pem = String::from_utf8(key.stdout).expect("pem");
-            assert!(key_pem.contains(if name == "ec" {
-                "EC PRIVATE KEY"
-            } else {
-                "RSA PRIVATE KEY"
-            }));
+            assert!(key_pem.contains(if name == "ec" { "EC PRIVATE KEY" } else { "RSA PRIVATE KEY" }));
             fs::write(dir.join(CA_KEY), &key_pem).expect("write key");
             let cert = std::process::Command::new("openssl")
                 .args(["req", "-x509", "-new", "-key"])
@@ -545,22 +435,13 @@ mod tests {
                 ])
                 .output()
                 .expect("openssl req");
-            assert!(
-                cert.status.success(),
-                "{}",
-                String::from_utf8_lossy(&cert.stderr)
-            );
+            assert!(cert.status.success(), "{}", String::from_utf8_lossy(&cert.stderr));
             let ca = Ca::load_or_create(&dir, "acme.internal").expect("own root loads");
-            let svid = ca
-                .issue(
-                    &Identity::new("acme.internal", "a", "b"),
-                    Duration::from_secs(60),
-                )
-                .expect("issue");
+            let svid =
+                ca.issue(&Identity::new("acme.internal", "a", "b"), Duration::from_secs(60)).expect("issue");
             let (_, leaf) = X509Certificate::from_der(svid.cert()).expect("parse");
             let (_, root) = X509Certificate::from_der(ca.root()).expect("parse root");
-            leaf.verify_signature(Some(root.public_key()))
-                .expect("signed by the operator's root");
+            leaf.verify_signature(Some(root.public_key())).expect("signed by the operator's root");
             let _ = fs::remove_dir_all(&dir);
         }
     }

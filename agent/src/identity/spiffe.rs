@@ -62,10 +62,7 @@ impl Identity {
 
     /// The identity as Istio writes principals: without `spiffe://`.
     pub fn principal(&self) -> String {
-        format!(
-            "{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        format!("{}/ns/{}/sa/{}", self.trust_domain, self.namespace, self.service_account)
     }
 }
 
@@ -81,18 +78,14 @@ pub fn parse_spiffe_id(uri: &str) -> Result<(&str, &str), SpiffeError> {
     if uri.len() > 2048 {
         return Err(SpiffeError::TooLong(uri.len()));
     }
-    let rest = uri
-        .strip_prefix("spiffe://")
-        .ok_or_else(|| SpiffeError::Scheme(uri.to_owned()))?;
+    let rest = uri.strip_prefix("spiffe://").ok_or_else(|| SpiffeError::Scheme(uri.to_owned()))?;
     let (trust_domain, path) = match rest.find('/') {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
     };
     let td_ok = !trust_domain.is_empty()
         && trust_domain.len() <= 255
-        && trust_domain
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+        && trust_domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
     if !td_ok {
         return Err(SpiffeError::TrustDomain(uri.to_owned()));
     }
@@ -101,9 +94,7 @@ pub fn parse_spiffe_id(uri: &str) -> Result<(&str, &str), SpiffeError> {
             !segment.is_empty()
                 && segment != "."
                 && segment != ".."
-                && segment
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+                && segment.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
         });
         if !ok {
             return Err(SpiffeError::Path(uri.to_owned()));
@@ -120,10 +111,7 @@ mod tests {
     fn workload_identities_round_trip() {
         let id = Identity::parse("spiffe://cluster.local/ns/shop/sa/frontend-sa").expect("valid");
         assert_eq!(id, Identity::new("cluster.local", "shop", "frontend-sa"));
-        assert_eq!(
-            id.to_string(),
-            "spiffe://cluster.local/ns/shop/sa/frontend-sa"
-        );
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/frontend-sa");
         assert_eq!(id.principal(), "cluster.local/ns/shop/sa/frontend-sa");
     }
 
@@ -148,14 +136,8 @@ mod tests {
             Identity::parse("spiffe://cluster.local/workload/x"),
             Err(SpiffeError::NotWorkload(_))
         ));
-        assert!(
-            parse_spiffe_id("spiffe://example.org").is_ok(),
-            "a bare trust domain is a valid ID"
-        );
+        assert!(parse_spiffe_id("spiffe://example.org").is_ok(), "a bare trust domain is a valid ID");
         let long = format!("spiffe://td/{}", "a".repeat(2048));
-        assert!(matches!(
-            parse_spiffe_id(&long),
-            Err(SpiffeError::TooLong(_))
-        ));
+        assert!(matches!(parse_spiffe_id(&long), Err(SpiffeError::TooLong(_))));
     }
 }

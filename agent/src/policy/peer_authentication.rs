@@ -92,25 +92,15 @@ pub struct MtlsDecision {
 
 impl PeerAuthentication {
     fn name(&self) -> String {
-        format!(
-            "{}/{}",
-            self.metadata.namespace.as_deref().unwrap_or("default"),
-            self.metadata.name
-        )
+        format!("{}/{}", self.metadata.namespace.as_deref().unwrap_or("default"), self.metadata.name)
     }
 
     fn age_key(&self) -> (String, String) {
-        (
-            self.metadata.creation_timestamp.clone().unwrap_or_default(),
-            self.metadata.name.clone(),
-        )
+        (self.metadata.creation_timestamp.clone().unwrap_or_default(), self.metadata.name.clone())
     }
 
     fn has_selector(&self) -> bool {
-        self.spec
-            .selector
-            .as_ref()
-            .is_some_and(|s| !s.match_labels.is_empty())
+        self.spec.selector.as_ref().is_some_and(|s| !s.match_labels.is_empty())
     }
 
     fn mode(&self) -> MtlsMode {
@@ -120,7 +110,9 @@ impl PeerAuthentication {
     /// Semantic checks beyond the schema, as Istio's validation does them.
     pub fn validate(&self) -> Result<(), String> {
         if !self.spec.port_level_mtls.is_empty() && !self.has_selector() {
-            return Err("spec.portLevelMtls requires spec.selector (port-level settings apply to workloads)".into());
+            return Err(
+                "spec.portLevelMtls requires spec.selector (port-level settings apply to workloads)".into()
+            );
         }
         Ok(())
     }
@@ -137,11 +129,7 @@ impl PeerAuthentications {
     pub fn new(policies: Vec<PeerAuthentication>) -> Self {
         let mut by_namespace: HashMap<String, Vec<PeerAuthentication>> = HashMap::new();
         for policy in policies {
-            let ns = policy
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
+            let ns = policy.metadata.namespace.clone().unwrap_or_else(|| "default".into());
             by_namespace.entry(ns).or_default().push(policy);
         }
         for list in by_namespace.values_mut() {
@@ -167,48 +155,25 @@ impl PeerAuthentications {
 
     /// The mode for inbound connections to `workload` on `port`.
     pub fn decide(&self, workload: &Workload, port: u16, root_namespace: &str) -> MtlsDecision {
-        let in_ns = |ns: &str| {
-            self.by_namespace
-                .get(ns)
-                .map(Vec::as_slice)
-                .unwrap_or_default()
-        };
+        let in_ns = |ns: &str| self.by_namespace.get(ns).map(Vec::as_slice).unwrap_or_default();
         let workload_policy = in_ns(&workload.key.namespace).iter().find(|p| {
-            p.has_selector()
-                && p.spec
-                    .selector
-                    .as_ref()
-                    .is_some_and(|s| s.matches(&workload.labels))
+            p.has_selector() && p.spec.selector.as_ref().is_some_and(|s| s.matches(&workload.labels))
         });
-        let namespace_policy = in_ns(&workload.key.namespace)
-            .iter()
-            .find(|p| !p.has_selector());
+        let namespace_policy = in_ns(&workload.key.namespace).iter().find(|p| !p.has_selector());
         let mesh_policy = in_ns(root_namespace).iter().find(|p| !p.has_selector());
 
         if let Some(policy) = workload_policy
             && let Some(mtls) = policy.spec.port_level_mtls.get(&Port(port))
             && mtls.mode != MtlsMode::Unset
         {
-            return MtlsDecision {
-                mode: mtls.mode,
-                decided_by: format!("{} (port {port})", policy.name()),
-            };
+            return MtlsDecision { mode: mtls.mode, decided_by: format!("{} (port {port})", policy.name()) };
         }
-        for policy in [workload_policy, namespace_policy, mesh_policy]
-            .into_iter()
-            .flatten()
-        {
+        for policy in [workload_policy, namespace_policy, mesh_policy].into_iter().flatten() {
             if policy.mode() != MtlsMode::Unset {
-                return MtlsDecision {
-                    mode: policy.mode(),
-                    decided_by: policy.name(),
-                };
+                return MtlsDecision { mode: policy.mode(), decided_by: policy.name() };
             }
         }
-        MtlsDecision {
-            mode: MtlsMode::Permissive,
-            decided_by: "default".into(),
-        }
+        MtlsDecision { mode: MtlsMode::Permissive, decided_by: "default".into() }
     }
 }
 
@@ -219,20 +184,14 @@ mod tests {
 
     fn workload(ns: &str, labels: &[(&str, &str)]) -> Workload {
         Workload {
-            key: ObjectKey {
-                namespace: ns.into(),
-                name: "w".into(),
-            },
+            key: ObjectKey { namespace: ns.into(), name: "w".into() },
             uid: String::new(),
             node: None,
             service_account: "default".into(),
             ips: Vec::new(),
             netns: None,
             enrollment: Enrollment::Ambient,
-            labels: labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
+            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
         }
     }
 
@@ -259,13 +218,7 @@ mod tests {
     #[test]
     fn default_is_permissive() {
         let d = PeerAuthentications::default().decide(&workload("shop", &[]), 80, "istio-system");
-        assert_eq!(
-            d,
-            MtlsDecision {
-                mode: MtlsMode::Permissive,
-                decided_by: "default".into()
-            }
-        );
+        assert_eq!(d, MtlsDecision { mode: MtlsMode::Permissive, decided_by: "default".into() });
     }
 
     #[test]
@@ -274,44 +227,26 @@ mod tests {
         let web = workload("shop", &[("app", "web")]);
         let other = workload("other", &[("app", "db")]);
         assert_eq!(mode(&[MESH_STRICT], &web, 80), MtlsMode::Strict);
-        assert_eq!(
-            mode(&[MESH_STRICT, NS_PERMISSIVE], &web, 80),
-            MtlsMode::Permissive
-        );
+        assert_eq!(mode(&[MESH_STRICT, NS_PERMISSIVE], &web, 80), MtlsMode::Permissive);
         assert_eq!(
             mode(&[MESH_STRICT, NS_UNSET], &web, 80),
             MtlsMode::Strict,
             "UNSET inherits the mesh mode"
         );
-        assert_eq!(
-            mode(
-                &[MESH_STRICT, NS_PERMISSIVE, WL_STRICT_8080_PERMISSIVE],
-                &db,
-                80
-            ),
-            MtlsMode::Strict
-        );
+        assert_eq!(mode(&[MESH_STRICT, NS_PERMISSIVE, WL_STRICT_8080_PERMISSIVE], &db, 80), MtlsMode::Strict);
         assert_eq!(
             mode(&[NS_PERMISSIVE, WL_STRICT_8080_PERMISSIVE], &web, 80),
             MtlsMode::Permissive,
             "selector does not match"
         );
-        assert_eq!(
-            mode(&[WL_STRICT_8080_PERMISSIVE], &other, 80),
-            MtlsMode::Permissive,
-            "other namespace"
-        );
+        assert_eq!(mode(&[WL_STRICT_8080_PERMISSIVE], &other, 80), MtlsMode::Permissive, "other namespace");
     }
 
     #[test]
     fn port_level_overrides_only_that_port() {
         let db = workload("shop", &[("app", "db"), ("version", "v1")]);
         let policies = [MESH_STRICT, WL_STRICT_8080_PERMISSIVE];
-        assert_eq!(
-            mode(&policies, &db, 8080),
-            MtlsMode::Permissive,
-            "the NodePort-style exception"
-        );
+        assert_eq!(mode(&policies, &db, 8080), MtlsMode::Permissive, "the NodePort-style exception");
         assert_eq!(mode(&policies, &db, 8081), MtlsMode::Strict);
         assert_eq!(
             mode(&policies, &db, 9090),
@@ -333,10 +268,7 @@ mod tests {
     fn oldest_policy_wins_a_tie() {
         let older = "metadata: {name: b, namespace: shop, creationTimestamp: '2024-01-01T00:00:00Z'}\nspec: {mtls: {mode: STRICT}}";
         let newer = "metadata: {name: a, namespace: shop, creationTimestamp: '2025-01-01T00:00:00Z'}\nspec: {mtls: {mode: PERMISSIVE}}";
-        assert_eq!(
-            mode(&[newer, older], &workload("shop", &[]), 80),
-            MtlsMode::Strict
-        );
+        assert_eq!(mode(&[newer, older], &workload("shop", &[]), 80), MtlsMode::Strict);
     }
 
     #[test]
@@ -357,16 +289,10 @@ mod tests {
             .expect_err("port")
             .to_string();
         assert!(err.contains("70000"), "{err}");
-        let policy: PeerAuthentication = serde_yaml_ng::from_str(
-            "metadata: {name: x}\nspec:\n  portLevelMtls: {80: {mode: STRICT}}",
-        )
-        .expect("schema-valid");
-        assert!(
-            policy
-                .validate()
-                .expect_err("needs a selector")
-                .contains("spec.selector")
-        );
+        let policy: PeerAuthentication =
+            serde_yaml_ng::from_str("metadata: {name: x}\nspec:\n  portLevelMtls: {80: {mode: STRICT}}")
+                .expect("schema-valid");
+        assert!(policy.validate().expect_err("needs a selector").contains("spec.selector"));
     }
 
     /// Adding a STRICT policy anywhere never makes a workload accept plaintext it refused.
@@ -385,9 +311,7 @@ mod tests {
             format!(
                 "metadata: {{name: aa, namespace: istio-system, {new}}}\nspec: {{mtls: {{mode: STRICT}}}}"
             ),
-            format!(
-                "metadata: {{name: aa, namespace: shop, {new}}}\nspec: {{mtls: {{mode: STRICT}}}}"
-            ),
+            format!("metadata: {{name: aa, namespace: shop, {new}}}\nspec: {{mtls: {{mode: STRICT}}}}"),
             format!(
                 "metadata: {{name: aa, namespace: shop, {new}}}\nspec:\n  selector: {{matchLabels: {{app: db}}}}\n  mtls: {{mode: STRICT}}"
             ),
@@ -395,11 +319,8 @@ mod tests {
                 "metadata: {{name: aa, namespace: shop, {new}}}\nspec:\n  selector: {{matchLabels: {{app: db}}}}\n  portLevelMtls: {{8080: {{mode: STRICT}}}}"
             ),
         ];
-        let workloads = [
-            workload("shop", &[("app", "db")]),
-            workload("shop", &[("app", "web")]),
-            workload("other", &[]),
-        ];
+        let workloads =
+            [workload("shop", &[("app", "db")]), workload("shop", &[("app", "web")]), workload("other", &[])];
         for base in bases {
             for addition in &additions {
                 let with: Vec<&str> = base.iter().copied().chain([addition.as_str()]).collect();

@@ -19,7 +19,11 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
 use super::{ProxyError, connect_from};
-use crate::{identity::Identity, redirect::netns::Netns, tls::TlsContext};
+use crate::{
+    identity::{Identities, Identity},
+    redirect::netns::Netns,
+    tls::TlsContext,
+};
 
 /// Streams per pooled connection before another connection is opened (ztunnel's limit).
 pub const MAX_STREAMS: usize = 100;
@@ -47,6 +51,8 @@ pub struct PoolKey {
 
 struct Pooled {
     sender: SendRequest<Bytes>,
+    /// Serial of the source certificate the connection was opened with.
+    serial: String,
     closed: Arc<AtomicBool>,
     /// Streams open on this connection.
     active: AtomicUsize,
@@ -57,6 +63,7 @@ struct Pooled {
 /// The pool of HBONE connections of the agent.
 pub struct Pool {
     tls: Arc<TlsContext>,
+    identities: Arc<Identities>,
     epoch: Instant,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
 }
@@ -97,12 +104,8 @@ impl Pooled {
 
 impl Pool {
     /// An empty pool.
-    pub fn new(tls: Arc<TlsContext>) -> Self {
-        Self {
-            tls,
-            epoch: Instant::now(),
-            conns: Mutex::new(HashMap::new()),
-        }
+    pub fn new(tls: Arc<TlsContext>, identities: Arc<Identities>) -> Self {
+        Self { tls, identities, epoch: Instant::now(), conns: Mutex::new(HashMap::new()) }
     }
 
     /// Opens a CONNECT stream to `authority` (the original destination) through the pool entry
@@ -122,55 +125,48 @@ impl Pool {
             && let Ok(mut sender) = sender.ready().await
             && let Ok(tunnel) = open(&mut sender, request.clone(), slot).await
         {
-            return Ok(Tunnel {
-                reused: true,
-                ..tunnel
-            });
+            return Ok(Tunnel { reused: true, ..tunnel });
         }
         let pooled = self.dial(netns, key).await?;
-        let slot = pooled
-            .claim()
-            .ok_or_else(|| ProxyError::Hbone("new HBONE connection closed at once".into()))?;
-        let mut sender = pooled
-            .sender
-            .clone()
-            .ready()
-            .await
-            .map_err(|e| ProxyError::Hbone(e.to_string()))?;
+        let slot =
+            pooled.claim().ok_or_else(|| ProxyError::Hbone("new HBONE connection closed at once".into()))?;
+        let mut sender = pooled.sender.clone().ready().await.map_err(|e| ProxyError::Hbone(e.to_string()))?;
         open(&mut sender, request, slot).await
     }
 
     /// A sender of a live pooled connection with room for another stream, and the stream's slot.
     fn reusable(&self, key: &PoolKey) -> Option<(SendRequest<Bytes>, StreamSlot)> {
+        // Once the source certificate is renewed, new streams go over new handshakes; existing
+        // connections keep their open streams and are swept when idle.
+        let serial = self.identities.svid(&key.src).ok()?.serial.clone();
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = conns.get_mut(key)?;
-        list.retain(|c| !c.closed.load(Relaxed));
+        list.retain(|c| !c.closed.load(Relaxed) && (c.serial == serial || c.active.load(Relaxed) > 0));
+        let list: Vec<&Arc<Pooled>> = list.iter().filter(|c| c.serial == serial).collect();
         let (pooled, slot) = list.iter().find_map(|c| Some((c, c.claim()?)))?;
         pooled.last_used.store(self.now_ms(), Relaxed);
         Some((pooled.sender.clone(), slot))
     }
 
     async fn dial(&self, netns: &Netns, key: &PoolKey) -> Result<Arc<Pooled>, ProxyError> {
-        let config = self
-            .tls
-            .client_config(&key.src, &key.dst)
-            .map_err(|e| ProxyError::Hbone(e.to_string()))?;
+        let config =
+            self.tls.client_config(&key.src, &key.dst).map_err(|e| ProxyError::Hbone(e.to_string()))?;
+        let serial = self
+            .identities
+            .svid(&key.src)
+            .map_err(|e| ProxyError::Identity { identity: key.src.to_string(), reason: e.to_string() })?
+            .serial
+            .clone();
         let tcp = connect_from(netns, key.addr).await?;
         // No SNI: the server name is only an address, which rustls does not send.
         let name = ServerName::IpAddress(key.addr.ip().into());
-        let tls = tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            TlsConnector::from(config).connect(name, tcp),
-        )
-        .await
-        .map_err(|_| ProxyError::Handshake {
-            addr: key.addr,
-            reason: "timed out".into(),
-        })?
-        .map_err(|e| ProxyError::Handshake {
-            addr: key.addr,
-            reason: crate::telemetry::error_chain(&e),
-        })?;
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(config).connect(name, tcp))
+            .await
+            .map_err(|_| ProxyError::Handshake { addr: key.addr, reason: "timed out".into() })?
+            .map_err(|e| ProxyError::Handshake {
+                addr: key.addr,
+                reason: crate::telemetry::error_chain(&e),
+            })?;
         let (sender, connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -182,6 +178,7 @@ impl Pool {
         let closed = Arc::new(AtomicBool::new(false));
         let pooled = Arc::new(Pooled {
             sender,
+            serial,
             closed: closed.clone(),
             active: AtomicUsize::new(0),
             last_used: AtomicU64::new(self.now_ms()),
@@ -212,8 +209,7 @@ impl Pool {
         for list in conns.values_mut() {
             list.retain(|c| {
                 !c.closed.load(Relaxed)
-                    && (c.active.load(Relaxed) > 0
-                        || now.saturating_sub(c.last_used.load(Relaxed)) < idle_ms)
+                    && (c.active.load(Relaxed) > 0 || now.saturating_sub(c.last_used.load(Relaxed)) < idle_ms)
             });
         }
         conns.retain(|_, list| !list.is_empty());
@@ -221,12 +217,7 @@ impl Pool {
 
     /// Open pooled connections, for reports.
     pub fn connections(&self) -> usize {
-        self.conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(Vec::len)
-            .sum()
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).values().map(Vec::len).sum()
     }
 
     fn now_ms(&self) -> u64 {
@@ -240,30 +231,20 @@ async fn open(
     request: Request<()>,
     slot: StreamSlot,
 ) -> Result<Tunnel, ProxyError> {
-    let (response, send) = sender
-        .send_request(request, false)
-        .map_err(|e| ProxyError::Hbone(e.to_string()))?;
-    let response = response
-        .await
-        .map_err(|e| ProxyError::Hbone(e.to_string()))?;
+    let (response, send) =
+        sender.send_request(request, false).map_err(|e| ProxyError::Hbone(e.to_string()))?;
+    let response = response.await.map_err(|e| ProxyError::Hbone(e.to_string()))?;
     match response.status() {
-        StatusCode::OK => Ok(Tunnel {
-            send,
-            recv: response.into_body(),
-            reused: false,
-            slot,
-        }),
-        StatusCode::UNAUTHORIZED => Err(ProxyError::Denied(
-            "destination policy denied the connection (401)".into(),
-        )),
-        StatusCode::SERVICE_UNAVAILABLE => Err(ProxyError::Hbone(
-            "destination could not reach the application (503)".into(),
-        )),
+        StatusCode::OK => Ok(Tunnel { send, recv: response.into_body(), reused: false, slot }),
+        StatusCode::UNAUTHORIZED => {
+            Err(ProxyError::Denied("destination policy denied the connection (401)".into()))
+        }
+        StatusCode::SERVICE_UNAVAILABLE => {
+            Err(ProxyError::Hbone("destination could not reach the application (503)".into()))
+        }
         status => {
             warn!(%status, "HBONE CONNECT refused");
-            Err(ProxyError::Hbone(format!(
-                "destination answered CONNECT with {status}"
-            )))
+            Err(ProxyError::Hbone(format!("destination answered CONNECT with {status}")))
         }
     }
 }

@@ -37,24 +37,13 @@ impl Proxy {
                     continue;
                 }
             };
-            pod.stats
-                .inbound
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            pod.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let span = info_span!("inbound", pod = %pod.workload.key, src = %peer);
-            tokio::spawn(
-                self.clone()
-                    .inbound_plaintext(pod.clone(), client, peer)
-                    .instrument(span),
-            );
+            tokio::spawn(self.clone().inbound_plaintext(pod.clone(), client, peer).instrument(span));
         }
     }
 
-    async fn inbound_plaintext(
-        self: Arc<Self>,
-        pod: Arc<PodContext>,
-        client: TcpStream,
-        peer: SocketAddr,
-    ) {
+    async fn inbound_plaintext(self: Arc<Self>, pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
         let start = Instant::now();
         let mut record = ConnectionRecord::new(Direction::Inbound);
         record.src_addr = Some(peer);
@@ -69,11 +58,8 @@ impl Proxy {
             if is_reserved(dst.port()) {
                 return Err(ProxyError::ReservedPort(dst.port()));
             }
-            let decision = cluster.peer_authentications.decide(
-                &pod.workload,
-                dst.port(),
-                &self.settings.root_namespace,
-            );
+            let decision =
+                cluster.peer_authentications.decide(&pod.workload, dst.port(), &self.settings.root_namespace);
             record.mtls_decided_by = Some(decision.decided_by.clone());
             if !decision.mode.allows_plaintext() {
                 reset(client);
@@ -83,20 +69,13 @@ impl Proxy {
                 )));
             }
             let upstream = connect_from(&pod.netns, dst).await?;
-            let moved = relay::tcp_to_tcp(client, upstream)
-                .await
-                .map_err(ProxyError::Relay)?;
+            let moved = relay::tcp_to_tcp(client, upstream).await.map_err(ProxyError::Relay)?;
             record.bytes_sent = moved.sent;
             record.bytes_received = moved.received;
             Ok(())
         }
         .await;
-        count(
-            &pod,
-            record.bytes_received,
-            record.bytes_sent,
-            result.is_err(),
-        );
+        count(&pod, record.bytes_received, record.bytes_sent, result.is_err());
         record.finish(start, result.err());
     }
 
@@ -114,9 +93,7 @@ impl Proxy {
             };
             let span = info_span!("hbone", pod = %pod.workload.key, peer = %peer);
             tokio::spawn(
-                self.clone()
-                    .hbone_connection(pod.clone(), acceptor.clone(), tcp, peer)
-                    .instrument(span),
+                self.clone().hbone_connection(pod.clone(), acceptor.clone(), tcp, peer).instrument(span),
             );
         }
     }
@@ -134,9 +111,7 @@ impl Proxy {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 warn!(pod = %pod.workload.key, %peer, error = %crate::telemetry::error_chain(&e), "mTLS handshake refused");
-                pod.stats
-                    .failed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                pod.stats.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return;
             }
             Err(_) => {
@@ -145,16 +120,11 @@ impl Proxy {
             }
         };
         // The verifier accepted exactly one SPIFFE ID in our trust domain; read it back.
-        let peer_identity = match tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(spiffe_id_of)
-        {
-            Some(Ok(id)) => id,
-            _ => return,
-        };
+        let peer_identity =
+            match tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(spiffe_id_of) {
+                Some(Ok(id)) => id,
+                _ => return,
+            };
         let mut connection = match h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -177,11 +147,8 @@ impl Proxy {
                     let this = self.clone();
                     let (pod, id) = (pod.clone(), peer_identity.clone());
                     tokio::spawn(
-                        async move {
-                            this.hbone_stream(pod, request, respond, peer, local, id)
-                                .await
-                        }
-                        .in_current_span(),
+                        async move { this.hbone_stream(pod, request, respond, peer, local, id).await }
+                            .in_current_span(),
                     );
                 }
                 Err(e) => {
@@ -204,9 +171,7 @@ impl Proxy {
         peer_identity: Arc<Identity>,
     ) {
         let start = Instant::now();
-        pod.stats
-            .inbound
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        pod.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut record = ConnectionRecord::new(Direction::Inbound);
         record.security = Security::MutualTls;
         record.src_addr = Some(peer);
@@ -235,45 +200,30 @@ impl Proxy {
                 .status(StatusCode::OK)
                 .body(())
                 .map_err(|e| ProxyError::Hbone(e.to_string()))?;
-            let send = respond
-                .send_response(response, false)
-                .map_err(|e| ProxyError::Hbone(e.to_string()))?;
-            let moved = relay::tcp_to_h2(upstream, send, request.into_body())
-                .await
-                .map_err(ProxyError::Relay)?;
+            let send =
+                respond.send_response(response, false).map_err(|e| ProxyError::Hbone(e.to_string()))?;
+            let moved =
+                relay::tcp_to_h2(upstream, send, request.into_body()).await.map_err(ProxyError::Relay)?;
             // Seen from the pod: what the app sent is what went back to the client.
             record.bytes_sent = moved.received;
             record.bytes_received = moved.sent;
             Ok(())
         }
         .await;
-        count(
-            &pod,
-            record.bytes_received,
-            record.bytes_sent,
-            result.is_err(),
-        );
+        count(&pod, record.bytes_received, record.bytes_sent, result.is_err());
         record.finish(start, result.err());
     }
 }
 
 /// The original destination of a CONNECT request, which must be a port of the very address the
 /// HBONE connection arrived on: a peer cannot use one pod's tunnel to reach another address.
-fn connect_target(
-    request: &Request<h2::RecvStream>,
-    local: SocketAddr,
-) -> Result<SocketAddr, String> {
+fn connect_target(request: &Request<h2::RecvStream>, local: SocketAddr) -> Result<SocketAddr, String> {
     if request.method() != Method::CONNECT {
         return Err(format!("{} is not CONNECT", request.method()));
     }
-    let authority = request
-        .uri()
-        .authority()
-        .map(|a| a.as_str())
-        .unwrap_or_default();
-    let dst: SocketAddr = authority
-        .parse()
-        .map_err(|_| format!("CONNECT authority {authority:?} is not ip:port"))?;
+    let authority = request.uri().authority().map(|a| a.as_str()).unwrap_or_default();
+    let dst: SocketAddr =
+        authority.parse().map_err(|_| format!("CONNECT authority {authority:?} is not ip:port"))?;
     if dst.ip() != local.ip() {
         return Err(format!(
             "CONNECT authority {dst} is not the address the connection arrived on ({})",

@@ -6,9 +6,7 @@ use ambit_common::HBONE_PORT;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info_span, warn};
 
-use super::{
-    ACCEPT_BACKOFF, PodContext, Proxy, ProxyError, connect_from, count, hbone::PoolKey, relay,
-};
+use super::{ACCEPT_BACKOFF, PodContext, Proxy, ProxyError, connect_from, count, hbone::PoolKey, relay};
 use crate::{
     identity::Identity,
     redirect::from_kernel,
@@ -27,15 +25,9 @@ impl Proxy {
                     continue;
                 }
             };
-            pod.stats
-                .outbound
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            pod.stats.outbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let span = info_span!("outbound", pod = %pod.workload.key, client_port = peer.port());
-            tokio::spawn(
-                self.clone()
-                    .outbound(pod.clone(), client, peer)
-                    .instrument(span),
-            );
+            tokio::spawn(self.clone().outbound(pod.clone(), client, peer).instrument(span));
         }
     }
 
@@ -45,12 +37,7 @@ impl Proxy {
         record.src_workload = Some(pod.workload.clone());
         record.src_identity = Some(pod.identity.clone());
         let result = self.forward(&pod, client, peer, &mut record).await;
-        count(
-            &pod,
-            record.bytes_sent,
-            record.bytes_received,
-            result.is_err(),
-        );
+        count(&pod, record.bytes_sent, record.bytes_received, result.is_err());
         record.finish(start, result.err());
     }
 
@@ -89,9 +76,8 @@ impl Proxy {
                 record.dst_identity = Some(dst_identity);
                 record.hbone_addr = Some(key.addr);
                 let tunnel = self.pool.connect(&pod.netns, &key, dst).await?;
-                let moved = relay::tcp_to_h2(client, tunnel.send, tunnel.recv)
-                    .await
-                    .map_err(ProxyError::Relay)?;
+                let moved =
+                    relay::tcp_to_h2(client, tunnel.send, tunnel.recv).await.map_err(ProxyError::Relay)?;
                 drop(tunnel.slot);
                 record.bytes_sent = moved.sent;
                 record.bytes_received = moved.received;
@@ -100,9 +86,7 @@ impl Proxy {
                 // Not in the mesh: plaintext passthrough, as ztunnel does.
                 let upstream = connect_from(&pod.netns, dst).await?;
                 record.src_addr = upstream.local_addr().ok();
-                let moved = relay::tcp_to_tcp(client, upstream)
-                    .await
-                    .map_err(ProxyError::Relay)?;
+                let moved = relay::tcp_to_tcp(client, upstream).await.map_err(ProxyError::Relay)?;
                 record.bytes_sent = moved.sent;
                 record.bytes_received = moved.received;
             }

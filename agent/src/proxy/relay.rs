@@ -40,17 +40,10 @@ pub async fn tcp_to_tcp(mut client: TcpStream, mut upstream: TcpStream) -> io::R
 
 /// Copies both ways between a TCP socket and an HTTP/2 stream until both are done. `sent`
 /// counts TCP to HTTP/2.
-pub async fn tcp_to_h2(
-    tcp: TcpStream,
-    send: SendStream<Bytes>,
-    recv: RecvStream,
-) -> io::Result<Transferred> {
+pub async fn tcp_to_h2(tcp: TcpStream, send: SendStream<Bytes>, recv: RecvStream) -> io::Result<Transferred> {
     let (read, write) = tcp.into_split();
     let (up, down) = tokio::join!(tcp_into_stream(read, send), stream_into_tcp(recv, write));
-    Ok(Transferred {
-        sent: up?,
-        received: down?,
-    })
+    Ok(Transferred { sent: up?, received: down? })
 }
 
 /// TCP → HTTP/2 DATA frames; TCP EOF ends the stream (END_STREAM), a TCP error resets it.
@@ -93,10 +86,7 @@ async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> io::Result<(
             Some(Ok(n)) => n,
             Some(Err(e)) => return Err(h2_io(e)),
             None => {
-                return Err(io::Error::new(
-                    io::ErrorKind::BrokenPipe,
-                    "HBONE stream closed by the peer",
-                ));
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "HBONE stream closed by the peer"));
             }
         };
         if capacity == 0 {
@@ -127,8 +117,7 @@ async fn stream_into_tcp(mut recv: RecvStream, mut write: OwnedWriteHalf) -> io:
 /// h2 errors as I/O errors, keeping resets recognisable.
 pub fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
-        e.into_io()
-            .unwrap_or_else(|| io::Error::other("h2 I/O error"))
+        e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"))
     } else if e.reason().is_some() {
         io::Error::new(io::ErrorKind::ConnectionReset, e.to_string())
     } else {

@@ -39,11 +39,7 @@ impl Netns {
                 "not a network namespace (no nsfs file at that path)",
             ));
         }
-        Ok(Self {
-            file,
-            path: path.to_owned(),
-            inode: (meta.dev(), meta.ino()),
-        })
+        Ok(Self { file, path: path.to_owned(), inode: (meta.dev(), meta.ino()) })
     }
 
     /// Records the calling thread's namespace as the agent's own; every [`Netns::run`] returns
@@ -67,9 +63,7 @@ impl Netns {
 
     /// Runs `f` with the calling thread inside this namespace.
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
-        let host = HOST
-            .get()
-            .ok_or_else(|| io::Error::other("host network namespace not recorded"))?;
+        let host = HOST.get().ok_or_else(|| io::Error::other("host network namespace not recorded"))?;
         setns(self.file.as_fd())?;
         let guard = ReturnHome(host);
         let out = f();
@@ -101,11 +95,7 @@ impl Drop for ReturnHome {
 fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: a valid namespace fd; CLONE_NEWNET only changes this thread's network namespace.
     let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
 fn is_nsfs(file: &File) -> bool {
@@ -114,10 +104,7 @@ fn is_nsfs(file: &File) -> bool {
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: a valid fd and out-pointer.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) };
-    #[allow(
-        clippy::unnecessary_cast,
-        reason = "f_type's width differs between libcs"
-    )]
+    #[allow(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
     let magic = stat.f_type as i64;
     rc == 0 && magic == NSFS_MAGIC
 }
