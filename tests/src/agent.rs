@@ -122,6 +122,26 @@ impl Agent {
         }
     }
 
+    /// The number of good loads of the cluster file so far (`ambit status`).
+    pub fn generation(&self) -> u64 {
+        self.admin_json("/status").and_then(|s| s["config"]["generation"].as_u64()).unwrap_or(0)
+    }
+
+    /// Waits until the agent has loaded a cluster file written after `generation` was read.
+    pub fn wait_generation_after(&self, generation: u64, limit: Duration) -> io::Result<()> {
+        let deadline = Instant::now() + limit;
+        while self.generation() <= generation {
+            if Instant::now() > deadline {
+                return Err(io::Error::other(format!(
+                    "agent did not reload the cluster file; log:\n{}",
+                    self.log_text()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Ok(())
+    }
+
     /// The capture state of a pod of this node as `/workloads` reports it.
     pub fn pod_state(&self, pod: &str) -> Option<String> {
         let pods = self.admin_json("/workloads")?;

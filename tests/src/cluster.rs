@@ -334,6 +334,12 @@ impl Cluster {
         Ok(agent)
     }
 
+    /// Starts a packet capture (tcpdump) on the bridge every pod and node is attached to.
+    pub fn capture(&self) -> io::Result<crate::Capture> {
+        let n = RUNS.fetch_add(1, Ordering::Relaxed);
+        crate::Capture::start(&sys::netns_path(&self.fabric), self.dir.join(format!("capture-{n}.pcap")))
+    }
+
     /// The CA directory all agents of the cluster share (one trust domain).
     pub fn ca_dir(&self) -> PathBuf {
         self.dir.join("ca")
@@ -489,6 +495,20 @@ impl PodHandle<'_> {
     pub fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
         let path = Path::new("/proc/sys/net").join(key);
         self.in_netns(|| std::fs::write(&path, value))?
+    }
+
+    /// Runs a command inside the pod to completion (killed after `limit`) and collects its output.
+    pub fn command_output(&self, mut command: Command, limit: Duration) -> io::Result<Output> {
+        let path = self.netns_path();
+        let procs = self.pod.cgroup.join("cgroup.procs");
+        // SAFETY: the closure only makes simple syscalls (open/write/setns).
+        unsafe {
+            command.pre_exec(move || {
+                std::fs::write(&procs, b"0")?;
+                sys::enter_netns(&path)
+            });
+        }
+        crate::agent::output_with_timeout(command, limit)
     }
 
     /// Spawns a command inside the pod: its network namespace and its cgroup.

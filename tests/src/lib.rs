@@ -10,10 +10,12 @@
 
 mod agent;
 mod apps;
+mod capture;
 mod cluster;
 mod sys;
 
 pub use agent::{Agent, AgentOutput};
 pub use apps::{EchoServer, SinkServer, echo_roundtrip};
+pub use capture::{Capture, contains};
 pub use cluster::{Cluster, ClusterBuilder, NodeHandle, PodHandle, PodSpec};
 pub use sys::ambit_binary;

@@ -48,6 +48,8 @@ pub struct Svid {
     pub identity: Identity,
     /// Serial number, hex.
     pub serial: String,
+    /// When it was issued (validity starts a little earlier, for clock skew).
+    pub issued_at: SystemTime,
     /// Start of validity.
     pub not_before: SystemTime,
     /// End of validity.
@@ -62,10 +64,10 @@ impl Svid {
         &self.certified_key.cert[0]
     }
 
-    /// The moment `fraction` of the lifetime has passed.
+    /// The moment `fraction` of the lifetime since issue has passed.
     pub fn refresh_at(&self, fraction: f64) -> SystemTime {
-        let life = self.not_after.duration_since(self.not_before).unwrap_or_default();
-        self.not_before + life.mul_f64(fraction)
+        let life = self.not_after.duration_since(self.issued_at).unwrap_or_default();
+        self.issued_at + life.mul_f64(fraction)
     }
 }
 
@@ -160,6 +162,7 @@ impl Ca {
         Ok(Svid {
             identity: identity.clone(),
             serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+            issued_at: now,
             not_before: truncate_to_seconds(not_before),
             not_after: truncate_to_seconds(not_after),
             certified_key: Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer)),
