@@ -83,7 +83,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     raise_fd_limit();
     let file = std::path::absolute(&file).unwrap_or(file);
-    let cluster = discovery::local::load(&file)?;
+    let cluster = discovery::local::load(&file, &args.root_namespace)?;
     info!(file = %file.display(), pods = cluster.workloads.len(), node = %args.node, "cluster file loaded");
 
     let ca = Ca::load_or_create(&args.ca_dir, &args.trust_domain)?;
@@ -131,7 +131,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let settings = Settings { root_namespace: args.root_namespace.clone() };
     let proxy = Arc::new(Proxy::new(orig_dst, cluster_rx.clone(), identities.clone(), tls.clone(), settings));
     let mut redirector = Redirector::new(args.node.clone(), datapath, proxy.clone(), identities.clone(), tls);
-    tokio::spawn(discovery::local::watch(file, cluster_tx, source_tx));
+    tokio::spawn(discovery::local::watch(file, args.root_namespace.clone(), cluster_tx, source_tx));
     tokio::spawn(async move {
         let mut sweep = tokio::time::interval(std::time::Duration::from_secs(30));
         loop {

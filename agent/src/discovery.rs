@@ -15,7 +15,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use self::objects::{EndpointSlice, Namespace, Pod, Service};
-use crate::policy::{PeerAuthentication, PeerAuthentications};
+use crate::policy::{AuthorizationPolicies, CompiledPolicy, PeerAuthentication, PeerAuthentications};
 
 /// Label that enrolls a Namespace or Pod (`ambient`) or opts a Pod out (`none`), as in Istio.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -149,6 +149,8 @@ pub struct Objects {
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
     /// PeerAuthentications.
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// AuthorizationPolicies, compiled.
+    pub authorization_policies: Vec<CompiledPolicy>,
 }
 
 /// One consistent snapshot of the cluster.
@@ -164,14 +166,23 @@ pub struct Cluster {
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
     /// PeerAuthentications, indexed.
     pub peer_authentications: PeerAuthentications,
+    /// AuthorizationPolicies, with the ones that apply to each workload.
+    pub authorization: AuthorizationPolicies,
     by_ip: HashMap<IpAddr, ObjectKey>,
 }
 
 impl Cluster {
     /// Builds a snapshot from objects; pod IPs, enrollment and policy indexes are derived here
     /// once, not per connection.
-    pub fn new(objects: Objects) -> Self {
-        let Objects { namespaces, pods, services, endpoint_slices, peer_authentications } = objects;
+    pub fn new(objects: Objects, root_namespace: &str) -> Self {
+        let Objects {
+            namespaces,
+            pods,
+            services,
+            endpoint_slices,
+            peer_authentications,
+            authorization_policies,
+        } = objects;
         let mut workloads = BTreeMap::new();
         let mut by_ip = HashMap::new();
         for pod in pods {
@@ -183,8 +194,11 @@ impl Cluster {
             }
             workloads.insert(workload.key.clone(), workload);
         }
+        let authorization =
+            AuthorizationPolicies::new(authorization_policies, workloads.values(), root_namespace);
         Self {
             namespaces,
+            authorization,
             workloads,
             services,
             endpoint_slices,

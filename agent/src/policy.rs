@@ -1,13 +1,17 @@
 //! Istio's `security.istio.io` API, the L4 part: which inbound connections a workload accepts
-//! in plaintext (PeerAuthentication). Objects are parsed by `discovery` and compiled here into
+//! in plaintext (PeerAuthentication) and from whom (AuthorizationPolicy). Objects are parsed by `discovery` and compiled here into
 //! indexes the proxies query per connection.
 
+pub mod authorization;
 pub mod peer_authentication;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer};
 
+pub use self::authorization::{
+    Action, AuthorizationPolicies, AuthorizationPolicy, CompiledPolicy, ConnectionInput, Verdict,
+};
 pub use self::peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentication, PeerAuthentications};
 
 /// `spec.selector` of Istio policies.

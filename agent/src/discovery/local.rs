@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::policy::PeerAuthentication;
+use crate::policy::{AuthorizationPolicy, CompiledPolicy, PeerAuthentication};
 
 use super::{
     Cluster, DiscoveryError, ObjectKey, Objects,
@@ -25,14 +25,15 @@ use super::{
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Reads and parses `file`.
-pub fn load(file: &Path) -> Result<Cluster, DiscoveryError> {
+pub fn load(file: &Path, root_namespace: &str) -> Result<Cluster, DiscoveryError> {
     let text = std::fs::read_to_string(file)
         .map_err(|source| DiscoveryError::Read { file: file.to_owned(), source })?;
-    parse(file, &text)
+    parse(file, &text, root_namespace)
 }
 
-/// Parses the text of a cluster file; `file` only names it in errors.
-pub fn parse(file: &Path, text: &str) -> Result<Cluster, DiscoveryError> {
+/// Parses the text of a cluster file; `file` only names it in errors. `root_namespace` is Istio's
+/// root namespace, where policies apply mesh-wide.
+pub fn parse(file: &Path, text: &str, root_namespace: &str) -> Result<Cluster, DiscoveryError> {
     let mut parser = Parser {
         file,
         namespaces: BTreeMap::new(),
@@ -40,18 +41,24 @@ pub fn parse(file: &Path, text: &str) -> Result<Cluster, DiscoveryError> {
         services: BTreeMap::new(),
         slices: BTreeMap::new(),
         peer_authentications: BTreeMap::new(),
+        authorization_policies: BTreeMap::new(),
     };
     for (first_line, doc) in documents(text) {
         parser.document(first_line, doc)?;
     }
-    let Parser { namespaces, pods, services, slices, peer_authentications, .. } = parser;
-    Ok(Cluster::new(Objects {
-        namespaces: namespaces.into_iter().map(|(k, (_, v))| (k, v)).collect(),
-        pods: pods.into_values().map(|(_, pod)| pod).collect(),
-        services: services.into_iter().map(|(k, (_, v))| (k, v)).collect(),
-        endpoint_slices: slices.into_iter().map(|(k, (_, v))| (k, v)).collect(),
-        peer_authentications: peer_authentications.into_values().map(|(_, p)| p).collect(),
-    }))
+    let Parser { namespaces, pods, services, slices, peer_authentications, authorization_policies, .. } =
+        parser;
+    Ok(Cluster::new(
+        Objects {
+            namespaces: namespaces.into_iter().map(|(k, (_, v))| (k, v)).collect(),
+            pods: pods.into_values().map(|(_, pod)| pod).collect(),
+            services: services.into_iter().map(|(k, (_, v))| (k, v)).collect(),
+            endpoint_slices: slices.into_iter().map(|(k, (_, v))| (k, v)).collect(),
+            peer_authentications: peer_authentications.into_values().map(|(_, p)| p).collect(),
+            authorization_policies: authorization_policies.into_values().map(|(_, p)| p).collect(),
+        },
+        root_namespace,
+    ))
 }
 
 /// Splits a YAML stream at `---` lines, keeping the 1-based line where each document starts so
@@ -90,6 +97,7 @@ struct Parser<'a> {
     services: BTreeMap<ObjectKey, (usize, Service)>,
     slices: BTreeMap<ObjectKey, (usize, EndpointSlice)>,
     peer_authentications: BTreeMap<ObjectKey, (usize, PeerAuthentication)>,
+    authorization_policies: BTreeMap<ObjectKey, (usize, CompiledPolicy)>,
 }
 
 impl Parser<'_> {
@@ -148,6 +156,24 @@ impl Parser<'_> {
                 policy.validate().map_err(|m| self.invalid(line, format!("PeerAuthentication {key}"), m))?;
                 if let Some((first, _)) = self.peer_authentications.insert(key.clone(), (line, policy)) {
                     return Err(self.duplicate(line, first, format!("PeerAuthentication {key}")));
+                }
+            }
+            ("security.istio.io", "AuthorizationPolicy") => {
+                self.istio_version(line, &meta)?;
+                let policy: AuthorizationPolicy = self.decode(line, &doc, "AuthorizationPolicy")?;
+                let key = self.key(line, "AuthorizationPolicy", &policy.metadata)?;
+                if policy.targets_waypoint() {
+                    warn!(file = %self.file.display(), line, policy = %key, "ignoring an AuthorizationPolicy with targetRef(s): it is enforced by a waypoint, not the node agent");
+                    return Ok(());
+                }
+                let compiled = policy
+                    .compile()
+                    .map_err(|m| self.invalid(line, format!("AuthorizationPolicy {key}"), m))?;
+                for field in &compiled.unsupported {
+                    warn!(file = %self.file.display(), line, policy = %key, action = %compiled.action, field, "HTTP-only condition: an ALLOW or AUDIT rule with it matches nothing, a DENY rule ignores it");
+                }
+                if let Some((first, _)) = self.authorization_policies.insert(key.clone(), (line, compiled)) {
+                    return Err(self.duplicate(line, first, format!("AuthorizationPolicy {key}")));
                 }
             }
             (_, "") => {
@@ -229,7 +255,12 @@ pub struct SourceStatus {
 
 /// Watches `file` and publishes each good snapshot on `tx`. Bad edits are logged and recorded in
 /// `status`; the last good snapshot stays published.
-pub async fn watch(file: PathBuf, tx: watch::Sender<Arc<Cluster>>, status: watch::Sender<SourceStatus>) {
+pub async fn watch(
+    file: PathBuf,
+    root_namespace: String,
+    tx: watch::Sender<Arc<Cluster>>,
+    status: watch::Sender<SourceStatus>,
+) {
     let mut last = fingerprint(&file);
     let mut interval = tokio::time::interval(POLL_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -241,7 +272,8 @@ pub async fn watch(file: PathBuf, tx: watch::Sender<Arc<Cluster>>, status: watch
         }
         last = now;
         let path = file.clone();
-        let result = tokio::task::spawn_blocking(move || load(&path)).await;
+        let root = root_namespace.clone();
+        let result = tokio::task::spawn_blocking(move || load(&path, &root)).await;
         match result {
             Ok(Ok(cluster)) => {
                 info!(file = %file.display(), pods = cluster.workloads.len(), "cluster file reloaded");
@@ -279,7 +311,7 @@ mod tests {
     use crate::discovery::Enrollment;
 
     fn parse_str(text: &str) -> Result<Cluster, DiscoveryError> {
-        parse(Path::new("cluster.yaml"), text)
+        parse(Path::new("cluster.yaml"), text, "istio-system")
     }
 
     const SHOP: &str = r#"
