@@ -48,6 +48,8 @@ pub struct AgentInfo {
     pub cgroup_root: String,
     /// SPIFFE trust domain.
     pub trust_domain: String,
+    /// Istio's root namespace.
+    pub root_namespace: String,
     /// Start time, seconds since the epoch.
     pub started_at: u64,
 }
@@ -82,6 +84,8 @@ pub struct AdminState {
     pub ready: watch::Receiver<bool>,
     /// Certificates held.
     pub certs: watch::Receiver<Arc<Vec<crate::identity::CertReport>>>,
+    /// The cluster as the agent sees it.
+    pub cluster: watch::Receiver<Arc<crate::discovery::Cluster>>,
 }
 
 impl AdminState {
@@ -181,9 +185,83 @@ fn admin_route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
         (&Method::GET, "/status") => json(&state.status()),
         (&Method::GET, "/workloads") => json(&*state.pods.borrow().clone()),
         (&Method::GET, "/certs") => json(&*state.certs.borrow().clone()),
-        (&Method::GET, "/") => text(StatusCode::OK, "ambit admin API: /status /workloads /certs\n".into()),
+        (&Method::GET, "/policies") => {
+            let cluster = state.cluster.borrow().clone();
+            let listing: Vec<_> = cluster
+                .workloads_on(&state.info.node)
+                .filter(|w| w.enrollment.is_enrolled())
+                .map(|w| crate::policy::policies_of(&cluster, w, &state.info.root_namespace))
+                .collect();
+            json(&listing)
+        }
+        (&Method::GET, "/check") => {
+            let query = query_params(req.uri().query().unwrap_or_default());
+            let get =
+                |k: &str| query.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str()).unwrap_or_default();
+            let Ok(port) = get("port").parse::<u16>() else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!("port {:?} is not a port number\n", get("port")),
+                );
+            };
+            let cluster = state.cluster.borrow().clone();
+            match crate::policy::check::check(
+                &cluster,
+                &state.info.trust_domain,
+                &state.info.root_namespace,
+                get("src"),
+                get("dst"),
+                port,
+            ) {
+                Ok(report) => json(&report),
+                Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+            }
+        }
+        (&Method::GET, "/") => text(
+            StatusCode::OK,
+            "ambit admin API: /status /workloads /certs /policies /check?src=&dst=&port=\n".into(),
+        ),
         _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {}\n", req.uri().path())),
     }
+}
+
+/// `a=1&b=x%2Fy` → pairs, percent-decoded.
+fn query_params(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match (escaped, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+            }
+            (None, b'+') => {
+                out.push(b' ');
+                i += 1;
+            }
+            (None, b) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn json<T: Serialize + ?Sized>(value: &T) -> Response<Full<Bytes>> {
@@ -241,4 +319,18 @@ where
             });
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_are_decoded() {
+        assert_eq!(
+            query_params("src=shop%2Ffrontend&dst=10.0.0.1&port=80&x=%zz+y"),
+            [("src", "shop/frontend"), ("dst", "10.0.0.1"), ("port", "80"), ("x", "%zz y")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+    }
 }

@@ -112,6 +112,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         pin_dir: datapath.pin_dir().display().to_string(),
         cgroup_root: datapath.cgroup_root().display().to_string(),
         trust_domain: args.trust_domain.clone(),
+        root_namespace: args.root_namespace.clone(),
         started_at: discovery::local::unix_now(),
     };
     let state = AdminState {
@@ -120,6 +121,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         pods: pods_rx,
         ready: ready_rx,
         certs: certs_rx,
+        cluster: cluster_rx.clone(),
     };
     let admin = admin::bind_admin(args.admin_addr, state.clone()).await?;
     let readiness = admin::bind_readiness(args.readiness_addr, state.clone()).await?;
@@ -132,11 +134,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let proxy = Arc::new(Proxy::new(orig_dst, cluster_rx.clone(), identities.clone(), tls.clone(), settings));
     let mut redirector = Redirector::new(args.node.clone(), datapath, proxy.clone(), identities.clone(), tls);
     tokio::spawn(discovery::local::watch(file, args.root_namespace.clone(), cluster_tx, source_tx));
+    let pool_owner = proxy.clone();
     tokio::spawn(async move {
         let mut sweep = tokio::time::interval(std::time::Duration::from_secs(30));
         loop {
             sweep.tick().await;
-            proxy.pool().sweep();
+            pool_owner.pool().sweep();
         }
     });
 
@@ -148,6 +151,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     loop {
         let cluster: Arc<Cluster> = changes.borrow_and_update().clone();
         redirector.reconcile(&cluster);
+        proxy.revalidate(&cluster);
         pods_tx.send_replace(Arc::new(redirector.reports(&cluster)));
         ready_tx.send_replace(redirector.all_captured());
         certs_tx.send_replace(Arc::new(identities.reports(&redirector.pods_by_identity())));

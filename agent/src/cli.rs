@@ -19,6 +19,9 @@ pub enum CliError {
     /// The admin API could not be reached or answered badly.
     #[error(transparent)]
     Client(#[from] client::ClientError),
+    /// The command line is wrong in a way clap cannot see.
+    #[error("{0}")]
+    Usage(String),
     /// Nothing matches what was asked for.
     #[error("{0}")]
     NotFound(String),
@@ -54,6 +57,10 @@ pub enum Command {
     Workloads(OperatorArgs),
     /// Show the workload certificates the agent holds (all, or the one a pod presents).
     Certs(CertsArgs),
+    /// List the PeerAuthentication and AuthorizationPolicies in force for each pod of the node.
+    Policies(OperatorArgs),
+    /// Will SRC reach DST:PORT? mTLS or plaintext, which policy allows or denies it, and why.
+    Check(CheckArgs),
 }
 
 /// `ambit agent` options.
@@ -102,6 +109,19 @@ pub struct AgentArgs {
 pub struct CertsArgs {
     /// Only the certificate this pod presents (`namespace/name`, or `name` in any namespace).
     pub pod: Option<String>,
+    /// Connection options.
+    #[command(flatten)]
+    pub operator: OperatorArgs,
+}
+
+/// `ambit check` options.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The source pod: `namespace/name` (or `name` when unambiguous).
+    pub src: String,
+    /// The destination and port: `namespace/pod:8080`, `namespace/service:80` or `10.0.0.3:8080`
+    /// (`[fd00::3]:8080`).
+    pub dst: String,
     /// Connection options.
     #[command(flatten)]
     pub operator: OperatorArgs,
@@ -292,6 +312,108 @@ fn human(secs: u64) -> String {
         60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
         _ => format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60),
     }
+}
+
+/// `ambit policies`.
+pub async fn policies(args: &OperatorArgs) -> Result<String, CliError> {
+    let body = client::get(args.admin, "/policies", TIMEOUT).await?;
+    if args.output == Output::Json {
+        return Ok(String::from_utf8_lossy(&body).into_owned());
+    }
+    let listing: Vec<crate::policy::WorkloadPolicies> = serde_json::from_slice(&body)
+        .map_err(|source| CliError::Decode { addr: args.admin, path: "/policies", source })?;
+    let mut t = Table::new(["POD", "MTLS", "PORT EXCEPTIONS", "AUTHORIZATION (evaluation order)"]);
+    for w in &listing {
+        let mtls = format!("{} ({})", w.mtls.mode, w.mtls.decided_by);
+        let ports = w.port_mtls.iter().map(|(p, d)| format!("{p}:{}", d.mode)).collect::<Vec<_>>().join(" ");
+        let authz = if w.authorization.is_empty() {
+            "none: all allowed".to_owned()
+        } else {
+            w.authorization
+                .iter()
+                .map(|p| {
+                    let http =
+                        if p.http_only.is_empty() { String::new() } else { " [HTTP-only fields]".to_owned() };
+                    format!("{} {} ({} rules){http}", p.action, p.name, p.rules)
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        t.row([w.pod.as_str(), &mtls, if ports.is_empty() { "-" } else { &ports }, &authz]);
+    }
+    Ok(t.render())
+}
+
+/// `ambit check`.
+pub async fn check(args: &CheckArgs) -> Result<String, CliError> {
+    let admin = args.operator.admin;
+    let (dst, port) = args
+        .dst
+        .rsplit_once(':')
+        .and_then(|(d, p)| Some((d, p.parse::<u16>().ok()?)))
+        .ok_or_else(|| CliError::Usage(format!("destination {:?} needs a port: DST:PORT", args.dst)))?;
+    let path = format!("/check?src={}&dst={}&port={port}", encode(&args.src), encode(dst));
+    let body = client::get(admin, &path, TIMEOUT).await?;
+    if args.operator.output == Output::Json {
+        return Ok(String::from_utf8_lossy(&body).into_owned());
+    }
+    let r: crate::policy::check::CheckReport = serde_json::from_slice(&body)
+        .map_err(|source| CliError::Decode { addr: admin, path: "/check", source })?;
+    let end = |e: &crate::policy::check::End| {
+        let who = e.pod.clone().unwrap_or_else(|| "(not a pod)".into());
+        let id = e.identity.clone().unwrap_or_else(|| "no identity (not in the mesh)".into());
+        format!("{who}  {}  {id}", e.ip)
+    };
+    let mut t = Table::new(["", ""]);
+    t.row(["source", &end(&r.source)]);
+    let destination = match &r.service {
+        Some(svc) => format!("{}  (via Service {svc})", end(&r.destination)),
+        None => end(&r.destination),
+    };
+    t.row(["destination", &destination]);
+    t.row(["port", &r.port.to_string()]);
+    let transport = match r.transport.as_str() {
+        "mtls" => format!("mTLS (HBONE): {}", r.transport_reason),
+        "local" => format!("local: {}", r.transport_reason),
+        _ => format!("plaintext: {}", r.transport_reason),
+    };
+    t.row(["transport", &transport]);
+    let authz = match &r.authorization {
+        Some(v) => {
+            let audit = if v.audit.is_empty() {
+                String::new()
+            } else {
+                format!(" (audited by {})", v.audit.join(", "))
+            };
+            format!("{}{audit}", v.reason)
+        }
+        None => "-".into(),
+    };
+    t.row(["authorization", &authz]);
+    let verdict = match r.verdict.as_str() {
+        "allowed" => "ALLOWED".to_owned(),
+        "denied" => "DENIED by AuthorizationPolicy".to_owned(),
+        "refused" => {
+            "REFUSED: the destination requires mTLS (STRICT) and the source cannot provide it".to_owned()
+        }
+        other => format!("NOT ENFORCED ({other}): the destination is outside the mesh"),
+    };
+    t.row(["verdict", &verdict]);
+    for hint in &r.hints {
+        t.row(["hint", hint]);
+    }
+    Ok(t.render_plain())
+}
+
+/// Percent-encodes a query value.
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 #[cfg(test)]

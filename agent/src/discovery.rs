@@ -127,6 +127,9 @@ pub struct Workload {
     /// Labels, for policy selectors.
     #[serde(skip, default)]
     pub labels: BTreeMap<String, String>,
+    /// Named container ports, the targets of named Service ports.
+    #[serde(skip, default)]
+    pub named_ports: BTreeMap<String, u16>,
 }
 
 impl Workload {
@@ -212,6 +215,11 @@ impl Cluster {
         self.workloads.values().filter(move |w| w.node.as_deref() == Some(node))
     }
 
+    /// The number of a pod's named container port.
+    pub fn container_port(&self, pod: &ObjectKey, name: &str) -> Option<u16> {
+        self.workloads.get(pod)?.named_ports.get(name).copied()
+    }
+
     /// The pod that owns `ip`, if any (host-network pods own no IP of their own).
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
         self.workloads.get(self.by_ip.get(&ip)?)
@@ -254,5 +262,12 @@ fn workload_of(pod: &Pod, namespaces: &BTreeMap<String, Namespace>) -> Workload 
         netns: pod.metadata.annotations.get(NETNS_ANNOTATION).map(PathBuf::from),
         enrollment,
         labels: pod.metadata.labels.clone(),
+        named_ports: pod
+            .spec
+            .containers
+            .iter()
+            .flat_map(|c| &c.ports)
+            .filter_map(|p| Some((p.name.clone()?, p.container_port)))
+            .collect(),
     }
 }

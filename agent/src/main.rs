@@ -36,6 +36,8 @@ fn main() -> ExitCode {
         Command::Status(args) => operator(cli::status(&args)),
         Command::Workloads(args) => operator(cli::workloads(&args)),
         Command::Certs(args) => operator(cli::certs(&args)),
+        Command::Policies(args) => operator(cli::policies(&args)),
+        Command::Check(args) => operator(cli::check(&args)),
     }
 }
 
@@ -55,7 +57,8 @@ fn operator(command: impl std::future::Future<Output = Result<String, cli::CliEr
         }
         Err(e) => {
             eprintln!("ambit: {}", ambit::telemetry::error_chain(&e));
-            ExitCode::from(1)
+            // Usage mistakes exit 2, like clap's own; everything else is a runtime failure.
+            ExitCode::from(if matches!(e, cli::CliError::Usage(_)) { 2 } else { 1 })
         }
     }
 }

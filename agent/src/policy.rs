@@ -3,6 +3,7 @@
 //! indexes the proxies query per connection.
 
 pub mod authorization;
+pub mod check;
 pub mod peer_authentication;
 
 use std::collections::BTreeMap;
@@ -53,5 +54,62 @@ impl<'de> Deserialize<'de> for Port {
             Ok(port) if port > 0 => Ok(Port(port)),
             _ => Err(serde::de::Error::custom(format!("port {n} is out of range 1-65535"))),
         }
+    }
+}
+
+/// `ambit policies`: the policies in force for one workload.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct WorkloadPolicies {
+    /// `namespace/name`.
+    pub pod: String,
+    /// Its mTLS mode for ports without a port-level setting.
+    pub mtls: MtlsDecision,
+    /// Ports with their own mode.
+    pub port_mtls: Vec<(u16, MtlsDecision)>,
+    /// The AuthorizationPolicies that apply, in evaluation order (DENY before ALLOW).
+    pub authorization: Vec<PolicySummary>,
+}
+
+/// One AuthorizationPolicy, summarized.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PolicySummary {
+    /// `namespace/name`.
+    pub name: String,
+    /// Its action.
+    pub action: Action,
+    /// Number of rules.
+    pub rules: usize,
+    /// HTTP-only conditions this agent cannot evaluate.
+    pub http_only: Vec<String>,
+}
+
+/// The policies in force for `workload`.
+pub fn policies_of(
+    cluster: &crate::discovery::Cluster,
+    workload: &crate::discovery::Workload,
+    root_namespace: &str,
+) -> WorkloadPolicies {
+    let mut authorization: Vec<PolicySummary> = cluster
+        .authorization
+        .for_workload(&workload.key)
+        .map(|p| PolicySummary {
+            name: p.name.clone(),
+            action: p.action,
+            rules: p.rule_count,
+            http_only: p.unsupported.clone(),
+        })
+        .collect();
+    let order = |a: Action| match a {
+        Action::Deny => 0,
+        Action::Allow => 1,
+        Action::Audit | Action::Custom => 2,
+    };
+    authorization.sort_by_key(|p| order(p.action));
+    WorkloadPolicies {
+        pod: workload.key.to_string(),
+        // Port 0 is never a port-level key: the workload-wide mode.
+        mtls: cluster.peer_authentications.decide(workload, 0, root_namespace),
+        port_mtls: cluster.peer_authentications.port_overrides(workload, root_namespace),
+        authorization,
     }
 }

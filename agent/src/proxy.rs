@@ -11,6 +11,7 @@ pub mod hbone;
 pub mod inbound;
 pub mod outbound;
 pub mod relay;
+pub mod tracker;
 
 use std::{
     io,
@@ -176,6 +177,7 @@ pub struct Settings {
 
 /// State shared by all proxies of the agent.
 pub struct Proxy {
+    tracker: Arc<tracker::Tracker>,
     orig_dst: OrigDstMap,
     cluster: watch::Receiver<Arc<Cluster>>,
     identities: Arc<Identities>,
@@ -192,12 +194,29 @@ impl Proxy {
         tls: Arc<TlsContext>,
         settings: Settings,
     ) -> Self {
-        Self { orig_dst, cluster, pool: hbone::Pool::new(tls, identities.clone()), identities, settings }
+        Self {
+            tracker: Arc::default(),
+            orig_dst,
+            cluster,
+            pool: hbone::Pool::new(tls, identities.clone()),
+            identities,
+            settings,
+        }
     }
 
     /// The HBONE connection pool.
     pub fn pool(&self) -> &hbone::Pool {
         &self.pool
+    }
+
+    /// Closes open inbound connections that `cluster`'s policies no longer allow.
+    pub fn revalidate(&self, cluster: &Cluster) -> usize {
+        self.tracker.revalidate(cluster, &self.settings.root_namespace)
+    }
+
+    /// Open inbound connections.
+    pub fn open_inbound(&self) -> usize {
+        self.tracker.len()
     }
 
     fn cluster(&self) -> Arc<Cluster> {

@@ -84,6 +84,8 @@ pub struct ConnectionRecord {
     pub dst_identity: Option<Identity>,
     /// The PeerAuthentication that decided about a plaintext connection.
     pub mtls_decided_by: Option<String>,
+    /// The AuthorizationPolicy decision.
+    pub authorization: Option<crate::policy::Verdict>,
     /// Bytes from the client to the server.
     pub bytes_sent: u64,
     /// Bytes from the server to the client.
@@ -108,6 +110,7 @@ impl ConnectionRecord {
             src_identity: None,
             dst_identity: None,
             mtls_decided_by: None,
+            authorization: None,
             bytes_sent: 0,
             bytes_received: 0,
             duration: Duration::ZERO,
@@ -142,6 +145,10 @@ impl ConnectionRecord {
             dst.namespace = ns(&self.dst_workload),
             dst.identity = id(&self.dst_identity),
             mtls.decided_by = self.mtls_decided_by.as_deref(),
+            authz.verdict = self.authorization.as_ref().map(|v| if v.allowed { "allowed" } else { "denied" }),
+            authz.policy = self.authorization.as_ref().and_then(|v| v.policy.as_deref()),
+            authz.reason = self.authorization.as_ref().map(|v| v.reason.as_str()),
+            authz.audit = self.authorization.as_ref().filter(|v| !v.audit.is_empty()).map(|v| v.audit.join(",")),
             bytes_sent = self.bytes_sent,
             bytes_recv = self.bytes_received,
             duration_ms = self.duration.as_millis() as u64,

@@ -428,10 +428,9 @@ fn peer_authentication_decides_plaintext_per_scope_and_port() {
     let refusal = agent_b
         .log_events()
         .into_iter()
-        .filter(|e| {
+        .rfind(|e| {
             e["target"] == "access" && e["error"].as_str().is_some_and(|s| s.contains("plaintext refused"))
         })
-        .next_back()
         .expect("a refusal record");
     assert_eq!(refusal["mtls.decided_by"], "shop/server");
     assert_eq!(refusal["src.workload"], "outsider");

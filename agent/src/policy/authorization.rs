@@ -204,6 +204,11 @@ pub struct Verdict {
     pub audit: Vec<String>,
 }
 
+/// Whether an Istio string pattern (exact, `x*`, `*x`, `*`) matches `value`.
+pub fn pattern_matches(pattern: &str, value: &str) -> bool {
+    StringMatch::new(pattern).matches(value)
+}
+
 /// A string matcher as Istio writes them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum StringMatch {
@@ -360,6 +365,8 @@ pub struct CompiledPolicy {
     pub unsupported: Vec<String>,
     /// Number of rules.
     pub rule_count: usize,
+    /// The principal patterns the policy names, for explanations.
+    pub principals: Vec<String>,
 }
 
 impl AuthorizationPolicy {
@@ -403,7 +410,23 @@ impl AuthorizationPolicy {
             }
             rules.push(CompiledRule { from, to, when });
         }
+        let principals = self
+            .spec
+            .rules
+            .iter()
+            .flat_map(|r| {
+                let from = r.from.iter().flatten().flat_map(|f| f.source.principals.iter().flatten());
+                let when = r
+                    .when
+                    .iter()
+                    .flatten()
+                    .filter(|c| c.key == "source.principal")
+                    .flat_map(|c| c.values.iter().flatten());
+                from.chain(when).cloned().collect::<Vec<_>>()
+            })
+            .collect();
         Ok(CompiledPolicy {
+            principals,
             name: self.name(),
             namespace: self.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
             action: self.spec.action,
@@ -549,15 +572,15 @@ pub fn evaluate<'a>(
         }
     }
     for p in policies.clone() {
-        if p.action == Action::Deny {
-            if let Some(rule) = p.matching_rule(c) {
-                return Verdict {
-                    allowed: false,
-                    policy: Some(p.name.clone()),
-                    reason: format!("denied by DENY policy {} (rule {})", p.name, rule + 1),
-                    audit,
-                };
-            }
+        if p.action == Action::Deny
+            && let Some(rule) = p.matching_rule(c)
+        {
+            return Verdict {
+                allowed: false,
+                policy: Some(p.name.clone()),
+                reason: format!("denied by DENY policy {} (rule {})", p.name, rule + 1),
+                audit,
+            };
         }
     }
     let allows: Vec<&CompiledPolicy> = policies.into_iter().filter(|p| p.action == Action::Allow).collect();
@@ -653,6 +676,7 @@ mod tests {
             netns: None,
             enrollment: Enrollment::Ambient,
             labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            named_ports: Default::default(),
         }
     }
 

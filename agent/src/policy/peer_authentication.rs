@@ -153,6 +153,19 @@ impl PeerAuthentications {
         self.by_namespace.values().flatten()
     }
 
+    /// The ports of `workload` with a port-level setting, and the mode each ends up with.
+    pub fn port_overrides(&self, workload: &Workload, root_namespace: &str) -> Vec<(u16, MtlsDecision)> {
+        let in_ns = |ns: &str| self.by_namespace.get(ns).map(Vec::as_slice).unwrap_or_default();
+        let workload_policy = in_ns(&workload.key.namespace).iter().find(|p| {
+            p.has_selector() && p.spec.selector.as_ref().is_some_and(|s| s.matches(&workload.labels))
+        });
+        workload_policy
+            .into_iter()
+            .flat_map(|p| p.spec.port_level_mtls.keys())
+            .map(|port| (port.0, self.decide(workload, port.0, root_namespace)))
+            .collect()
+    }
+
     /// The mode for inbound connections to `workload` on `port`.
     pub fn decide(&self, workload: &Workload, port: u16, root_namespace: &str) -> MtlsDecision {
         let in_ns = |ns: &str| self.by_namespace.get(ns).map(Vec::as_slice).unwrap_or_default();
@@ -192,6 +205,7 @@ mod tests {
             netns: None,
             enrollment: Enrollment::Ambient,
             labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            named_ports: Default::default(),
         }
     }
 

@@ -18,6 +18,7 @@ use super::{
 };
 use crate::{
     identity::Identity,
+    policy::ConnectionInput,
     telemetry::{ConnectionRecord, Direction, Security},
     tls::spiffe_id_of,
 };
@@ -68,8 +69,20 @@ impl Proxy {
                     decision.decided_by
                 )));
             }
+            // Plaintext has no verified identity: only address and port rules can match it.
+            let input = ConnectionInput { principal: None, namespace: None, source_ip: peer.ip(), destination: dst };
+            let verdict = cluster.authorization.evaluate(&pod.workload.key, &input);
+            record.authorization = Some(verdict.clone());
+            if !verdict.allowed {
+                reset(client);
+                return Err(ProxyError::Denied(verdict.reason));
+            }
+            let (_registration, revoked) = self.tracker.register(pod.workload.key.clone(), input);
             let upstream = connect_from(&pod.netns, dst).await?;
-            let moved = relay::tcp_to_tcp(client, upstream).await.map_err(ProxyError::Relay)?;
+            let moved = tokio::select! {
+                moved = relay::tcp_to_tcp(client, upstream) => moved.map_err(ProxyError::Relay)?,
+                Ok(reason) = revoked => return Err(ProxyError::Denied(format!("closed by a policy change: {reason}"))),
+            };
             record.bytes_sent = moved.sent;
             record.bytes_received = moved.received;
             Ok(())
@@ -189,6 +202,20 @@ impl Proxy {
                 }
             };
             record.dst_addr = Some(dst);
+            // Identity comes from the verified certificate only, never from request headers.
+            let input = ConnectionInput {
+                principal: Some(peer_identity.principal()),
+                namespace: Some(peer_identity.namespace.clone()),
+                source_ip: peer.ip(),
+                destination: dst,
+            };
+            let verdict = self.cluster().authorization.evaluate(&pod.workload.key, &input);
+            record.authorization = Some(verdict.clone());
+            if !verdict.allowed {
+                answer(&mut respond, StatusCode::UNAUTHORIZED);
+                return Err(ProxyError::Denied(verdict.reason));
+            }
+            let (_registration, revoked) = self.tracker.register(pod.workload.key.clone(), input);
             let upstream = match connect_from(&pod.netns, dst).await {
                 Ok(upstream) => upstream,
                 Err(e) => {
@@ -196,14 +223,13 @@ impl Proxy {
                     return Err(e);
                 }
             };
-            let response = Response::builder()
-                .status(StatusCode::OK)
-                .body(())
-                .map_err(|e| ProxyError::Hbone(e.to_string()))?;
-            let send =
-                respond.send_response(response, false).map_err(|e| ProxyError::Hbone(e.to_string()))?;
-            let moved =
-                relay::tcp_to_h2(upstream, send, request.into_body()).await.map_err(ProxyError::Relay)?;
+            let response =
+                Response::builder().status(StatusCode::OK).body(()).map_err(|e| ProxyError::Hbone(e.to_string()))?;
+            let send = respond.send_response(response, false).map_err(|e| ProxyError::Hbone(e.to_string()))?;
+            let moved = tokio::select! {
+                moved = relay::tcp_to_h2(upstream, send, request.into_body()) => moved.map_err(ProxyError::Relay)?,
+                Ok(reason) = revoked => return Err(ProxyError::Denied(format!("closed by a policy change: {reason}"))),
+            };
             // Seen from the pod: what the app sent is what went back to the client.
             record.bytes_sent = moved.received;
             record.bytes_received = moved.sent;

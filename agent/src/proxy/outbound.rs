@@ -6,7 +6,9 @@ use ambit_common::HBONE_PORT;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info_span, warn};
 
-use super::{ACCEPT_BACKOFF, PodContext, Proxy, ProxyError, connect_from, count, hbone::PoolKey, relay};
+use super::{
+    ACCEPT_BACKOFF, PodContext, Proxy, ProxyError, connect_from, count, hbone::PoolKey, relay, reset,
+};
 use crate::{
     identity::Identity,
     redirect::from_kernel,
@@ -75,7 +77,14 @@ impl Proxy {
                 record.security = Security::MutualTls;
                 record.dst_identity = Some(dst_identity);
                 record.hbone_addr = Some(key.addr);
-                let tunnel = self.pool.connect(&pod.netns, &key, dst).await?;
+                let tunnel = match self.pool.connect(&pod.netns, &key, dst).await {
+                    Ok(tunnel) => tunnel,
+                    Err(e) => {
+                        // The application learns at once, as from a refusing server.
+                        reset(client);
+                        return Err(e);
+                    }
+                };
                 let moved =
                     relay::tcp_to_h2(client, tunnel.send, tunnel.recv).await.map_err(ProxyError::Relay)?;
                 drop(tunnel.slot);
@@ -84,7 +93,13 @@ impl Proxy {
             }
             None => {
                 // Not in the mesh: plaintext passthrough, as ztunnel does.
-                let upstream = connect_from(&pod.netns, dst).await?;
+                let upstream = match connect_from(&pod.netns, dst).await {
+                    Ok(upstream) => upstream,
+                    Err(e) => {
+                        reset(client);
+                        return Err(e);
+                    }
+                };
                 record.src_addr = upstream.local_addr().ok();
                 let moved = relay::tcp_to_tcp(client, upstream).await.map_err(ProxyError::Relay)?;
                 record.bytes_sent = moved.sent;

@@ -1,0 +1,283 @@
+//! `ambit check SRC DST:PORT`: what would happen to a connection, and why — the identities of
+//! both ends, whether it would be mTLS or plaintext (and which PeerAuthentication decides), and
+//! which AuthorizationPolicy allows or denies it. It runs the same evaluation the proxies run.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConnectionInput, MtlsDecision, Verdict};
+use crate::{
+    discovery::{Cluster, ObjectKey, Workload, objects::IntOrString},
+    identity::Identity,
+};
+
+/// Why a check could not be answered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CheckError {
+    /// SRC must be a pod.
+    #[error("source {0:?} is not a pod this agent knows (use namespace/name)")]
+    UnknownSource(String),
+    /// DST is neither a pod, a Service nor an IP.
+    #[error("destination {0:?} is not a pod, Service or IP address this agent knows")]
+    UnknownDestination(String),
+    /// A Service without the port.
+    #[error("Service {service} has no port {port}")]
+    NoServicePort {
+        /// The Service.
+        service: String,
+        /// The port asked for.
+        port: u16,
+    },
+    /// A Service without pods.
+    #[error("Service {0} selects no pod")]
+    NoEndpoint(String),
+}
+
+/// One end of the connection.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct End {
+    /// `namespace/name` of the pod, if it is one.
+    pub pod: Option<String>,
+    /// Its address.
+    pub ip: IpAddr,
+    /// Its SPIFFE ID, if it is in the mesh.
+    pub identity: Option<String>,
+    /// Whether it is in the mesh.
+    pub in_mesh: bool,
+}
+
+/// The answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Source.
+    pub source: End,
+    /// Destination pod (after Service resolution).
+    pub destination: End,
+    /// The Service asked for, if any.
+    pub service: Option<String>,
+    /// Destination port on the pod.
+    pub port: u16,
+    /// `mtls`, `plaintext`, or `local` (a pod reaching itself).
+    pub transport: String,
+    /// Why that transport.
+    pub transport_reason: String,
+    /// The PeerAuthentication decision, for plaintext into the mesh.
+    pub peer_authentication: Option<MtlsDecision>,
+    /// The AuthorizationPolicy decision, when the destination enforces one.
+    pub authorization: Option<Verdict>,
+    /// `allowed`, `denied` (AuthorizationPolicy), `refused` (STRICT mTLS) or `not-enforced`
+    /// (the destination is not in the mesh).
+    pub verdict: String,
+    /// Hints about likely mistakes.
+    pub hints: Vec<String>,
+}
+
+/// Answers a check against `cluster`.
+pub fn check(
+    cluster: &Cluster,
+    trust_domain: &str,
+    root_namespace: &str,
+    src: &str,
+    dst: &str,
+    port: u16,
+) -> Result<CheckReport, CheckError> {
+    let source = find_pod(cluster, src).ok_or_else(|| CheckError::UnknownSource(src.to_owned()))?;
+    let (destination, service, port) = resolve_destination(cluster, dst, port)?;
+    let src_ip = source.ips.first().copied().ok_or_else(|| CheckError::UnknownSource(src.to_owned()))?;
+    let identity = |w: &Workload| {
+        w.enrollment.is_enrolled().then(|| Identity::new(trust_domain, &w.key.namespace, &w.service_account))
+    };
+    let src_id = identity(source);
+    let (dst_pod, dst_ip, dst_id) = match &destination {
+        Destination::Pod(w) => {
+            (Some(*w), w.ips.first().copied().unwrap_or(IpAddr::from([0, 0, 0, 0])), identity(w))
+        }
+        Destination::Ip(ip) => (None, *ip, None),
+    };
+    let end = |w: Option<&Workload>, ip, id: &Option<Identity>| End {
+        pod: w.map(|w| w.key.to_string()),
+        ip,
+        identity: id.as_ref().map(ToString::to_string),
+        in_mesh: id.is_some(),
+    };
+    let mut report = CheckReport {
+        source: end(Some(source), src_ip, &src_id),
+        destination: end(dst_pod, dst_ip, &dst_id),
+        service,
+        port,
+        transport: "plaintext".into(),
+        transport_reason: String::new(),
+        peer_authentication: None,
+        authorization: None,
+        verdict: "allowed".into(),
+        hints: Vec::new(),
+    };
+
+    if dst_pod.is_some_and(|d| d.key == source.key) {
+        report.transport = "local".into();
+        report.transport_reason =
+            "a pod reaching its own address stays inside its network namespace: not captured, no policy applies".into();
+        return Ok(report);
+    }
+    let Some(dst_workload) = dst_pod.filter(|_| dst_id.is_some()) else {
+        report.transport_reason =
+            "the destination is not in the mesh: plaintext passthrough, no policy applies".into();
+        report.verdict = "not-enforced".into();
+        return Ok(report);
+    };
+    let input = if let Some(src_id) = &src_id {
+        report.transport = "mtls".into();
+        report.transport_reason = "both ends are in the mesh: HBONE over mutual TLS".into();
+        ConnectionInput {
+            principal: Some(src_id.principal()),
+            namespace: Some(src_id.namespace.clone()),
+            source_ip: src_ip,
+            destination: SocketAddr::new(dst_ip, port),
+        }
+    } else {
+        let decision = cluster.peer_authentications.decide(dst_workload, port, root_namespace);
+        report.transport_reason = format!(
+            "the source is not in the mesh: plaintext, which the destination accepts unless mTLS is STRICT (mode {} set by {})",
+            decision.mode, decision.decided_by
+        );
+        let strict = !decision.mode.allows_plaintext();
+        report.peer_authentication = Some(decision);
+        if strict {
+            report.verdict = "refused".into();
+            report.hints.push(format!(
+                "enroll {} in the mesh (label its namespace or pod istio.io/dataplane-mode=ambient) or add a PERMISSIVE port-level exception",
+                source.key
+            ));
+            return Ok(report);
+        }
+        ConnectionInput {
+            principal: None,
+            namespace: None,
+            source_ip: src_ip,
+            destination: SocketAddr::new(dst_ip, port),
+        }
+    };
+    let verdict = cluster.authorization.evaluate(&dst_workload.key, &input);
+    if !verdict.allowed {
+        report.verdict = "denied".into();
+        report.hints.extend(hints(cluster, source, dst_workload, &input));
+    }
+    report.authorization = Some(verdict);
+    Ok(report)
+}
+
+/// Likely causes of a denial, in words.
+fn hints(cluster: &Cluster, source: &Workload, dst: &Workload, input: &ConnectionInput) -> Vec<String> {
+    let named: Vec<&str> = cluster
+        .authorization
+        .for_workload(&dst.key)
+        .filter(|p| p.action == super::Action::Allow)
+        .flat_map(|p| p.principals.iter().map(String::as_str))
+        .collect();
+    let mut hints = Vec::new();
+    match &input.principal {
+        None if !named.is_empty() => hints.push(format!(
+            "{} is not in the mesh, so its connection has no identity; rules that name principals or namespaces never match it",
+            source.key
+        )),
+        Some(principal) => {
+            let same_ns: Vec<&&str> =
+                named.iter().filter(|p| p.split('/').nth(2) == Some(source.key.namespace.as_str())).collect();
+            if !same_ns.is_empty() && !named.iter().any(|p| super::authorization::pattern_matches(p, principal)) {
+                let sa = &source.service_account;
+                let why = if sa == "default" {
+                    " (the pod sets no spec.serviceAccountName, so it runs as \"default\")".to_owned()
+                } else {
+                    String::new()
+                };
+                hints.push(format!(
+                    "{} runs as service account {sa}{why}: its identity is {principal}, but the ALLOW policies name {}",
+                    source.key,
+                    same_ns.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        None => {}
+    }
+    hints
+}
+
+enum Destination<'a> {
+    Pod(&'a Workload),
+    Ip(IpAddr),
+}
+
+fn find_pod<'a>(cluster: &'a Cluster, name: &str) -> Option<&'a Workload> {
+    match name.split_once('/') {
+        Some((ns, pod)) => cluster.workloads.get(&ObjectKey { namespace: ns.into(), name: pod.into() }),
+        None => {
+            let mut matches = cluster.workloads.values().filter(|w| w.key.name == name);
+            let first = matches.next()?;
+            // An unqualified name must be unambiguous.
+            matches.next().is_none().then_some(first)
+        }
+    }
+}
+
+/// A pod, a pod IP, a Service (`ns/name`, resolved to a pod it selects), or another IP.
+fn resolve_destination<'a>(
+    cluster: &'a Cluster,
+    dst: &str,
+    port: u16,
+) -> Result<(Destination<'a>, Option<String>, u16), CheckError> {
+    if let Ok(ip) = dst.trim_matches(['[', ']']).parse::<IpAddr>() {
+        if let Some(w) = cluster.workload_by_ip(ip) {
+            return Ok((Destination::Pod(w), None, port));
+        }
+        for (key, svc) in &cluster.services {
+            let vips = svc.spec.cluster_ip.iter().chain(&svc.spec.cluster_ips);
+            if vips.filter_map(|v| v.parse::<IpAddr>().ok()).any(|v| v == ip) {
+                return via_service(cluster, key, port);
+            }
+        }
+        return Ok((Destination::Ip(ip), None, port));
+    }
+    if let Some(w) = find_pod(cluster, dst) {
+        return Ok((Destination::Pod(w), None, port));
+    }
+    let key = match dst.split_once('/') {
+        Some((ns, name)) => ObjectKey { namespace: ns.into(), name: name.into() },
+        None => match dst.split_once('.') {
+            Some((name, ns)) => {
+                ObjectKey { namespace: ns.trim_end_matches(".svc.cluster.local").into(), name: name.into() }
+            }
+            None => return Err(CheckError::UnknownDestination(dst.to_owned())),
+        },
+    };
+    if cluster.services.contains_key(&key) {
+        return via_service(cluster, &key, port);
+    }
+    Err(CheckError::UnknownDestination(dst.to_owned()))
+}
+
+fn via_service<'a>(
+    cluster: &'a Cluster,
+    key: &ObjectKey,
+    port: u16,
+) -> Result<(Destination<'a>, Option<String>, u16), CheckError> {
+    let svc = &cluster.services[key];
+    let service_port = svc
+        .spec
+        .ports
+        .iter()
+        .find(|p| p.port == port)
+        .ok_or_else(|| CheckError::NoServicePort { service: key.to_string(), port })?;
+    let pod = cluster
+        .workloads
+        .values()
+        .filter(|w| w.key.namespace == key.namespace && !svc.spec.selector.is_empty())
+        .find(|w| svc.spec.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+        .ok_or_else(|| CheckError::NoEndpoint(key.to_string()))?;
+    let target = match &service_port.target_port {
+        None => port,
+        Some(IntOrString::Int(p)) => *p,
+        Some(IntOrString::String(name)) => cluster.container_port(&pod.key, name).unwrap_or(port),
+    };
+    Ok((Destination::Pod(pod), Some(key.to_string()), target))
+}

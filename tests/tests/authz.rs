@@ -1,0 +1,258 @@
+//! End to end: AuthorizationPolicy enforced by the destination agent, `ambit check` predicting
+//! exactly what the agents do, runtime policy changes (including for open connections), and
+//! bad policies keeping the last good set in force.
+
+use std::{
+    io::{ErrorKind, Read as _},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use ambit_tests::{Agent, Cluster, PodSpec, echo_roundtrip};
+use serde_json::Value;
+
+const HTTP: u16 = 8080;
+const ADMIN: u16 = 9090;
+const STEP: Duration = Duration::from_secs(5);
+
+/// The mission's example: STRICT in shop; backend accepts only frontend-sa, db only backend-sa
+/// (and db's port 9090 nobody).
+const POLICIES: &str = "\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: backend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: backend}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/frontend-sa]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/backend-sa]}}]
+    to: [{operation: {ports: ['8080']}}]
+---
+";
+
+fn shop() -> (Cluster, Agent, Agent) {
+    let cluster = Cluster::builder()
+        .node("a")
+        .node("b")
+        .namespace("shop", true)
+        .namespace("legacy", false)
+        .pod(PodSpec::new("shop", "frontend", "a").service_account("frontend-sa").label("app", "frontend"))
+        .pod(PodSpec::new("shop", "backend", "b").service_account("backend-sa").label("app", "backend"))
+        .pod(PodSpec::new("shop", "db", "b").service_account("db-sa").label("app", "db"))
+        // Forgot spec.serviceAccountName: runs as "default".
+        .pod(PodSpec::new("shop", "lazy", "a").label("app", "lazy"))
+        .pod(PodSpec::new("legacy", "outsider", "a"))
+        .build()
+        .expect("cluster");
+    cluster.set_extra_yaml(POLICIES);
+    cluster.write_manifest().expect("write");
+    let a = cluster.start_agent("a").expect("agent a");
+    let b = cluster.start_agent("b").expect("agent b");
+    (cluster, a, b)
+}
+
+/// Connects, sends, reads the echo: `Ok` when it came back.
+fn attempt(cluster: &Cluster, from: &str, to: SocketAddr) -> Result<(), ErrorKind> {
+    let mut stream = cluster.pod(from).connect(to, STEP).map_err(|e| e.kind())?;
+    echo_roundtrip(&mut stream, b"policy?").map(|_| ()).map_err(|e| e.kind())
+}
+
+fn check(cluster: &Cluster, from: &str, to: &str, port: u16) -> Value {
+    let out = cluster
+        .node("a")
+        .ambit(&["check", from, &format!("{to}:{port}"), "-o", "json"])
+        .expect("ambit check");
+    assert!(out.status.success(), "ambit check: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+#[test]
+fn the_four_shop_connections_behave_as_stated_and_as_checked() {
+    let (cluster, _a, b) = shop();
+    let apps: Vec<_> = ["frontend", "backend", "db"]
+        .into_iter()
+        .map(|p| (p, cluster.pod(p).echo_server(HTTP).expect("app")))
+        .collect();
+    let seen = |pod: &str| apps.iter().find(|(p, _)| *p == pod).map_or(0, |(_, app)| app.peers().len());
+
+    assert_eq!(attempt(&cluster, "frontend", cluster.pod("backend").addr(HTTP)), Ok(()));
+    assert_eq!(attempt(&cluster, "backend", cluster.pod("db").addr(HTTP)), Ok(()));
+    let db_before = seen("db");
+    let started = Instant::now();
+    let denied = attempt(&cluster, "frontend", cluster.pod("db").addr(HTTP));
+    assert!(matches!(denied, Err(ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof)), "{denied:?}");
+    assert!(started.elapsed() < Duration::from_secs(1), "denied at once");
+    assert_eq!(seen("db"), db_before, "not a byte reached db");
+    let backend_before = seen("backend");
+    assert!(attempt(&cluster, "outsider", cluster.pod("backend").addr(HTTP)).is_err());
+    assert_eq!(seen("backend"), backend_before);
+
+    // The denial is logged once, by the destination, with who, where and why.
+    let denial = b
+        .wait_for_event(STEP, |e| e["target"] == "access" && e["authz.verdict"] == "denied")
+        .expect("denial record");
+    assert_eq!(denial["src.workload"], "frontend");
+    assert_eq!(denial["dst.workload"], "db");
+    assert_eq!(denial["src.identity"], "spiffe://cluster.local/ns/shop/sa/frontend-sa");
+    assert_eq!(denial["dst.addr"], cluster.pod("db").addr(HTTP).to_string());
+    assert!(
+        denial["authz.reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no ALLOW policy matched") && r.contains("shop/db"))
+    );
+    let denials = b.access_records().iter().filter(|e| e["authz.verdict"] == "denied").count();
+    assert_eq!(denials, 1, "logged once");
+
+    // `ambit check` says the same, with reasons.
+    let c = check(&cluster, "shop/frontend", "shop/backend", HTTP);
+    assert_eq!((c["verdict"].as_str(), c["transport"].as_str()), (Some("allowed"), Some("mtls")));
+    assert_eq!(c["authorization"]["policy"], "shop/backend");
+    assert_eq!(check(&cluster, "shop/backend", "shop/db", HTTP)["verdict"], "allowed");
+    let c = check(&cluster, "shop/frontend", "shop/db", HTTP);
+    assert_eq!(c["verdict"], "denied");
+    assert_eq!(c["source"]["identity"], "spiffe://cluster.local/ns/shop/sa/frontend-sa");
+    let c = check(&cluster, "legacy/outsider", "shop/backend", HTTP);
+    assert_eq!(c["verdict"], "refused");
+    assert_eq!(c["peer_authentication"]["decided_by"], "shop/default");
+
+    // The table form fits one screen and says it in words.
+    let out = cluster.node("a").ambit(&["check", "shop/frontend", "shop/db:8080"]).expect("check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("DENIED") && text.contains("mTLS (HBONE)") && text.contains("no ALLOW policy matched"),
+        "{text}"
+    );
+    assert!(text.lines().count() <= 12, "{text}");
+}
+
+#[test]
+fn agents_verdicts_match_check_for_every_pair() {
+    let (cluster, _a, _b) = shop();
+    let _apps: Vec<_> = ["frontend", "backend", "db"]
+        .into_iter()
+        .flat_map(|p| {
+            [cluster.pod(p).echo_server(HTTP).expect("app"), cluster.pod(p).echo_server(ADMIN).expect("app")]
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for from in ["shop/frontend", "shop/backend", "shop/lazy", "legacy/outsider"] {
+        for to in ["shop/frontend", "shop/backend", "shop/db"] {
+            for port in [HTTP, ADMIN] {
+                let predicted = check(&cluster, from, to, port);
+                let pod = |s: &str| s.rsplit('/').next().unwrap_or(s).to_owned();
+                let actual = attempt(&cluster, &pod(from), cluster.pod(&pod(to)).addr(port)).is_ok();
+                let verdict = predicted["verdict"].as_str().unwrap_or_default().to_owned();
+                assert_eq!(
+                    actual,
+                    verdict == "allowed",
+                    "{from} -> {to}:{port}: check said {verdict}, the agents did {actual}"
+                );
+                seen.push(verdict);
+            }
+        }
+    }
+    for kind in ["allowed", "denied", "refused"] {
+        assert!(seen.iter().any(|v| v == kind), "the grid covers {kind}: {seen:?}");
+    }
+}
+
+#[test]
+fn a_forgotten_service_account_is_denied_and_explained() {
+    let (cluster, _a, _b) = shop();
+    let _backend = cluster.pod("backend").echo_server(HTTP).expect("app");
+    assert!(attempt(&cluster, "lazy", cluster.pod("backend").addr(HTTP)).is_err());
+    let out = cluster.node("a").ambit(&["check", "shop/lazy", "shop/backend:8080"]).expect("check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("DENIED"), "{text}");
+    assert!(text.contains("runs as service account default"), "{text}");
+    assert!(text.contains("no spec.serviceAccountName"), "{text}");
+    assert!(text.contains("cluster.local/ns/shop/sa/frontend-sa"), "{text}");
+}
+
+#[test]
+fn policy_changes_apply_to_new_and_open_connections() {
+    let (cluster, _a, b) = shop();
+    let _backend = cluster.pod("backend").echo_server(HTTP).expect("app");
+    let dst = cluster.pod("backend").addr(HTTP);
+    let mut open = cluster.pod("frontend").connect(dst, STEP).expect("allowed");
+    assert_eq!(echo_roundtrip(&mut open, b"before").expect("echo"), b"before");
+
+    // Revoke: frontend is no longer allowed into backend.
+    let generation = b.generation();
+    cluster.set_extra_yaml(&POLICIES.replace("frontend-sa]", "nobody]"));
+    cluster.write_manifest().expect("write");
+    b.wait_generation_after(generation, STEP).expect("reloaded");
+    assert!(attempt(&cluster, "frontend", dst).is_err(), "new connections follow the new policy at once");
+    // The open connection is closed too.
+    open.set_read_timeout(Some(STEP)).expect("timeout");
+    let mut buf = [0u8; 8];
+    let read = open.read(&mut buf);
+    assert!(matches!(read, Ok(0) | Err(_)), "the open connection was closed: {read:?}");
+    b.wait_for_event(STEP, |e| e["message"] == "closing an open connection the new policy no longer allows")
+        .expect("logged");
+
+    // Restore: allowed again.
+    let generation = b.generation();
+    cluster.set_extra_yaml(POLICIES);
+    cluster.write_manifest().expect("write");
+    b.wait_generation_after(generation, STEP).expect("reloaded");
+    assert_eq!(attempt(&cluster, "frontend", dst), Ok(()));
+}
+
+#[test]
+fn a_bad_policy_is_named_and_the_last_good_set_stays() {
+    let (cluster, _a, b) = shop();
+    let _apps = [
+        cluster.pod("backend").echo_server(HTTP).expect("app"),
+        cluster.pod("db").echo_server(HTTP).expect("app"),
+    ];
+    let broken = POLICIES.replace(
+        "principals: [cluster.local/ns/shop/sa/backend-sa]",
+        "principal: [cluster.local/ns/shop/sa/backend-sa]",
+    );
+    cluster.set_extra_yaml(&broken);
+    cluster.write_manifest().expect("write");
+    let event = b
+        .wait_for_event(STEP, |e| e["message"].as_str().is_some_and(|m| m.contains("cluster file rejected")))
+        .expect("rejected");
+    let error = event["error"].as_str().unwrap_or_default();
+    assert!(error.contains("AuthorizationPolicy") && error.contains("principal"), "{error}");
+    // Still the last good policies: allowed stays allowed, denied stays denied (never open).
+    assert_eq!(attempt(&cluster, "backend", cluster.pod("db").addr(HTTP)), Ok(()));
+    assert!(attempt(&cluster, "frontend", cluster.pod("db").addr(HTTP)).is_err());
+
+    let unsupported = POLICIES.replace(
+        "action: ALLOW\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/shop/sa/frontend-sa]}}]",
+        "action: CUSTOM\n  provider: {name: ext}",
+    );
+    cluster.set_extra_yaml(&unsupported);
+    cluster.write_manifest().expect("write");
+    b.wait_for_event(STEP, |e| e["error"].as_str().is_some_and(|m| m.contains("CUSTOM")))
+        .expect("CUSTOM rejected");
+    assert_eq!(attempt(&cluster, "frontend", cluster.pod("backend").addr(HTTP)), Ok(()));
+}
+
+#[test]
+fn policies_lists_what_is_in_force() {
+    let (cluster, _a, _b) = shop();
+    let out = cluster.node("b").ambit(&["policies"]).expect("ambit policies");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let db = text.lines().find(|l| l.starts_with("shop/db")).expect("db listed");
+    assert!(db.contains("STRICT (shop/default)") && db.contains("ALLOW shop/db (1 rules)"), "{text}");
+    let backend = text.lines().find(|l| l.starts_with("shop/backend")).expect("backend listed");
+    assert!(backend.contains("ALLOW shop/backend"), "{text}");
+}
