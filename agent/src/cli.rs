@@ -334,7 +334,13 @@ pub async fn policies(args: &OperatorArgs) -> Result<String, CliError> {
                 .map(|p| {
                     let http =
                         if p.http_only.is_empty() { String::new() } else { " [HTTP-only fields]".to_owned() };
-                    format!("{} {} ({} rules){http}", p.action, p.name, p.rules)
+                    format!(
+                        "{} {} ({} rule{}){http}",
+                        p.action,
+                        p.name,
+                        p.rules,
+                        if p.rules == 1 { "" } else { "s" }
+                    )
                 })
                 .collect::<Vec<_>>()
                 .join("; ")

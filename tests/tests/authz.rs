@@ -252,7 +252,7 @@ fn policies_lists_what_is_in_force() {
     let out = cluster.node("b").ambit(&["policies"]).expect("ambit policies");
     let text = String::from_utf8_lossy(&out.stdout);
     let db = text.lines().find(|l| l.starts_with("shop/db")).expect("db listed");
-    assert!(db.contains("STRICT (shop/default)") && db.contains("ALLOW shop/db (1 rules)"), "{text}");
+    assert!(db.contains("STRICT (shop/default)") && db.contains("ALLOW shop/db (1 rule)"), "{text}");
     let backend = text.lines().find(|l| l.starts_with("shop/backend")).expect("backend listed");
     assert!(backend.contains("ALLOW shop/backend"), "{text}");
 }

@@ -11,12 +11,32 @@ use serde_json::Value;
 const HTTP: u16 = 8080;
 const POSTGRES: u16 = 5432;
 
+/// The mission's example: STRICT mTLS in shop; backend accepts only frontend's identity and db
+/// only backend's.
 const POLICIES: &str = "\
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {name: default, namespace: shop}
 spec:
   mtls: {mode: STRICT}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: backend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: backend}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/frontend-sa]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/backend-sa]}}]
 ";
 
 pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
@@ -27,9 +47,9 @@ pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
         .node("node-b")
         .namespace("shop", true)
         .namespace("legacy", false)
-        .pod(PodSpec::new("shop", "frontend", "node-a").service_account("frontend-sa").port("http", HTTP))
-        .pod(PodSpec::new("shop", "backend", "node-b").service_account("backend-sa").port("http", HTTP))
-        .pod(PodSpec::new("shop", "db", "node-b").service_account("db-sa").port("postgres", POSTGRES))
+        .pod(pod("frontend", "node-a").port("http", HTTP))
+        .pod(pod("backend", "node-b").port("http", HTTP))
+        .pod(pod("db", "node-b").port("postgres", POSTGRES))
         .pod(PodSpec::new("legacy", "outsider", "node-a"))
         .build()
         .context("building the simulated cluster")?;
@@ -39,9 +59,10 @@ pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
         ("node-a", cluster.start_agent("node-a").context("starting the agent of node-a")?),
         ("node-b", cluster.start_agent("node-b").context("starting the agent of node-b")?),
     ];
-    println!(
-        "  agents ready on node-a and node-b; namespace shop is enrolled, with PeerAuthentication STRICT"
-    );
+    println!("  agents ready on node-a and node-b; namespace shop is enrolled, with these policies:");
+    println!("    PeerAuthentication shop/default: STRICT mTLS");
+    println!("    AuthorizationPolicy shop/backend: ALLOW from cluster.local/ns/shop/sa/frontend-sa");
+    println!("    AuthorizationPolicy shop/db: ALLOW from cluster.local/ns/shop/sa/backend-sa");
     println!("  cluster file: {}\n", cluster.manifest_path().display());
 
     let _servers = [
@@ -58,7 +79,9 @@ pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
     ];
     println!("Traffic between the pods (each: connect, send 32 bytes, read the echo):\n");
     let mut rows = vec![
-        ["FROM", "TO", "RESULT", "ON THE WIRE", "IDENTITIES (verified by mTLS)"].map(String::from).to_vec(),
+        ["FROM", "TO", "RESULT", "ON THE WIRE (verified identities)", "WHY (ambit check)"]
+            .map(String::from)
+            .to_vec(),
     ];
     for (from, to, port) in flows {
         let dst = cluster.pod(to).addr(port);
@@ -70,37 +93,64 @@ pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
         let record = inbound_record(&agents, from, dst);
         let result = match (result, &record) {
             (Ok(_), _) => "ok".to_owned(),
-            (Err(_), Some(r)) if r["error"].is_string() => {
-                r["error"].as_str().unwrap_or_default().trim_start_matches("denied: ").to_owned()
+            (Err(_), Some(r)) if r["authz.verdict"] == "denied" => "DENIED".to_owned(),
+            (Err(_), Some(r)) if r["error"].as_str().is_some_and(|e| e.contains("STRICT")) => {
+                "REFUSED".to_owned()
             }
             (Err(e), _) => format!("failed: {e}"),
         };
-        let (wire, identities) = match &record {
-            Some(r) if r["security"] == "mutual_tls" => (
-                "HBONE mTLS".to_owned(),
-                format!("{} -> {}", short(&r["src.identity"]), short(&r["dst.identity"])),
-            ),
-            Some(_) => ("plaintext".to_owned(), "none (not in the mesh)".to_owned()),
-            None => ("-".to_owned(), "-".to_owned()),
+        let wire = match &record {
+            Some(r) if r["security"] == "mutual_tls" => {
+                format!("mTLS {} -> {}", short(&r["src.identity"]), short(&r["dst.identity"]))
+            }
+            Some(_) => "plaintext (no identity)".to_owned(),
+            None => "-".to_owned(),
         };
-        rows.push(vec![from.to_string(), format!("{to}:{port}"), result, wire, identities]);
+        let why = why(&cluster, from, to, port);
+        rows.push(vec![from.to_string(), format!("{to}:{port}"), result, wire, why]);
     }
     crate::table::print(&rows);
 
+    let node_a = cluster.node("node-a");
+    let node_b = cluster.node("node-b");
+    println!("\n$ ambit check shop/frontend shop/db:{POSTGRES}\n");
+    print!("{}", indent(&node_a.ambit(&["check", "shop/frontend", &format!("shop/db:{POSTGRES}")])?.stdout));
+    println!("\n[node-b] $ ambit policies\n");
+    print!("{}", indent(&node_b.ambit(&["policies"])?.stdout));
+    println!("\n[node-b] $ ambit certs\n");
+    print!("{}", indent(&node_b.ambit(&["certs"])?.stdout));
     for (node, _) in &agents {
-        println!("\n[{node}] `ambit workloads`:\n");
+        println!("\n[{node}] $ ambit workloads\n");
         print!("{}", indent(&cluster.node(node).ambit(&["workloads"])?.stdout));
-        println!("\n[{node}] `ambit certs`:\n");
-        print!("{}", indent(&cluster.node(node).ambit(&["certs"])?.stdout));
     }
-    println!("\n[node-a] `ambit status`:\n");
-    print!("{}", indent(&cluster.node("node-a").ambit(&["status"])?.stdout));
+    println!("\n[node-a] $ ambit status\n");
+    print!("{}", indent(&node_a.ambit(&["status"])?.stdout));
     println!(
-        "\nshop pods talk over mutual TLS with their SPIFFE identities, issued by the agents' shared CA\n\
-         (the kernel steers every connection to the agent; the apps did not change). outsider is not in\n\
-         the mesh, so it can only send plaintext, which STRICT refuses. Next: AuthorizationPolicy."
+        "\nshop pods talk over mutual TLS with SPIFFE identities from the agents' shared CA; the kernel\n\
+         steers every connection to the agent and the apps did not change. Each destination's agent\n\
+         checks the verified identity against its AuthorizationPolicies before a byte reaches the app;\n\
+         outsider is outside the mesh and can only send plaintext, which STRICT refuses."
     );
     Ok(())
+}
+
+fn pod(name: &str, node: &str) -> PodSpec {
+    PodSpec::new("shop", name, node).service_account(&format!("{name}-sa")).label("app", name)
+}
+
+/// `ambit check`'s one-line reason for a flow.
+fn why(cluster: &Cluster, from: &str, to: &str, port: u16) -> String {
+    let src = if from == "outsider" { "legacy/outsider".to_owned() } else { format!("shop/{from}") };
+    let out = cluster.node("node-a").ambit(&["check", &src, &format!("shop/{to}:{port}"), "-o", "json"]);
+    let Ok(report) = out.map(|o| serde_json::from_slice::<Value>(&o.stdout).unwrap_or_default()) else {
+        return "-".into();
+    };
+    match report["verdict"].as_str() {
+        Some("refused") => {
+            format!("STRICT mTLS ({})", report["peer_authentication"]["decided_by"].as_str().unwrap_or("?"))
+        }
+        _ => report["authorization"]["reason"].as_str().unwrap_or("-").to_owned(),
+    }
 }
 
 /// The destination agent's record of a flow: it saw the verified identities (or the refusal).
