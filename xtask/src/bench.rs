@@ -31,8 +31,8 @@ pub(crate) struct Options {
     /// Idle connections opened to measure memory per connection.
     #[arg(long, default_value_t = 1000)]
     idle_connections: usize,
-    /// Only these measures (comma-separated): bulk, rr, cps, memory.
-    #[arg(long, value_delimiter = ',', default_value = "bulk,rr,cps,memory")]
+    /// Only these measures (comma-separated): bulk, rr, cps, policies, memory.
+    #[arg(long, value_delimiter = ',', default_value = "bulk,rr,cps,policies,memory")]
     only: Vec<String>,
 }
 
@@ -138,6 +138,26 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
         ]);
     }
 
+    if wanted("policies") {
+        // The same connection rate with 1,000 AuthorizationPolicies that all apply to the server
+        // (999 that do not match the client, evaluated before the one that does).
+        let without = connections_per_second(&mesh, secs)?;
+        let generation = agent_b.generation();
+        cluster.set_extra_yaml(&thousand_policies());
+        cluster.write_manifest()?;
+        agent_b.wait_generation_after(generation, Duration::from_secs(30))?;
+        let with = connections_per_second(&mesh, secs)?;
+        rows.push(vec![
+            "new connections/s, 1,000 policies".into(),
+            format!("{without:.0} (none)"),
+            format!("{with:.0}"),
+            format!("{:.2}", with / without),
+            ">= 0.95 of none".into(),
+        ]);
+        cluster.set_extra_yaml("");
+        cluster.write_manifest()?;
+    }
+
     if wanted("memory") {
         let per_conn = idle_memory(&mesh, &[agent_a.pid(), agent_b.pid()], options.idle_connections)?;
         rows.push(vec![
@@ -153,6 +173,26 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
     println!("\nmesh = through both agents: HBONE (HTTP/2 CONNECT over mutual TLS 1.3) between the nodes.");
     drop(servers);
     Ok(())
+}
+
+/// 999 AuthorizationPolicies in the server's namespace that do not match the bench client
+/// (half DENY, half ALLOW), and one ALLOW that does.
+fn thousand_policies() -> String {
+    let mut yaml = String::new();
+    for i in 0..999 {
+        let action = if i % 2 == 0 { "DENY" } else { "ALLOW" };
+        yaml.push_str(&format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p{i:04}, namespace: mesh}}\n\
+             spec:\n  action: {action}\n  rules:\n  - from: [{{source: {{principals: [cluster.local/ns/other{i}/sa/x]}}}}]\n    \
+             to: [{{operation: {{ports: ['{}']}}}}]\n---\n",
+            1000 + i
+        ));
+    }
+    yaml.push_str(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: zz-client, namespace: mesh}\n\
+         spec:\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/mesh/sa/client]}}]\n---\n",
+    );
+    yaml
 }
 
 /// Bytes per second over `streams` parallel connections for `time`.

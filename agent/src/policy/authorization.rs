@@ -179,7 +179,7 @@ pub struct Condition {
 }
 
 /// What is known about a connection when it is authorized.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ConnectionInput {
     /// Verified peer principal (`td/ns/x/sa/y`), none for plaintext.
     pub principal: Option<String>,
@@ -612,10 +612,29 @@ pub fn evaluate<'a>(
 }
 
 /// All AuthorizationPolicies, compiled, with the list that applies to each known workload.
-#[derive(Clone, Debug, Default)]
+///
+/// Verdicts are a pure function of the snapshot and the connection, so they are memoized per
+/// (workload, connection input): with many policies, a client's second connection to a port costs
+/// a hash lookup instead of an evaluation. The memo lives and dies with the snapshot.
+#[derive(Debug, Default)]
 pub struct AuthorizationPolicies {
     policies: Vec<CompiledPolicy>,
     by_workload: BTreeMap<crate::discovery::ObjectKey, Vec<usize>>,
+    memo:
+        std::sync::Mutex<std::collections::HashMap<(crate::discovery::ObjectKey, ConnectionInput), Verdict>>,
+}
+
+/// Memoized verdicts kept per snapshot before the memo starts over.
+const MEMO_LIMIT: usize = 16_384;
+
+impl Clone for AuthorizationPolicies {
+    fn clone(&self) -> Self {
+        Self {
+            policies: self.policies.clone(),
+            by_workload: self.by_workload.clone(),
+            memo: Default::default(),
+        }
+    }
 }
 
 impl AuthorizationPolicies {
@@ -637,7 +656,7 @@ impl AuthorizationPolicies {
                 (w.key.clone(), applying)
             })
             .collect();
-        Self { policies, by_workload }
+        Self { policies, by_workload, memo: Default::default() }
     }
 
     /// The policies that apply to `workload`.
@@ -650,7 +669,20 @@ impl AuthorizationPolicies {
 
     /// Decides a connection to `workload`.
     pub fn evaluate(&self, workload: &crate::discovery::ObjectKey, c: &ConnectionInput) -> Verdict {
-        evaluate(self.for_workload(workload), c)
+        if self.by_workload.get(workload).is_none_or(Vec::is_empty) {
+            return evaluate(std::iter::empty(), c);
+        }
+        let key = (workload.clone(), c.clone());
+        if let Some(verdict) = self.memo.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return verdict.clone();
+        }
+        let verdict = evaluate(self.for_workload(workload), c);
+        let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+        if memo.len() >= MEMO_LIMIT {
+            memo.clear();
+        }
+        memo.insert(key, verdict.clone());
+        verdict
     }
 
     /// Every policy.
