@@ -156,6 +156,22 @@ pub struct Objects {
     pub authorization_policies: Vec<CompiledPolicy>,
 }
 
+/// A workload for unit tests: enrolled, service account `default`, with `labels`.
+#[cfg(test)]
+pub(crate) fn test_workload(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
+    Workload {
+        key: ObjectKey { namespace: namespace.into(), name: name.into() },
+        uid: String::new(),
+        node: None,
+        service_account: "default".into(),
+        ips: Vec::new(),
+        netns: None,
+        enrollment: Enrollment::Ambient,
+        labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        named_ports: BTreeMap::new(),
+    }
+}
+
 /// One consistent snapshot of the cluster.
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {

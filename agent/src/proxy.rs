@@ -28,7 +28,7 @@ use rustls::ServerConfig;
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{
-    net::{TcpSocket, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
 };
 
@@ -225,6 +225,27 @@ impl Proxy {
 
     fn trust_domain(&self) -> &str {
         self.identities.trust_domain()
+    }
+}
+
+/// Accepts connections on one of a pod's listeners until aborted, handing each to `handle`. An
+/// accept error (e.g. out of file descriptors) is logged and retried after a pause: a listener
+/// must never die while its pod is captured, or the pod would lose its traffic.
+async fn accept_loop<F, Fut>(pod: &PodContext, listener: TcpListener, what: &'static str, mut handle: F)
+where
+    F: FnMut(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(handle(stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.workload.key, listener = what, error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
     }
 }
 

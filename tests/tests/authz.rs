@@ -15,34 +15,8 @@ const HTTP: u16 = 8080;
 const ADMIN: u16 = 9090;
 const STEP: Duration = Duration::from_secs(5);
 
-/// The mission's example: STRICT in shop; backend accepts only frontend-sa, db only backend-sa
-/// (and db's port 9090 nobody).
-const POLICIES: &str = "\
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: shop}
-spec: {mtls: {mode: STRICT}}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: backend, namespace: shop}
-spec:
-  selector: {matchLabels: {app: backend}}
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/shop/sa/frontend-sa]}}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: db, namespace: shop}
-spec:
-  selector: {matchLabels: {app: db}}
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/shop/sa/backend-sa]}}]
-    to: [{operation: {ports: ['8080']}}]
----
-";
+/// The mission's example (examples/shop): STRICT in shop; backend accepts only frontend-sa, db only backend-sa.
+const POLICIES: &str = include_str!("../../examples/shop/policies.yaml");
 
 fn shop() -> (Cluster, Agent, Agent) {
     let cluster = Cluster::builder()

@@ -13,31 +13,7 @@ const POSTGRES: u16 = 5432;
 
 /// The mission's example: STRICT mTLS in shop; backend accepts only frontend's identity and db
 /// only backend's.
-const POLICIES: &str = "\
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: shop}
-spec:
-  mtls: {mode: STRICT}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: backend, namespace: shop}
-spec:
-  selector: {matchLabels: {app: backend}}
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/shop/sa/frontend-sa]}}]
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: db, namespace: shop}
-spec:
-  selector: {matchLabels: {app: db}}
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/shop/sa/backend-sa]}}]
-";
+const POLICIES: &str = include_str!("../../examples/shop/policies.yaml");
 
 pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
     println!("ambit demo: the shop cluster — 2 nodes, 4 pods as network namespaces");

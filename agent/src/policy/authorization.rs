@@ -694,22 +694,11 @@ impl AuthorizationPolicies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::{Enrollment, ObjectKey};
 
     const ROOT: &str = "istio-system";
 
     fn workload(ns: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
-        Workload {
-            key: ObjectKey { namespace: ns.into(), name: name.into() },
-            uid: String::new(),
-            node: None,
-            service_account: "default".into(),
-            ips: Vec::new(),
-            netns: None,
-            enrollment: Enrollment::Ambient,
-            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-            named_ports: Default::default(),
-        }
+        crate::discovery::test_workload(ns, name, labels)
     }
 
     fn policy(yaml: &str) -> CompiledPolicy {

@@ -193,20 +193,9 @@ impl PeerAuthentications {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::{Enrollment, ObjectKey};
 
     fn workload(ns: &str, labels: &[(&str, &str)]) -> Workload {
-        Workload {
-            key: ObjectKey { namespace: ns.into(), name: "w".into() },
-            uid: String::new(),
-            node: None,
-            service_account: "default".into(),
-            ips: Vec::new(),
-            netns: None,
-            enrollment: Enrollment::Ambient,
-            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-            named_ports: Default::default(),
-        }
+        crate::discovery::test_workload(ns, "w", labels)
     }
 
     fn pa(yaml: &str) -> PeerAuthentication {

@@ -12,7 +12,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use super::{
-    ACCEPT_BACKOFF, PodContext, Proxy, ProxyError, connect_from, count,
+    PodContext, Proxy, ProxyError, accept_loop, connect_from, count,
     hbone::{CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW},
     relay, reset,
 };
@@ -29,19 +29,12 @@ const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10
 impl Proxy {
     /// Accepts plaintext connections `sk_lookup` steered to the pod, until aborted.
     pub async fn serve_inbound(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
-        loop {
-            let (client, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(pod = %pod.workload.key, error = %e, "inbound accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
+        accept_loop(&pod.clone(), listener, "inbound", |client, peer| {
             pod.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let span = info_span!("inbound", pod = %pod.workload.key, src = %peer);
-            tokio::spawn(self.clone().inbound_plaintext(pod.clone(), client, peer).instrument(span));
-        }
+            self.clone().inbound_plaintext(pod.clone(), client, peer).instrument(span)
+        })
+        .await;
     }
 
     async fn inbound_plaintext(self: Arc<Self>, pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
@@ -95,20 +88,11 @@ impl Proxy {
     /// Accepts HBONE connections to the pod, until aborted.
     pub async fn serve_hbone(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
         let acceptor = TlsAcceptor::from(pod.server_tls.clone());
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(pod = %pod.workload.key, error = %e, "HBONE accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
+        accept_loop(&pod.clone(), listener, "hbone", |tcp, peer| {
             let span = info_span!("hbone", pod = %pod.workload.key, peer = %peer);
-            tokio::spawn(
-                self.clone().hbone_connection(pod.clone(), acceptor.clone(), tcp, peer).instrument(span),
-            );
-        }
+            self.clone().hbone_connection(pod.clone(), acceptor.clone(), tcp, peer).instrument(span)
+        })
+        .await;
     }
 
     async fn hbone_connection(

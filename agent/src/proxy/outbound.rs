@@ -4,11 +4,9 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use ambit_common::HBONE_PORT;
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{Instrument as _, info_span, warn};
+use tracing::{Instrument as _, info_span};
 
-use super::{
-    ACCEPT_BACKOFF, PodContext, Proxy, ProxyError, connect_from, count, hbone::PoolKey, relay, reset,
-};
+use super::{PodContext, Proxy, ProxyError, accept_loop, connect_from, count, hbone::PoolKey, relay, reset};
 use crate::{
     identity::Identity,
     redirect::from_kernel,
@@ -18,19 +16,12 @@ use crate::{
 impl Proxy {
     /// Accepts the pod's captured outbound connections until aborted.
     pub async fn serve_outbound(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
-        loop {
-            let (client, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(pod = %pod.workload.key, error = %e, "outbound accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
+        accept_loop(&pod.clone(), listener, "outbound", |client, peer| {
             pod.stats.outbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let span = info_span!("outbound", pod = %pod.workload.key, client_port = peer.port());
-            tokio::spawn(self.clone().outbound(pod.clone(), client, peer).instrument(span));
-        }
+            self.clone().outbound(pod.clone(), client, peer).instrument(span)
+        })
+        .await;
     }
 
     async fn outbound(self: Arc<Self>, pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
