@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Agent(args) => {
-            ambit::telemetry::init_logging();
+            let _logs = ambit::telemetry::init_logging();
             // Before the runtime: its threads inherit this thread's namespace, which becomes
             // the one every pod-namespace excursion returns to.
             if let Err(e) = ambit::agent::init_host_netns() {

@@ -9,18 +9,33 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::{discovery::Workload, identity::Identity};
 
+/// Keeps the log writer thread running; logs still queued are written when it is dropped.
+pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+
 /// Sets up logging: `RUST_LOG` filters (default `info`), `LOG_FORMAT=json` selects JSON lines.
-pub fn init_logging() {
+/// Lines are written by a dedicated thread, so a slow stdout never stalls a proxy; when its queue
+/// is full, loggers wait rather than drop records.
+pub fn init_logging() -> LogGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let (writer, guard) =
+        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stdout());
     let registry = tracing_subscriber::registry().with(filter);
     if json {
         registry
-            .with(fmt::layer().json().flatten_event(true).with_current_span(false).with_span_list(false))
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_writer(writer),
+            )
             .init();
     } else {
-        registry.with(fmt::layer().with_target(true)).init();
+        registry.with(fmt::layer().with_target(true).with_writer(writer)).init();
     }
+    guard
 }
 
 /// Which way a connection goes, seen from the pod the agent serves.

@@ -74,8 +74,9 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
     for pod in ["mserver", "dserver"] {
         servers.push((cluster.pod(pod).sink_server(SINK)?, cluster.pod(pod).echo_server(ECHO)?));
     }
-    for pod in ["mclient", "dclient"] {
-        // Both clients open many short connections: let them reuse TIME_WAIT ports alike.
+    for pod in ["mclient", "dclient", "mserver", "dserver"] {
+        // Many short connections: every pod (and the agents inside them) may reuse TIME_WAIT
+        // ports, alike on both paths.
         cluster.pod(pod).sysctl("ipv4/tcp_tw_reuse", "1")?;
         cluster.pod(pod).sysctl("ipv4/ip_local_port_range", "1024 65000")?;
     }
