@@ -79,6 +79,18 @@ pub enum BpfError {
         /// Why.
         source: ProgramError,
     },
+    /// The kernel refused to load a program: usually a kernel without a feature ambit needs.
+    #[error(
+        "the kernel refused eBPF program {name} ({reason}); ambit needs BPF with BTF, cgroup v2 \
+         sock_addr and sock_ops hooks and sk_lookup (Linux 5.15 or newer); run with RUST_LOG=debug \
+         for the verifier's log"
+    )]
+    Rejected {
+        /// The program.
+        name: &'static str,
+        /// The kernel's error.
+        reason: std::io::Error,
+    },
     /// A pinned link could not be opened or replaced.
     #[error("pinned link {path}: {source}")]
     Link {
@@ -154,7 +166,7 @@ impl Datapath {
         // agents on one host each attach their own); `Single` only means "no legacy flags".
         for name in CGROUP_SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
-            program.load().map_err(|source| BpfError::Program { name, source })?;
+            loaded(name, program.load())?;
             let id = program
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|source| BpfError::Program { name, source })?;
@@ -166,7 +178,7 @@ impl Datapath {
         {
             let name = SOCK_OPS_PROGRAM;
             let program: &mut SockOps = program_mut(&mut ebpf, name)?;
-            program.load().map_err(|source| BpfError::Program { name, source })?;
+            loaded(name, program.load())?;
             let id = program
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|source| BpfError::Program { name, source })?;
@@ -178,7 +190,7 @@ impl Datapath {
         {
             let name = SK_LOOKUP_PROGRAM;
             let program: &mut SkLookup = program_mut(&mut ebpf, name)?;
-            program.load().map_err(|source| BpfError::Program { name, source })?;
+            loaded(name, program.load())?;
         }
 
         let enrolled = take_map(&mut ebpf, "ENROLLED")?;
@@ -259,6 +271,19 @@ impl Datapath {
 
     fn netns_pin(&self, cookie: u64) -> PathBuf {
         self.pin_dir.join("netns").join(cookie.to_string())
+    }
+}
+
+/// The result of loading a program, with the verifier's log (often hundreds of lines) kept out of
+/// the one-line error and logged at debug level.
+fn loaded(name: &'static str, result: Result<(), ProgramError>) -> Result<(), BpfError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(ProgramError::LoadError { io_error, verifier_log }) => {
+            debug!(program = name, %verifier_log, "verifier log");
+            Err(BpfError::Rejected { name, reason: io_error })
+        }
+        Err(source) => Err(BpfError::Program { name, source }),
     }
 }
 

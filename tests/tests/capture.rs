@@ -152,9 +152,10 @@ fn killed_agent_fails_closed_and_a_new_one_takes_over() {
     roundtrip(&cluster, "client", dst).expect("works again after restart");
     assert!(started.elapsed() < Duration::from_secs(5), "took over in {:?}", started.elapsed());
     assert_eq!(server.peers().len(), seen + 1);
-    new_a
+    let record = new_a
         .wait_for_event(STEP, |e| e["target"] == "access" && e["dst.addr"] == dst.to_string())
         .expect("new agent a proxied it");
+    assert_eq!(record["security"], "mutual_tls", "still mTLS after the restart");
     drop(new_b);
 }
 
