@@ -4,7 +4,7 @@
 use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -86,6 +86,10 @@ pub struct AdminState {
     pub certs: watch::Receiver<Arc<Vec<crate::identity::CertReport>>>,
     /// The cluster as the agent sees it.
     pub cluster: watch::Receiver<Arc<crate::discovery::Cluster>>,
+    /// Flow records.
+    pub flows: Arc<crate::telemetry::flows::Flows>,
+    /// Tracer health and kernel drop counters.
+    pub trace_stats: Arc<crate::bpf::TraceStats>,
 }
 
 impl AdminState {
@@ -180,11 +184,80 @@ pub async fn bind_metrics(
     .await
 }
 
-fn admin_route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Response bodies: whole, or streamed (`/trace?follow=1`).
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// A body fed line by line from a channel; ends when the sender is dropped.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|line| line.map(|l| Ok(hyper::body::Frame::data(l))))
+    }
+}
+
+/// `/trace`: the flow history, or (`follow=1`) new flows as they come, as JSON lines.
+fn trace(state: &AdminState, query: &[(String, String)]) -> Response<Body> {
+    let filter = match crate::telemetry::flows::Filter::from_query(query) {
+        Ok(filter) => filter,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let follow = query.iter().any(|(k, v)| k == "follow" && (v == "1" || v == "true"));
+    let history: Vec<_> = state.flows.history().into_iter().filter(|r| filter.matches(r)).collect();
+    let last = filter.last.unwrap_or(if follow { 0 } else { usize::MAX });
+    let skip = history.len().saturating_sub(last);
+    let mut lines: Vec<Bytes> = history[skip..].iter().filter_map(|r| json_line(r)).collect();
+    if !follow {
+        return respond(StatusCode::OK, "application/x-ndjson", lines.concat().into());
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let mut updates = state.flows.subscribe();
+    tokio::spawn(async move {
+        for line in lines.drain(..) {
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            match updates.recv().await {
+                Ok(record) if filter.matches(&record) => {
+                    let Some(line) = json_line(&record) else { continue };
+                    if tx.send(line).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                // A slow reader skips what it missed rather than slowing the agent.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    let mut response = Response::new(ChannelBody(rx).boxed());
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/x-ndjson"));
+    response
+}
+
+fn json_line<T: Serialize>(value: &T) -> Option<Bytes> {
+    let mut line = serde_json::to_vec(value).ok()?;
+    line.push(b'\n');
+    Some(line.into())
+}
+
+fn admin_route(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/status") => json(&state.status()),
         (&Method::GET, "/workloads") => json(&*state.pods.borrow().clone()),
         (&Method::GET, "/certs") => json(&*state.certs.borrow().clone()),
+        (&Method::GET, "/trace") => trace(state, &query_params(req.uri().query().unwrap_or_default())),
         (&Method::GET, "/policies") => {
             let cluster = state.cluster.borrow().clone();
             let listing: Vec<_> = cluster
@@ -264,19 +337,19 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn json<T: Serialize + ?Sized>(value: &T) -> Response<Full<Bytes>> {
+fn json<T: Serialize + ?Sized>(value: &T) -> Response<Body> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => respond(StatusCode::OK, "application/json", body.into()),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {e}\n")),
     }
 }
 
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+fn text(status: StatusCode, body: String) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", body.into())
 }
 
-fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body));
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body).boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
     response
@@ -288,7 +361,7 @@ async fn bind<F>(
     route: F,
 ) -> Result<impl Future<Output = ()>, AdminError>
 where
-    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    F: Fn(&Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
 {
     let listener = TcpListener::bind(addr).await.map_err(|source| AdminError::Bind { what, addr, source })?;
     let local = listener.local_addr().unwrap_or(addr);

@@ -11,12 +11,14 @@ use tracing::{error, info};
 
 use crate::{
     admin::{self, AdminError, AdminState, AgentInfo},
-    bpf::{BpfError, Datapath},
+    bpf::{BpfError, Datapath, TraceMaps},
     cli::AgentArgs,
     discovery::{self, Cluster, DiscoveryError, local::SourceStatus},
     identity::{Ca, Identities, IdentityError},
     proxy::{Proxy, Settings},
+    redirect::Tracing,
     redirect::{Redirector, netns::Netns},
+    telemetry::flows::{self, Flows},
     tls::{TlsContext, TlsError},
 };
 
@@ -91,7 +93,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let tls = Arc::new(TlsContext::new(identities.clone())?);
 
     let instance = args.instance.clone().unwrap_or_else(|| args.node.clone());
-    let (datapath, orig_dst) = Datapath::load(&args.bpf_dir, &instance)?;
+    let (datapath, orig_dst, trace_maps) = Datapath::load(&args.bpf_dir, &instance)?;
 
     let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster));
     let (source_tx, source_rx) = watch::channel(SourceStatus {
@@ -103,6 +105,22 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let (pods_tx, pods_rx) = watch::channel(Arc::new(Vec::new()));
     let (ready_tx, ready_rx) = watch::channel(false);
     let (certs_tx, certs_rx) = watch::channel(Arc::new(Vec::new()));
+
+    let TraceMaps { events, stats } = trace_maps;
+    let flows = Arc::new(Flows::new(
+        args.node.clone(),
+        args.trust_domain.clone(),
+        cluster_rx.clone(),
+        stats.reset_reason_names.clone(),
+    ));
+    let tracing = if args.no_flows {
+        Tracing::Off
+    } else if args.trace_all {
+        Tracing::AllPods
+    } else {
+        Tracing::Enrolled
+    };
+    let trace_stats = Arc::new(stats);
 
     let info = AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -122,6 +140,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         ready: ready_rx,
         certs: certs_rx,
         cluster: cluster_rx.clone(),
+        flows: flows.clone(),
+        trace_stats: trace_stats.clone(),
     };
     let admin = admin::bind_admin(args.admin_addr, state.clone()).await?;
     let readiness = admin::bind_readiness(args.readiness_addr, state.clone()).await?;
@@ -130,10 +150,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     tokio::spawn(readiness);
     tokio::spawn(metrics);
 
-    let settings = Settings { root_namespace: args.root_namespace.clone() };
+    let settings = Settings { root_namespace: args.root_namespace.clone(), flows: flows.clone() };
     let proxy = Arc::new(Proxy::new(orig_dst, cluster_rx.clone(), identities.clone(), tls.clone(), settings));
-    let mut redirector = Redirector::new(args.node.clone(), datapath, proxy.clone(), identities.clone(), tls);
+    let mut redirector =
+        Redirector::new(args.node.clone(), datapath, proxy.clone(), identities.clone(), tls, tracing);
     tokio::spawn(discovery::local::watch(file, args.root_namespace.clone(), cluster_tx, source_tx));
+    if tracing != Tracing::Off {
+        tokio::spawn(flows::read_events(flows.clone(), events));
+    }
     let pool_owner = proxy.clone();
     tokio::spawn(async move {
         let mut sweep = tokio::time::interval(std::time::Duration::from_secs(30));
@@ -152,6 +176,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         let cluster: Arc<Cluster> = changes.borrow_and_update().clone();
         redirector.reconcile(&cluster);
         proxy.revalidate(&cluster);
+        flows.set_pods(redirector.traced_pods());
         pods_tx.send_replace(Arc::new(redirector.reports(&cluster)));
         ready_tx.send_replace(redirector.all_captured());
         certs_tx.send_replace(Arc::new(identities.reports(&redirector.pods_by_identity())));

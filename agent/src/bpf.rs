@@ -12,16 +12,20 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ambit_common::{Enrolled, IpAddr, OrigDstKey, SockAddr};
+pub mod tracefs;
+
+use ambit_common::{COUNTER_RING_FULL, DROP_REASON_SLOTS, Enrolled, IpAddr, OrigDstKey, SockAddr};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, MapError, SockHash},
+    maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps, TracePoint,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
+
+use self::tracefs::Format;
 
 /// The kernel programs, built by `build.rs` from the `ambit-ebpf` crate.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
@@ -33,7 +37,13 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Programs attached once at the cgroup v2 root, by name in the object file.
 const CGROUP_SOCK_ADDR_PROGRAMS: [&str; 4] =
     ["capture_connect4", "capture_connect6", "restore_peername4", "restore_peername6"];
-const SOCK_OPS_PROGRAM: &str = "track_established";
+const SOCK_OPS_PROGRAM: &str = "sock_events";
+/// Tracepoint programs: (program, category, event).
+const TRACEPOINTS: [(&str, &str, &str); 3] = [
+    ("tcp_send_reset", "tcp", "tcp_send_reset"),
+    ("tcp_receive_reset", "tcp", "tcp_receive_reset"),
+    ("kfree_skb", "skb", "kfree_skb"),
+];
 const SK_LOOKUP_PROGRAM: &str = "steer_inbound";
 
 /// Errors of the eBPF layer.
@@ -123,7 +133,45 @@ pub struct Datapath {
     pin_dir: PathBuf,
     cgroup_root: PathBuf,
     enrolled: HashMap<MapData, u64, Enrolled>,
+    traced: HashMap<MapData, u64, u32>,
     listeners: SockHash<MapData, IpAddr>,
+}
+
+/// The tracer's side of the datapath: the ring buffer for the flow reader, the rest for reports.
+pub struct TraceMaps {
+    /// Open and close events, resets.
+    pub events: RingBuf<MapData>,
+    /// Counters and names.
+    pub stats: TraceStats,
+}
+
+/// Tracer health and kernel drop counters.
+pub struct TraceStats {
+    counters: PerCpuArray<MapData, u64>,
+    drops: PerCpuArray<MapData, u64>,
+    /// Names of kernel drop reasons, by value.
+    pub drop_reason_names: std::collections::HashMap<u32, String>,
+    /// Names of reset reasons, by value.
+    pub reset_reason_names: std::collections::HashMap<u32, String>,
+    /// Tracepoints that could not be attached, with why.
+    pub missing: Vec<String>,
+}
+
+impl TraceStats {
+    /// Events lost because the ring buffer was full (all CPUs).
+    pub fn ring_full(&self) -> u64 {
+        self.counters.get(&COUNTER_RING_FULL, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+
+    /// Kernel packet drops so far by reason value (all CPUs), non-zero only.
+    pub fn drops(&self) -> Vec<(u32, u64)> {
+        (0..DROP_REASON_SLOTS)
+            .filter_map(|i| {
+                let n: u64 = self.drops.get(&i, 0).ok()?.iter().sum();
+                (n > 0).then_some((i, n))
+            })
+            .collect()
+    }
 }
 
 /// Read-only view of the original destinations of captured connections; cheap to share with
@@ -144,7 +192,7 @@ impl Datapath {
     /// Loads the programs with their maps pinned under `pin_root/<instance>`, re-using maps a
     /// previous agent of the same instance left there, and attaches the outbound programs at the
     /// cgroup v2 root, replacing that agent's links without a gap.
-    pub fn load(pin_root: &Path, instance: &str) -> Result<(Self, OrigDstMap), BpfError> {
+    pub fn load(pin_root: &Path, instance: &str) -> Result<(Self, OrigDstMap, TraceMaps), BpfError> {
         ensure_bpffs(Path::new(BPFFS))?;
         let cgroup_root = cgroup2_root()?;
         let pin_dir = pin_root.join(instance);
@@ -155,7 +203,13 @@ impl Datapath {
                 source,
             })?;
         }
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&pin_dir).load(PROGRAMS)?;
+        let layouts = TracepointLayouts::read();
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&pin_dir);
+        for (global, value) in &layouts.globals {
+            loader.override_global(global, value, true);
+        }
+        let mut ebpf = loader.load(PROGRAMS)?;
 
         let cgroup = File::open(&cgroup_root).map_err(|source| BpfError::Io {
             what: "opening cgroup",
@@ -193,11 +247,57 @@ impl Datapath {
             loaded(name, program.load())?;
         }
 
+        // Tracing is observability, not enforcement: a kernel without one of these tracepoints
+        // still gets capture and policy, and says what it is missing.
+        let mut missing = layouts.missing.clone();
+        for (name, category, event) in TRACEPOINTS {
+            if layouts.missing.iter().any(|m| m.starts_with(event)) {
+                continue;
+            }
+            let program: &mut TracePoint = program_mut(&mut ebpf, name)?;
+            let attached = loaded(name, program.load()).and_then(|()| {
+                program.attach(category, event).map(drop).map_err(|source| BpfError::Program { name, source })
+            });
+            if let Err(e) = attached {
+                warn!(tracepoint = %format!("{category}/{event}"), error = %e, "tracepoint not attached; flows lack what it reports");
+                missing.push(format!("{event}: {e}"));
+            }
+        }
+
         let enrolled = take_map(&mut ebpf, "ENROLLED")?;
+        let traced = take_map(&mut ebpf, "TRACED")?;
         let listeners = take_map(&mut ebpf, "INBOUND_LISTENERS")?;
         let orig_dst = OrigDstMap { map: take_map(&mut ebpf, "ORIG_DST")? };
+        let trace = TraceMaps {
+            events: take_map(&mut ebpf, "FLOW_EVENTS")?,
+            stats: TraceStats {
+                counters: take_map(&mut ebpf, "TRACE_COUNTERS")?,
+                drops: take_map(&mut ebpf, "DROP_REASONS")?,
+                drop_reason_names: layouts.drop_reasons,
+                reset_reason_names: layouts.reset_reasons,
+                missing,
+            },
+        };
         info!(pin_dir = %pin_dir.display(), cgroup = %cgroup_root.display(), "eBPF programs attached");
-        Ok((Self { ebpf, pin_dir, cgroup_root, enrolled, listeners }, orig_dst))
+        Ok((Self { ebpf, pin_dir, cgroup_root, enrolled, traced, listeners }, orig_dst, trace))
+    }
+
+    /// Starts or stops tracing the sockets of a netns.
+    pub fn trace_netns(&mut self, cookie: u64, on: bool) -> Result<(), BpfError> {
+        let result = if on {
+            self.traced.insert(cookie, 1, 0)
+        } else {
+            match self.traced.remove(&cookie) {
+                Err(MapError::KeyNotFound) => Ok(()),
+                other => other,
+            }
+        };
+        result.map_err(|source| BpfError::Map { map: "TRACED", source })
+    }
+
+    /// Cookies of traced network namespaces, including ones a previous agent left.
+    pub fn traced_netns(&self) -> Vec<u64> {
+        self.traced.keys().filter_map(Result::ok).collect()
     }
 
     /// The instance's pin directory.
@@ -274,6 +374,87 @@ impl Datapath {
     }
 }
 
+/// Offsets for the tracepoint programs' globals, from tracefs.
+struct TracepointLayouts {
+    globals: Vec<(&'static str, u32)>,
+    drop_reasons: std::collections::HashMap<u32, String>,
+    reset_reasons: std::collections::HashMap<u32, String>,
+    /// Events whose layout could not be read, with why.
+    missing: Vec<String>,
+}
+
+/// The tracepoint fields each program reads: (category, event, [(global, field)]).
+type FieldTable = [(&'static str, &'static str, &'static [(&'static str, &'static str)]); 3];
+
+const TRACEPOINT_FIELDS: FieldTable = [
+    (
+        "tcp",
+        "tcp_send_reset",
+        &[
+            ("SEND_RESET_STATE", "state"),
+            ("SEND_RESET_REASON", "reason"),
+            ("SEND_RESET_SADDR", "saddr"),
+            ("SEND_RESET_DADDR", "daddr"),
+        ],
+    ),
+    (
+        "tcp",
+        "tcp_receive_reset",
+        &[
+            ("RECV_RESET_SPORT", "sport"),
+            ("RECV_RESET_DPORT", "dport"),
+            ("RECV_RESET_FAMILY", "family"),
+            ("RECV_RESET_SADDR", "saddr"),
+            ("RECV_RESET_DADDR", "daddr"),
+            ("RECV_RESET_SADDR6", "saddr_v6"),
+            ("RECV_RESET_DADDR6", "daddr_v6"),
+            ("RECV_RESET_COOKIE", "sock_cookie"),
+        ],
+    ),
+    ("skb", "kfree_skb", &[("KFREE_PROTOCOL", "protocol"), ("KFREE_REASON", "reason")]),
+];
+
+impl TracepointLayouts {
+    fn read() -> Self {
+        let mut layouts = Self {
+            globals: Vec::new(),
+            drop_reasons: std::collections::HashMap::new(),
+            reset_reasons: std::collections::HashMap::new(),
+            missing: Vec::new(),
+        };
+        if let Err(e) = tracefs::ensure_mounted() {
+            layouts
+                .missing
+                .extend(TRACEPOINTS.iter().map(|(_, _, ev)| format!("{ev}: tracefs not available: {e}")));
+            return layouts;
+        }
+        for (category, event, wanted) in TRACEPOINT_FIELDS {
+            let format = match Format::read(category, event) {
+                Ok(format) => format,
+                Err(e) => {
+                    layouts.missing.push(format!("{event}: {e}"));
+                    continue;
+                }
+            };
+            let offsets: Result<Vec<_>, String> =
+                wanted.iter().map(|(global, field)| Ok((*global, format.offset(field)?))).collect();
+            match offsets {
+                Ok(offsets) => layouts.globals.extend(offsets),
+                Err(e) => {
+                    layouts.missing.push(format!("{event}: {e}"));
+                    continue;
+                }
+            }
+            match event {
+                "kfree_skb" => layouts.drop_reasons = format.symbols,
+                "tcp_send_reset" => layouts.reset_reasons = format.symbols,
+                _ => {}
+            }
+        }
+        layouts
+    }
+}
+
 /// The result of loading a program, with the verifier's log (often hundreds of lines) kept out of
 /// the one-line error and logged at debug level.
 fn loaded(name: &'static str, result: Result<(), ProgramError>) -> Result<(), BpfError> {
@@ -338,7 +519,7 @@ fn ensure_bpffs(path: &Path) -> Result<(), BpfError> {
     Ok(())
 }
 
-fn fs_magic(path: &Path) -> Option<i64> {
+pub(crate) fn fs_magic(path: &Path) -> Option<i64> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statfs is plain old data; zeroed is a valid initial value.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };

@@ -61,6 +61,8 @@ pub enum Command {
     Policies(OperatorArgs),
     /// Will SRC reach DST:PORT? mTLS or plaintext, which policy allows or denies it, and why.
     Check(CheckArgs),
+    /// Show flow records: who talked to whom, with which identity, the verdict, how it ended.
+    Trace(TraceArgs),
 }
 
 /// `ambit agent` options.
@@ -95,6 +97,13 @@ pub struct AgentArgs {
     /// Istio's root namespace: policies there apply mesh-wide.
     #[arg(long, default_value = "istio-system")]
     pub root_namespace: String,
+    /// Trace the connections of every pod of the node, not only enrolled ones (unprotected
+    /// traffic shows up as such).
+    #[arg(long, conflicts_with = "no_flows")]
+    pub trace_all: bool,
+    /// Do not trace connections in the kernel (no flow records; capture and policy unchanged).
+    #[arg(long)]
+    pub no_flows: bool,
     /// Name of this agent's eBPF state under the bpffs directory; defaults to the node name, so
     /// several simulated nodes can share one host.
     #[arg(long)]
@@ -125,6 +134,49 @@ pub struct CheckArgs {
     /// Connection options.
     #[command(flatten)]
     pub operator: OperatorArgs,
+}
+
+/// `ambit trace` options.
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Keep printing new flows as they happen.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only flows from this pod (`namespace/name` or `name`).
+    #[arg(long, value_name = "POD")]
+    pub from: Option<String>,
+    /// Only flows to this pod.
+    #[arg(long, value_name = "POD")]
+    pub to: Option<String>,
+    /// Only flows with an end in this namespace.
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// Only flows with this verdict.
+    #[arg(long, value_parser = ["allowed", "denied", "refused", "error", "unprotected"])]
+    pub verdict: Option<String>,
+    /// Only flows to this destination port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// At most this many past flows (default: all kept; with --follow: none).
+    #[arg(long)]
+    pub last: Option<usize>,
+    /// The agent's admin API.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// Output: one line per flow, JSON lines, or a table.
+    #[arg(short, long, value_enum, default_value_t = TraceOutput::Compact)]
+    pub output: TraceOutput,
+}
+
+/// `ambit trace` output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TraceOutput {
+    /// One readable line per flow.
+    Compact,
+    /// One JSON object per line (stable field names).
+    Json,
+    /// Aligned columns (without --follow).
+    Table,
 }
 
 /// Parses `24h`, `90m`, `30s`, `1h30m` or a number of seconds.
@@ -409,6 +461,113 @@ pub async fn check(args: &CheckArgs) -> Result<String, CliError> {
         t.row(["hint", hint]);
     }
     Ok(t.render_plain())
+}
+
+/// `ambit trace`: prints as it receives, so `--follow` streams.
+pub async fn trace(args: &TraceArgs) -> Result<String, CliError> {
+    use std::io::Write as _;
+    let mut query = vec![format!("follow={}", u8::from(args.follow))];
+    let mut add = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            query.push(format!("{k}={}", encode(&v)));
+        }
+    };
+    add("from", args.from.clone());
+    add("to", args.to.clone());
+    add("namespace", args.namespace.clone());
+    add("verdict", args.verdict.clone());
+    add("port", args.port.map(|p| p.to_string()));
+    add("last", args.last.map(|l| l.to_string()));
+    let path = format!("/trace?{}", query.join("&"));
+    let mut table = Table::new([
+        "TIME",
+        "EVENT",
+        "SOURCE",
+        "DESTINATION",
+        "SECURITY",
+        "VERDICT",
+        "END",
+        "SENT/RECV",
+        "WHY",
+    ]);
+    let mut stdout = std::io::stdout().lock();
+    let output = args.output;
+    client::stream_lines(args.admin, &path, TIMEOUT, |line| {
+        let Ok(record) = serde_json::from_slice::<crate::telemetry::flows::FlowRecord>(line) else { return };
+        match output {
+            TraceOutput::Json => {
+                let _ = stdout.write_all(line);
+                let _ = stdout.write_all(b"\n");
+            }
+            TraceOutput::Compact => {
+                let _ = writeln!(stdout, "{}", compact(&record));
+            }
+            TraceOutput::Table => {
+                let row = table_row(&record);
+                table.row(
+                    [&row[0], &row[1], &row[2], &row[3], &row[4], &row[5], &row[6], &row[7], &row[8]]
+                        .map(String::as_str),
+                );
+            }
+        }
+        let _ = stdout.flush();
+    })
+    .await?;
+    Ok(if output == TraceOutput::Table { table.render() } else { String::new() })
+}
+
+fn endpoint(peer: &crate::telemetry::flows::Peer) -> String {
+    let at = match (&peer.pod, peer.ip) {
+        (Some(pod), _) => format!("{pod}:{}", peer.port),
+        (None, Some(ip)) => std::net::SocketAddr::new(ip, peer.port).to_string(),
+        (None, None) => "?".into(),
+    };
+    match &peer.identity {
+        Some(id) => format!("{at} ({})", id.rsplit("/sa/").next().unwrap_or(id)),
+        None => at,
+    }
+}
+
+fn why(record: &crate::telemetry::flows::FlowRecord) -> String {
+    match (&record.policy, &record.reason) {
+        (Some(policy), Some(reason)) if !reason.contains(policy.as_str()) => format!("{policy}: {reason}"),
+        (_, Some(reason)) => reason.clone(),
+        (Some(policy), None) => policy.clone(),
+        (None, None) => String::new(),
+    }
+}
+
+fn table_row(r: &crate::telemetry::flows::FlowRecord) -> [String; 9] {
+    let security = if r.security == "mutual_tls" { "mTLS".to_owned() } else { r.security.clone() };
+    let end = match (&r.end, &r.end_reason) {
+        (Some(end), Some(why)) => format!("{end} ({why})"),
+        (Some(end), None) => end.clone(),
+        _ => "-".into(),
+    };
+    [
+        r.time.get(11..23).unwrap_or(&r.time).to_owned(),
+        r.event.clone(),
+        endpoint(&r.src),
+        endpoint(&r.dst),
+        security,
+        r.verdict.to_uppercase(),
+        end,
+        format!("{}/{}", r.bytes_sent, r.bytes_received),
+        why(r),
+    ]
+}
+
+/// One line per flow, like `hubble observe`.
+fn compact(r: &crate::telemetry::flows::FlowRecord) -> String {
+    let [time, event, src, dst, security, verdict, end, bytes, why] = table_row(r);
+    let mut line = format!("{time} {event:<7} {src} -> {dst} {security} {verdict}");
+    if r.event != "open" {
+        line.push_str(&format!(" end={end} bytes={bytes}"));
+    }
+    if !why.is_empty() {
+        line.push_str(&format!(" | {why}"));
+    }
+    line
 }
 
 /// Percent-encodes a query value.

@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         Command::Certs(args) => operator(cli::certs(&args)),
         Command::Policies(args) => operator(cli::policies(&args)),
         Command::Check(args) => operator(cli::check(&args)),
+        Command::Trace(args) => operator(cli::trace(&args)),
     }
 }
 

@@ -169,10 +169,12 @@ pub struct PodContext {
 }
 
 /// Settings of the proxies.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Settings {
     /// Istio's root namespace (mesh-wide policies).
     pub root_namespace: String,
+    /// Where the proxies annotate the kernel's flow records.
+    pub flows: Arc<crate::telemetry::flows::Flows>,
 }
 
 /// State shared by all proxies of the agent.

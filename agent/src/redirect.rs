@@ -121,8 +121,22 @@ pub struct PodReport {
     pub stats: Option<Arc<PodStats>>,
 }
 
+/// Which pods' connections the kernel traces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tracing {
+    /// None (`--no-flows`).
+    Off,
+    /// Enrolled pods (the default).
+    Enrolled,
+    /// Every pod of the node (`--trace-all`).
+    AllPods,
+}
+
 /// Keeps the set of captured pods equal to the set of enrolled pods of this node.
 pub struct Redirector {
+    tracing: Tracing,
+    /// Pods traced without being captured (`--trace-all`), with their netns cookie.
+    traced_only: BTreeMap<ObjectKey, (Workload, u64)>,
     node: String,
     datapath: Datapath,
     proxy: Arc<Proxy>,
@@ -141,8 +155,11 @@ impl Redirector {
         proxy: Arc<Proxy>,
         identities: Arc<Identities>,
         tls: Arc<TlsContext>,
+        tracing: Tracing,
     ) -> Self {
         Self {
+            tracing,
+            traced_only: BTreeMap::new(),
             node,
             datapath,
             proxy,
@@ -231,6 +248,7 @@ impl Redirector {
             })
             .collect();
         self.identities.retain(&in_use);
+        self.trace_others(cluster);
     }
 
     /// Removes state that a previous agent of this instance left for pods that are no longer
@@ -250,6 +268,72 @@ impl Redirector {
                 && let Err(e) = self.datapath.unlink_netns(cookie)
             {
                 warn!(cookie, error = %e, "stale inbound link not removed");
+            }
+        }
+        // Traced-only pods are set up after this; drop everything not captured.
+        for cookie in self.datapath.traced_netns() {
+            if !live.contains(&cookie) {
+                let _ = self.datapath.trace_netns(cookie, false);
+            }
+        }
+    }
+
+    /// The traced pods by netns cookie, for flow records.
+    pub fn traced_pods(&self) -> std::collections::HashMap<u64, Workload> {
+        self.captured
+            .values()
+            .map(|c| (c.cookie, c.workload.clone()))
+            .chain(self.traced_only.values().map(|(w, cookie)| (*cookie, w.clone())))
+            .collect()
+    }
+
+    /// With `--trace-all`, traces the pods of this node that are not captured.
+    fn trace_others(&mut self, cluster: &Cluster) {
+        let wanted: BTreeMap<ObjectKey, &Workload> = if self.tracing == Tracing::AllPods {
+            cluster
+                .workloads_on(&self.node)
+                .filter(|w| !self.captured.contains_key(&w.key) && w.netns.is_some())
+                .map(|w| (w.key.clone(), w))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let gone: Vec<ObjectKey> = self
+            .traced_only
+            .iter()
+            .filter(|(k, (w, _))| wanted.get(*k).is_none_or(|now| now.netns != w.netns))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            if let Some((_, cookie)) = self.traced_only.remove(&key) {
+                let _ = self.datapath.trace_netns(cookie, false);
+            }
+        }
+        for (key, workload) in wanted {
+            if self.traced_only.contains_key(&key) {
+                continue;
+            }
+            // The cookie of a namespace is read from a socket created inside it.
+            let cookie = open_netns(workload).and_then(|ns| {
+                ns.run(|| Socket::new(Domain::IPV4, Type::STREAM, None))
+                    .and_then(|s| s)
+                    .and_then(|s| bpf::netns_cookie(&s))
+                    .map_err(|source| RedirectError::Netns {
+                        pod: key.clone(),
+                        path: ns.path().display().to_string(),
+                        source,
+                    })
+            });
+            match cookie.and_then(|cookie| {
+                self.datapath
+                    .trace_netns(cookie, true)
+                    .map(|()| cookie)
+                    .map_err(|source| RedirectError::Bpf { pod: key.clone(), source: Box::new(source) })
+            }) {
+                Ok(cookie) => {
+                    self.traced_only.insert(key, (workload.clone(), cookie));
+                }
+                Err(e) => warn!(error = %e, "pod not traced"),
             }
         }
     }
@@ -391,6 +475,11 @@ impl Redirector {
             tasks.iter().for_each(JoinHandle::abort);
             return Err(bpf_err(e));
         }
+        if self.tracing != Tracing::Off {
+            if let Err(e) = self.datapath.trace_netns(cookie, true) {
+                warn!(pod = %pod, error = %e, "connections of this pod will not be traced");
+            }
+        }
         Ok(Captured { workload: workload.clone(), netns_id: netns.id(), cookie, stats, tasks })
     }
 
@@ -400,6 +489,7 @@ impl Redirector {
         if let Err(e) = self.datapath.unenroll(cookie) {
             warn!(pod = %workload.key, error = %e, "releasing outbound capture");
         }
+        let _ = self.datapath.trace_netns(cookie, false);
         if let Err(e) = self.datapath.unlink_netns(cookie) {
             warn!(pod = %workload.key, error = %e, "releasing inbound capture");
         }
@@ -433,6 +523,8 @@ fn open_netns(workload: &Workload) -> Result<Netns, RedirectError> {
 fn listen_socket(addr: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    // Accepted sockets inherit the mark: the tracer then knows them as the agent's, not the app's.
+    socket.set_mark(ambit_common::AGENT_MARK)?;
     if addr.is_ipv6() {
         // The inbound listener takes IPv4 too (through sk_lookup), the outbound one does not.
         socket.set_only_v6(!addr.ip().is_unspecified())?;
@@ -454,6 +546,21 @@ pub fn kernel_ip(ip: std::net::IpAddr) -> ambit_common::IpAddr {
             let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
             ambit_common::IpAddr { family: AF_INET6, addr: [word(0), word(4), word(8), word(12)] }
         }
+    }
+}
+
+/// The inverse of [`kernel_ip`]; `None` for an unset address.
+pub fn kernel_to_ip(ip: &ambit_common::IpAddr) -> Option<std::net::IpAddr> {
+    match ip.family {
+        AF_INET => Some(Ipv4Addr::from(ip.addr[0].to_ne_bytes()).into()),
+        AF_INET6 => {
+            let mut octets = [0u8; 16];
+            for (i, w) in ip.addr.iter().enumerate() {
+                octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            Some(Ipv6Addr::from(octets).into())
+        }
+        _ => None,
     }
 }
 

@@ -2,6 +2,8 @@
 //! `LOG_FORMAT=json`), and one structured `connection complete` access-log event per proxied
 //! connection, with Istio's field names.
 
+pub mod flows;
+
 use std::{net::SocketAddr, time::Duration};
 
 use tracing::info;

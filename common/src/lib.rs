@@ -69,7 +69,7 @@ pub struct Enrolled {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{Enrolled, IpAddr, OrigDstKey, SockAddr};
+    use super::{Enrolled, FlowEvent, IpAddr, OrigDstKey, SockAddr};
 
     // SAFETY: all four types are `#[repr(C)]`, made only of integers, and have no padding, so
     // every byte pattern is a valid value and no byte is uninitialised.
@@ -80,4 +80,69 @@ mod user {
     unsafe impl aya::Pod for OrigDstKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Enrolled {}
+    // SAFETY: as above (field sizes chosen so that no padding is left).
+    unsafe impl aya::Pod for FlowEvent {}
+}
+
+/// Kind of a [`FlowEvent`]: a traced socket reached ESTABLISHED.
+pub const FLOW_OPEN: u32 = 1;
+/// A traced socket reached CLOSE (from any state: also failed connection attempts).
+pub const FLOW_CLOSE: u32 = 2;
+/// The kernel sent a reset (`tcp/tcp_send_reset`), for any socket on the host.
+pub const FLOW_RESET_SENT: u32 = 3;
+/// The kernel received a reset (`tcp/tcp_receive_reset`), for any socket on the host.
+pub const FLOW_RESET_RECEIVED: u32 = 4;
+
+/// [`FlowEvent::flags`]: the socket opened the connection (`connect()`).
+pub const FLOW_ACTIVE: u32 = 1;
+/// [`FlowEvent::flags`]: `orig_dst` holds the destination the capture program redirected.
+pub const FLOW_HAS_ORIG: u32 = 2;
+
+/// Index in the `TRACE_COUNTERS` per-CPU array: events lost because the ring buffer was full.
+pub const COUNTER_RING_FULL: u32 = 0;
+/// Size of the `DROP_REASONS` per-CPU array; larger kernel drop reasons count in the last slot.
+pub const DROP_REASON_SLOTS: u32 = 256;
+
+/// One event of the connection tracer, sent through the `FLOW_EVENTS` ring buffer.
+///
+/// Addresses are network byte order as in [`IpAddr`]; ports host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `FLOW_*` kind.
+    pub kind: u32,
+    /// `FLOW_ACTIVE | FLOW_HAS_ORIG`.
+    pub flags: u32,
+    /// `CLOCK_BOOTTIME` nanoseconds.
+    pub time_ns: u64,
+    /// Socket cookie (0 when the kernel gave none).
+    pub socket_cookie: u64,
+    /// Netns cookie of the socket (0 for reset events, which carry none).
+    pub netns_cookie: u64,
+    /// Local address.
+    pub local: IpAddr,
+    /// Remote address.
+    pub remote: IpAddr,
+    /// Local port.
+    pub local_port: u32,
+    /// Remote port.
+    pub remote_port: u32,
+    /// Destination before the capture program redirected it, when `FLOW_HAS_ORIG`.
+    pub orig_dst: SockAddr,
+    /// TCP state before (state change) or at (reset) the event.
+    pub old_state: u32,
+    /// TCP state after a state change.
+    pub new_state: u32,
+    /// Bytes received (at close).
+    pub bytes_received: u64,
+    /// Bytes sent and acknowledged (at close).
+    pub bytes_acked: u64,
+    /// Smoothed RTT, microseconds (at close).
+    pub srtt_us: u32,
+    /// Retransmitted segments (at close).
+    pub total_retrans: u32,
+    /// Reset reason (`enum sk_rst_reason`) for `FLOW_RESET_SENT`.
+    pub reason: u32,
+    /// Keeps the struct free of trailing padding.
+    pub _pad: u32,
 }

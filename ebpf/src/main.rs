@@ -5,12 +5,14 @@
 //!   `cgroup/getpeername4|6` shows the application the address it asked for.
 //! - `inbound`: `sk_lookup`, linked into each enrolled pod's network namespace, hands new TCP
 //!   connections to the agent's inbound listener and drops them when that listener is gone.
+//! - `trace`: connection open/close events with TCP statistics, resets, and drop reasons.
 #![no_std]
 #![no_main]
 
 mod inbound;
 mod maps;
 mod outbound;
+mod trace;
 
 /// Reads a four-word array of a context struct one word at a time. The verifier only accepts
 /// context loads at a constant offset from the unmodified context pointer; a plain array copy

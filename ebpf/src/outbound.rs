@@ -1,10 +1,12 @@
 //! Outbound capture: `connect()` from an enrolled pod goes to the agent instead.
+//!
+//! The `sock_ops` program that completes the bookkeeping lives in `trace`, which shares it.
 
 use ambit_common::{AF_INET, AF_INET6, AGENT_MARK, Enrolled, IpAddr, OUTBOUND_PORT, OrigDstKey, SockAddr};
 use aya_ebpf::{
     EbpfContext as _,
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, sock_ops},
+    macros::cgroup_sock_addr,
     programs::{SockAddrContext, SockOpsContext},
 };
 
@@ -14,7 +16,6 @@ use crate::maps::{ENROLLED, ORIG_DST, SOCK_ORIG};
 const ALLOW: i32 = 1;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
-const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 
 /// 127.0.0.1 as the kernel stores it (network byte order).
 const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
@@ -96,25 +97,21 @@ pub fn restore_peername6(ctx: SockAddrContext) -> i32 {
 }
 
 /// Copies the original destination of a captured socket to the key the agent looks up once
-/// the connection is established (its client port is only known now).
-#[sock_ops]
-pub fn track_established(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        // SAFETY: sock_ops may call both cookie helpers on its context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        // SAFETY: a lookup in our own map; the value is copied out at once.
-        if let Some(orig) = unsafe { SOCK_ORIG.get(&cookie) } {
-            let orig = *orig;
-            let key = OrigDstKey {
-                // SAFETY: see above.
-                netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-                port: ctx.local_port(),
-                _pad: 0,
-            };
-            let _ = ORIG_DST.insert(&key, &orig, 0);
-        }
-    }
-    0
+/// the connection is established (its client port is only known now), and returns it.
+#[inline(always)]
+pub(crate) fn remember_established(ctx: &SockOpsContext) -> Option<SockAddr> {
+    // SAFETY: sock_ops may call both cookie helpers on its context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: a lookup in our own map; the value is copied out at once.
+    let orig = unsafe { SOCK_ORIG.get(&cookie) }.copied()?;
+    let key = OrigDstKey {
+        // SAFETY: see above.
+        netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        port: ctx.local_port(),
+        _pad: 0,
+    };
+    let _ = ORIG_DST.insert(&key, &orig, 0);
+    Some(orig)
 }
 
 /// The enrolment of the calling socket's netns, if this `connect()` is one to capture: a TCP

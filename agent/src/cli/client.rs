@@ -51,6 +51,57 @@ pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Byte
     tokio::time::timeout(timeout, get_inner(addr, path)).await.map_err(|_| ClientError::Timeout(addr))?
 }
 
+/// `GET path`, handing each complete line of a streamed answer to `line` as it arrives, until
+/// the agent ends the stream.
+pub async fn stream_lines(
+    addr: SocketAddr,
+    path: &str,
+    connect_timeout: Duration,
+    mut line: impl FnMut(&[u8]),
+) -> Result<(), ClientError> {
+    let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| ClientError::Timeout(addr))?
+        .map_err(|source| ClientError::Connect { addr, source })?;
+    let http = |source| ClientError::Http { addr, source };
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header(hyper::header::HOST, addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ClientError::Status {
+            addr,
+            path: path.into(),
+            status: StatusCode::BAD_REQUEST,
+            body: e.to_string(),
+        })?;
+    let response = sender.send_request(request).await.map_err(http)?;
+    let status = response.status();
+    let mut body = response.into_body();
+    if status != StatusCode::OK {
+        let text = body.collect().await.map_err(http)?.to_bytes();
+        return Err(ClientError::Status {
+            addr,
+            path: path.into(),
+            status,
+            body: String::from_utf8_lossy(&text).trim().to_owned(),
+        });
+    }
+    let mut pending = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(http)?;
+        if let Some(data) = frame.data_ref() {
+            pending.extend_from_slice(data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                line(&pending[..end]);
+                pending.drain(..=end);
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn get_inner(addr: SocketAddr, path: &str) -> Result<Bytes, ClientError> {
     let stream = TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
     let http = |source| ClientError::Http { addr, source };

@@ -19,6 +19,7 @@ use super::{
 use crate::{
     identity::Identity,
     policy::ConnectionInput,
+    telemetry::flows::{FlowRecord, Note},
     telemetry::{ConnectionRecord, Direction, Security},
     tls::spiffe_id_of,
 };
@@ -57,10 +58,9 @@ impl Proxy {
             record.mtls_decided_by = Some(decision.decided_by.clone());
             if !decision.mode.allows_plaintext() {
                 reset(client);
-                return Err(ProxyError::Denied(format!(
-                    "plaintext refused: mTLS mode STRICT ({})",
-                    decision.decided_by
-                )));
+                let reason = format!("plaintext refused: mTLS mode STRICT ({})", decision.decided_by);
+                self.flow_refused(&pod, peer, None, dst, "refused", Some(decision.decided_by.clone()), &reason);
+                return Err(ProxyError::Denied(reason));
             }
             // Plaintext has no verified identity: only address and port rules can match it.
             let input = ConnectionInput { principal: None, namespace: None, source_ip: peer.ip(), destination: dst };
@@ -68,10 +68,20 @@ impl Proxy {
             record.authorization = Some(verdict.clone());
             if !verdict.allowed {
                 reset(client);
+                self.flow_refused(&pod, peer, None, dst, "denied", verdict.policy.clone(), &verdict.reason);
                 return Err(ProxyError::Denied(verdict.reason));
             }
             let (_registration, revoked) = self.tracker.register(pod.workload.key.clone(), input);
             let upstream = connect_from(&pod.netns, dst).await?;
+            self.note_delivery(&pod, &upstream, Note {
+                security: "plaintext",
+                peer: Some(peer),
+                dst_identity: Some(pod.identity.to_string()),
+                verdict: "allowed",
+                policy: verdict.policy.clone(),
+                reason: Some(verdict.reason.clone()),
+                ..Note::default()
+            });
             let moved = tokio::select! {
                 moved = relay::tcp_to_tcp(client, upstream) => moved.map_err(ProxyError::Relay)?,
                 Ok(reason) = revoked => return Err(ProxyError::Denied(format!("closed by a policy change: {reason}"))),
@@ -197,6 +207,8 @@ impl Proxy {
             record.authorization = Some(verdict.clone());
             if !verdict.allowed {
                 answer(&mut respond, StatusCode::UNAUTHORIZED);
+                let id = Some(&*peer_identity);
+                self.flow_refused(&pod, peer, id, dst, "denied", verdict.policy.clone(), &verdict.reason);
                 return Err(ProxyError::Denied(verdict.reason));
             }
             let (_registration, revoked) = self.tracker.register(pod.workload.key.clone(), input);
@@ -207,6 +219,15 @@ impl Proxy {
                     return Err(e);
                 }
             };
+            self.note_delivery(&pod, &upstream, Note {
+                security: "mutual_tls",
+                peer: Some(peer),
+                src_identity: Some(peer_identity.to_string()),
+                dst_identity: Some(pod.identity.to_string()),
+                verdict: "allowed",
+                policy: verdict.policy.clone(),
+                reason: Some(verdict.reason.clone()),
+            });
             let response =
                 Response::builder().status(StatusCode::OK).body(()).map_err(|e| ProxyError::Hbone(e.to_string()))?;
             let send = respond.send_response(response, false).map_err(|e| ProxyError::Hbone(e.to_string()))?;
@@ -222,6 +243,50 @@ impl Proxy {
         .await;
         count(&pod, record.bytes_received, record.bytes_sent, result.is_err());
         record.finish(start, result.err());
+    }
+}
+
+impl Proxy {
+    /// Tells the flow table who is really behind the agent's connection to the app.
+    fn note_delivery(&self, pod: &PodContext, upstream: &TcpStream, note: Note) {
+        if let Ok(local) = upstream.local_addr() {
+            self.settings.flows.note(pod.cookie, local.port(), note);
+        }
+    }
+
+    /// Records a connection stopped before it reached the app (no app socket to trace).
+    #[allow(clippy::too_many_arguments)]
+    fn flow_refused(
+        &self,
+        pod: &PodContext,
+        src: SocketAddr,
+        src_identity: Option<&Identity>,
+        dst: SocketAddr,
+        verdict: &str,
+        policy: Option<String>,
+        reason: &str,
+    ) {
+        let cluster = self.cluster();
+        let flows = &self.settings.flows;
+        let mut src_peer = flows.peer(&cluster, Some(src.ip()), src.port());
+        if let Some(id) = src_identity {
+            src_peer.identity = Some(id.to_string());
+        }
+        let mut dst_peer = flows.peer(&cluster, Some(dst.ip()), dst.port());
+        dst_peer.identity = Some(pod.identity.to_string());
+        flows.refused(FlowRecord {
+            direction: "inbound".into(),
+            src: src_peer,
+            dst: dst_peer,
+            security: if src_identity.is_some() { "mutual_tls" } else { "plaintext" }.into(),
+            mesh: "enrolled".into(),
+            verdict: verdict.into(),
+            policy,
+            reason: Some(reason.to_owned()),
+            end: Some(verdict.into()),
+            netns_cookie: pod.cookie,
+            ..FlowRecord::default()
+        });
     }
 }
 

@@ -10,6 +10,7 @@ use super::{PodContext, Proxy, ProxyError, accept_loop, connect_from, count, hbo
 use crate::{
     identity::Identity,
     redirect::from_kernel,
+    telemetry::flows::Note,
     telemetry::{ConnectionRecord, Direction, Security},
 };
 
@@ -68,14 +69,26 @@ impl Proxy {
                 record.security = Security::MutualTls;
                 record.dst_identity = Some(dst_identity);
                 record.hbone_addr = Some(key.addr);
+                let note = |verdict, reason: Option<String>| Note {
+                    security: "mutual_tls",
+                    peer: Some(dst),
+                    src_identity: Some(pod.identity.to_string()),
+                    dst_identity: Some(key.dst.to_string()),
+                    verdict,
+                    policy: None,
+                    reason,
+                };
                 let tunnel = match self.pool.connect(&pod.netns, &key, dst).await {
                     Ok(tunnel) => tunnel,
                     Err(e) => {
+                        let verdict = if matches!(e, ProxyError::Denied(_)) { "denied" } else { "error" };
+                        self.settings.flows.note(pod.cookie, peer.port(), note(verdict, Some(e.to_string())));
                         // The application learns at once, as from a refusing server.
                         reset(client);
                         return Err(e);
                     }
                 };
+                self.settings.flows.note(pod.cookie, peer.port(), note("allowed", None));
                 let moved =
                     relay::tcp_to_h2(client, tunnel.send, tunnel.recv).await.map_err(ProxyError::Relay)?;
                 drop(tunnel.slot);
@@ -84,13 +97,23 @@ impl Proxy {
             }
             None => {
                 // Not in the mesh: plaintext passthrough, as ztunnel does.
+                let note = |verdict, reason: String| Note {
+                    security: "plaintext",
+                    peer: Some(dst),
+                    verdict,
+                    reason: Some(reason),
+                    ..Note::default()
+                };
                 let upstream = match connect_from(&pod.netns, dst).await {
                     Ok(upstream) => upstream,
                     Err(e) => {
+                        self.settings.flows.note(pod.cookie, peer.port(), note("error", e.to_string()));
                         reset(client);
                         return Err(e);
                     }
                 };
+                let why = "the destination is not in the mesh: plaintext passthrough".to_owned();
+                self.settings.flows.note(pod.cookie, peer.port(), note("allowed", why));
                 record.src_addr = upstream.local_addr().ok();
                 let moved = relay::tcp_to_tcp(client, upstream).await.map_err(ProxyError::Relay)?;
                 record.bytes_sent = moved.sent;

@@ -1,0 +1,623 @@
+//! Flow records: the kernel's view of every traced connection (opened, closed, TCP statistics,
+//! resets) joined with the agent's (pods, identities, mTLS, verdicts), kept in a bounded history
+//! and streamed to `ambit trace`.
+//!
+//! Which sockets the kernel reports: the applications' own, in the traced network namespaces
+//! (enrolled pods; with `--trace-all` every pod of the node). On the source side that is the
+//! app's connection to the agent (its original destination comes from the capture program); on
+//! the destination side the app's connection from the agent, which the inbound proxy annotates
+//! with the real source. Connections refused before reaching an app (STRICT, policy) have no app
+//! socket there; the inbound proxy records them itself.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use ambit_common::{
+    FLOW_ACTIVE, FLOW_CLOSE, FLOW_HAS_ORIG, FLOW_OPEN, FLOW_RESET_RECEIVED, FLOW_RESET_SENT, FlowEvent,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use crate::{
+    discovery::{Cluster, Workload},
+    redirect::{from_kernel, kernel_to_ip},
+};
+
+/// Records kept for `ambit trace` without `--follow`.
+pub const HISTORY: usize = 10_000;
+/// How long a reset waits for the close of its connection before it is forgotten.
+const RESET_MEMORY: Duration = Duration::from_secs(5);
+/// How long a proxy annotation waits for its socket's close.
+const NOTE_MEMORY: Duration = Duration::from_secs(600);
+
+/// One end of a flow.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Peer {
+    /// Address.
+    pub ip: Option<IpAddr>,
+    /// Port.
+    pub port: u16,
+    /// Pod (`namespace/name`), when the address is one.
+    pub pod: Option<String>,
+    /// Namespace of that pod.
+    pub namespace: Option<String>,
+    /// SPIFFE ID: verified by mTLS, or the one the mesh gives the pod.
+    pub identity: Option<String>,
+}
+
+/// A flow record. Field names are stable (documented in ARCHITECTURE.md).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlowRecord {
+    /// RFC 3339 UTC time of the event.
+    pub time: String,
+    /// `open`, `close`, or `refused` (stopped by the agent before reaching the app).
+    pub event: String,
+    /// Node name.
+    pub node: String,
+    /// `outbound` (opened by the traced pod) or `inbound`.
+    pub direction: String,
+    /// Source.
+    pub src: Peer,
+    /// Destination (the original one for captured connections).
+    pub dst: Peer,
+    /// `mutual_tls` or `plaintext`.
+    pub security: String,
+    /// `enrolled` if the traced pod is in the mesh, else `not-enrolled`.
+    pub mesh: String,
+    /// `allowed`, `denied` (AuthorizationPolicy), `refused` (STRICT mTLS), `error`, or
+    /// `unprotected` (not in the mesh: nothing enforced).
+    pub verdict: String,
+    /// The deciding policy, if any.
+    pub policy: Option<String>,
+    /// Why, in words.
+    pub reason: Option<String>,
+    /// Bytes from source to destination.
+    pub bytes_sent: u64,
+    /// Bytes from destination to source.
+    pub bytes_received: u64,
+    /// Smoothed RTT at close, microseconds.
+    pub srtt_us: u32,
+    /// Retransmitted segments.
+    pub retransmits: u32,
+    /// Lifetime, milliseconds (close only).
+    pub duration_ms: u64,
+    /// How it ended: `fin`, `reset_received`, `reset_sent`, `refused` (reset in reply to the
+    /// SYN), `timeout` (no answer to the SYN), `denied` (by the agent).
+    pub end: Option<String>,
+    /// The kernel's reason for a reset it sent (`enum sk_rst_reason`).
+    pub end_reason: Option<String>,
+    /// Netns cookie of the traced socket.
+    pub netns_cookie: u64,
+    /// Socket cookie of the traced socket.
+    pub socket_cookie: u64,
+}
+
+/// What the proxy learned about a connection, attached to the app socket's record.
+#[derive(Clone, Debug, Default)]
+pub struct Note {
+    /// `mutual_tls` or `plaintext`.
+    pub security: &'static str,
+    /// The real source (inbound) or destination (outbound).
+    pub peer: Option<SocketAddr>,
+    /// Source identity.
+    pub src_identity: Option<String>,
+    /// Destination identity.
+    pub dst_identity: Option<String>,
+    /// `allowed`, `denied`, `refused`, `error`.
+    pub verdict: &'static str,
+    /// Deciding policy.
+    pub policy: Option<String>,
+    /// Why.
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Tuple {
+    local: SocketAddr,
+    remote: SocketAddr,
+}
+
+struct Open {
+    record: FlowRecord,
+    started: u64,
+    /// The key of the proxy's note for this socket.
+    key: (u64, u16),
+    /// The key of the proxy's note for this socket, while its open record waits for it.
+    waiting: Option<((u64, u16), Instant)>,
+}
+
+#[derive(Default)]
+struct State {
+    pods: HashMap<u64, Workload>,
+    open: HashMap<u64, Open>,
+    notes: HashMap<(u64, u16), (Instant, Note)>,
+    resets: HashMap<Tuple, (Instant, u32, String)>,
+    resets_by_cookie: HashMap<u64, Instant>,
+    /// Close records of aborts waiting for their reset event.
+    aborting: Vec<(Instant, FlowRecord, FlowEvent)>,
+    history: VecDeque<Arc<FlowRecord>>,
+}
+
+/// The agent's flow table.
+pub struct Flows {
+    node: String,
+    trust_domain: String,
+    cluster: watch::Receiver<Arc<Cluster>>,
+    reset_reasons: HashMap<u32, String>,
+    state: Mutex<State>,
+    stream: broadcast::Sender<Arc<FlowRecord>>,
+}
+
+impl Flows {
+    /// An empty table.
+    pub fn new(
+        node: String,
+        trust_domain: String,
+        cluster: watch::Receiver<Arc<Cluster>>,
+        reset_reasons: HashMap<u32, String>,
+    ) -> Self {
+        Self {
+            node,
+            trust_domain,
+            cluster,
+            reset_reasons,
+            state: Mutex::new(State::default()),
+            stream: broadcast::channel(4096).0,
+        }
+    }
+
+    /// Which pod each traced netns belongs to.
+    pub fn set_pods(&self, pods: HashMap<u64, Workload>) {
+        self.lock().pods = pods;
+    }
+
+    /// Records that the agent's outbound proxy handled the app connection from `port` in netns
+    /// `cookie`, or that its inbound proxy delivered one to the app from its own port `port`.
+    pub fn note(&self, cookie: u64, port: u16, note: Note) {
+        let mut state = self.lock();
+        state.notes.insert((cookie, port), (Instant::now(), note));
+        let ready: Vec<u64> = state
+            .open
+            .iter()
+            .filter(|(_, o)| o.waiting.is_some_and(|(key, _)| key == (cookie, port)))
+            .map(|(socket, _)| *socket)
+            .collect();
+        for socket in ready {
+            self.release_open(&mut state, socket);
+        }
+    }
+
+    /// Publishes the open record of `socket`, enriched with its note if there is one.
+    fn release_open(&self, state: &mut State, socket: u64) {
+        let Some(open) = state.open.get_mut(&socket) else { return };
+        let Some((key, _)) = open.waiting.take() else { return };
+        let mut record = open.record.clone();
+        if let Some((_, note)) = state.notes.get(&key) {
+            let cluster = self.cluster.borrow().clone();
+            self.apply(&cluster, &mut record, note.clone());
+        }
+        if let Some(open) = state.open.get_mut(&socket) {
+            open.record = record.clone();
+        }
+        self.publish(state, record);
+    }
+
+    fn apply(&self, cluster: &Cluster, record: &mut FlowRecord, note: Note) {
+        record.security = note.security.into();
+        record.verdict = note.verdict.into();
+        record.policy = note.policy;
+        record.reason = note.reason;
+        if record.direction == "inbound" {
+            if let Some(peer) = note.peer {
+                record.src = self.peer(cluster, Some(peer.ip()), peer.port());
+            }
+        }
+        if note.src_identity.is_some() {
+            record.src.identity = note.src_identity;
+        }
+        if note.dst_identity.is_some() {
+            record.dst.identity = note.dst_identity;
+        }
+    }
+
+    /// A connection the inbound proxy stopped before it reached an app.
+    pub fn refused(&self, record: FlowRecord) {
+        let record =
+            FlowRecord { time: now_rfc3339(), event: "refused".into(), node: self.node.clone(), ..record };
+        self.publish(&mut self.lock(), record);
+    }
+
+    /// Follows new records.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FlowRecord>> {
+        self.stream.subscribe()
+    }
+
+    /// The records kept, oldest first.
+    pub fn history(&self) -> Vec<Arc<FlowRecord>> {
+        self.lock().history.iter().cloned().collect()
+    }
+
+    /// Connections open now.
+    pub fn open_count(&self) -> usize {
+        self.lock().open.len()
+    }
+
+    /// Handles one kernel event.
+    pub fn handle(&self, event: &FlowEvent) {
+        let mut state = self.lock();
+        match event.kind {
+            FLOW_OPEN => {
+                let record = self.open_record(&state, event);
+                // An enrolled pod's connection is proxied: its open record waits (briefly) for the
+                // proxy's note, which knows identities, verdict and, inbound, the real source.
+                let waiting = (record.mesh == "enrolled").then(|| (note_key(event), Instant::now()));
+                let socket = event.socket_cookie;
+                state
+                    .open
+                    .insert(socket, Open { record, started: event.time_ns, key: note_key(event), waiting });
+                if state.notes.contains_key(&note_key(event)) || waiting.is_none() {
+                    if waiting.is_none() {
+                        let record = state.open[&socket].record.clone();
+                        self.publish(&mut state, record);
+                    } else {
+                        self.release_open(&mut state, socket);
+                    }
+                }
+            }
+            FLOW_CLOSE => {
+                self.release_open(&mut state, event.socket_cookie);
+                let open = state.open.remove(&event.socket_cookie);
+                let (mut record, started, key) = match open {
+                    Some(open) => (open.record, open.started, open.key),
+                    // Closed without being established: a failed connection attempt, ours.
+                    None => {
+                        let mut event = *event;
+                        if event.old_state == TCP_SYN_SENT {
+                            event.flags |= FLOW_ACTIVE;
+                        }
+                        (self.open_record(&state, &event), event.time_ns, note_key(&event))
+                    }
+                };
+                self.close_record(&mut state, &mut record, event, started, key);
+                // An abort's reset event (with its reason) follows the state change: hold the
+                // record back a moment to name it.
+                if record.end.as_deref() == Some("reset_sent") && record.end_reason.is_none() {
+                    state.aborting.push((Instant::now(), record, *event));
+                } else {
+                    self.publish(&mut state, record);
+                }
+            }
+            FLOW_RESET_SENT | FLOW_RESET_RECEIVED => {
+                let (Some(local), Some(remote)) =
+                    (addr(&event.local, event.local_port), addr(&event.remote, event.remote_port))
+                else {
+                    return;
+                };
+                let how = if event.kind == FLOW_RESET_SENT { "reset_sent" } else { "reset_received" };
+                let reason = self.reset_reasons.get(&event.reason).cloned().unwrap_or_default();
+                let code = if event.kind == FLOW_RESET_SENT { 1 } else { 2 };
+                state
+                    .resets
+                    .insert(Tuple { local, remote }, (Instant::now(), code, format!("{how}:{reason}")));
+                if event.socket_cookie != 0 {
+                    state.resets_by_cookie.insert(event.socket_cookie, Instant::now());
+                }
+                let waiting = std::mem::take(&mut state.aborting);
+                for (at, mut record, close) in waiting {
+                    if addr(&close.local, close.local_port) == Some(local)
+                        && addr(&close.remote, close.remote_port) == Some(remote)
+                    {
+                        self.set_end(&mut state, &mut record, &close);
+                        self.publish(&mut state, record);
+                    } else {
+                        state.aborting.push((at, record, close));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Publishes open records whose note is late, and forgets resets and notes that no close
+    /// will claim.
+    pub fn prune(&self) {
+        let mut state = self.lock();
+        let late: Vec<u64> = state
+            .open
+            .iter()
+            .filter(|(_, o)| o.waiting.is_some_and(|(_, at)| at.elapsed() > NOTE_WAIT))
+            .map(|(socket, _)| *socket)
+            .collect();
+        for socket in late {
+            self.release_open(&mut state, socket);
+        }
+        let (done, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut state.aborting).into_iter().partition(|(at, ..)| at.elapsed() > RESET_WAIT);
+        state.aborting = waiting;
+        for (_, record, _) in done {
+            self.publish(&mut state, record);
+        }
+        state.resets.retain(|_, (at, ..)| at.elapsed() < RESET_MEMORY);
+        state.resets_by_cookie.retain(|_, at| at.elapsed() < RESET_MEMORY);
+        state.notes.retain(|_, (at, _)| at.elapsed() < NOTE_MEMORY);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, state: &mut State, record: FlowRecord) {
+        let record = Arc::new(record);
+        if state.history.len() >= HISTORY {
+            state.history.pop_front();
+        }
+        state.history.push_back(record.clone());
+        let _ = self.stream.send(record);
+    }
+
+    /// Describes an address: the pod behind it and the identity the mesh gives that pod.
+    pub fn peer(&self, cluster: &Cluster, ip: Option<IpAddr>, port: u16) -> Peer {
+        let pod = ip.and_then(|ip| cluster.workload_by_ip(ip));
+        Peer {
+            ip,
+            port,
+            pod: pod.map(|w| w.key.to_string()),
+            namespace: pod.map(|w| w.key.namespace.clone()),
+            identity: pod.filter(|w| w.enrollment.is_enrolled()).map(|w| w.spiffe_id(&self.trust_domain)),
+        }
+    }
+
+    fn open_record(&self, state: &State, event: &FlowEvent) -> FlowRecord {
+        let cluster = self.cluster.borrow().clone();
+        let pod = state.pods.get(&event.netns_cookie);
+        let active = event.flags & FLOW_ACTIVE != 0;
+        let local_ip = kernel_to_ip(&event.local);
+        let remote_ip = kernel_to_ip(&event.remote);
+        let port = |p: u32| p as u16;
+        // The traced socket is the app's: on a captured outbound connection its peer is the
+        // agent on loopback, and the destination is the one the app asked for.
+        let (mut src, mut dst) = if active {
+            let dst = if event.flags & FLOW_HAS_ORIG != 0 {
+                let orig = from_kernel(event.orig_dst);
+                self.peer(&cluster, Some(orig.ip()), orig.port())
+            } else {
+                self.peer(&cluster, remote_ip, port(event.remote_port))
+            };
+            (self.peer(&cluster, local_ip, port(event.local_port)), dst)
+        } else {
+            (
+                self.peer(&cluster, remote_ip, port(event.remote_port)),
+                self.peer(&cluster, local_ip, port(event.local_port)),
+            )
+        };
+        // Loopback-side addresses say nothing: name the pod that owns the netns instead.
+        if let Some(pod) = pod {
+            let own = if active { &mut src } else { &mut dst };
+            if own.ip.is_none_or(|ip| ip.is_loopback()) {
+                own.ip = pod.ips.first().copied();
+            }
+            own.pod = Some(pod.key.to_string());
+            own.namespace = Some(pod.key.namespace.clone());
+            own.identity = pod.enrollment.is_enrolled().then(|| pod.spiffe_id(&self.trust_domain));
+        }
+        let enrolled = pod.is_some_and(|p| p.enrollment.is_enrolled());
+        FlowRecord {
+            time: now_rfc3339(),
+            event: "open".into(),
+            node: self.node.clone(),
+            direction: if active { "outbound" } else { "inbound" }.into(),
+            src,
+            dst,
+            security: "plaintext".into(),
+            mesh: if enrolled { "enrolled" } else { "not-enrolled" }.into(),
+            verdict: if enrolled { "allowed" } else { "unprotected" }.into(),
+            netns_cookie: event.netns_cookie,
+            socket_cookie: event.socket_cookie,
+            ..FlowRecord::default()
+        }
+    }
+
+    fn close_record(
+        &self,
+        state: &mut State,
+        record: &mut FlowRecord,
+        event: &FlowEvent,
+        started: u64,
+        key: (u64, u16),
+    ) {
+        record.time = now_rfc3339();
+        record.event = "close".into();
+        record.srtt_us = event.srtt_us;
+        record.retransmits = event.total_retrans;
+        record.duration_ms = event.time_ns.saturating_sub(started) / 1_000_000;
+        let active = record.direction == "outbound";
+        // The kernel's byte counters follow sequence numbers, which the SYN (active side) and
+        // each FIN also consume: take those out to report application bytes.
+        let state_before = event.old_state;
+        let fin_acked = matches!(state_before, TCP_FIN_WAIT2 | TCP_LAST_ACK | TCP_CLOSING);
+        let fin_received =
+            matches!(state_before, TCP_FIN_WAIT2 | TCP_LAST_ACK | TCP_CLOSING | TCP_CLOSE_WAIT);
+        let established = state_before != TCP_SYN_SENT;
+        let sent = event
+            .bytes_acked
+            .saturating_sub(u64::from(active && established))
+            .saturating_sub(u64::from(fin_acked));
+        let received = event.bytes_received.saturating_sub(u64::from(fin_received));
+        (record.bytes_sent, record.bytes_received) = if active { (sent, received) } else { (received, sent) };
+
+        if let Some((_, note)) = state.notes.remove(&key) {
+            let cluster = self.cluster.borrow().clone();
+            self.apply(&cluster, record, note);
+        }
+        self.set_end(state, record, event);
+    }
+
+    /// How the connection ended, from the state it left and the resets seen for it.
+    fn set_end(&self, state: &mut State, record: &mut FlowRecord, event: &FlowEvent) {
+        let local = addr(&event.local, event.local_port);
+        let remote = addr(&event.remote, event.remote_port);
+        let reset =
+            local.zip(remote).and_then(|(local, remote)| state.resets.remove(&Tuple { local, remote }));
+        let reset_by_cookie = state.resets_by_cookie.remove(&event.socket_cookie).is_some();
+        let (end, end_reason) = match (event.old_state, reset) {
+            (TCP_SYN_SENT, Some(_)) => ("refused", None),
+            (TCP_SYN_SENT, None) if reset_by_cookie => ("refused", None),
+            (TCP_SYN_SENT, None) => ("timeout", None),
+            (_, Some((_, 1, why))) => ("reset_sent", why.split_once(':').map(|(_, r)| r.to_owned())),
+            (_, Some(_)) => ("reset_received", None),
+            (_, None) if reset_by_cookie => ("reset_received", None),
+            // Leaving ESTABLISHED or CLOSE_WAIT straight for CLOSE is an abort: this socket reset
+            // the connection (its reset event may not have arrived yet).
+            (TCP_ESTABLISHED | TCP_CLOSE_WAIT | TCP_SYN_RECV, None) => ("reset_sent", None),
+            _ => ("fin", None),
+        };
+        record.end = Some(end.into());
+        record.end_reason = end_reason.filter(|r| !r.is_empty());
+        if record.verdict == "allowed" && end == "refused" && record.reason.is_none() {
+            record.reason = Some("the destination refused the connection".into());
+        }
+    }
+}
+
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_SYN_SENT: u32 = 2;
+const TCP_SYN_RECV: u32 = 3;
+const TCP_FIN_WAIT2: u32 = 5;
+const TCP_CLOSE_WAIT: u32 = 8;
+const TCP_LAST_ACK: u32 = 9;
+const TCP_CLOSING: u32 = 11;
+/// How long an abortive close waits for the reset event that names its reason.
+const RESET_WAIT: Duration = Duration::from_millis(150);
+
+/// How long an open record waits for the proxy's note before it is published without it.
+const NOTE_WAIT: Duration = Duration::from_millis(300);
+
+/// The proxy's key for the app socket of `event`: on the source side the app's own port, on the
+/// destination side the agent's port (the app socket's peer).
+fn note_key(event: &FlowEvent) -> (u64, u16) {
+    let port = if event.flags & FLOW_ACTIVE != 0 { event.local_port } else { event.remote_port };
+    (event.netns_cookie, port as u16)
+}
+
+fn addr(ip: &ambit_common::IpAddr, port: u32) -> Option<SocketAddr> {
+    Some(SocketAddr::new(kernel_to_ip(ip)?, port as u16))
+}
+
+/// The current time as RFC 3339 UTC with milliseconds.
+pub fn now_rfc3339() -> String {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let t = time::OffsetDateTime::from_unix_timestamp(now.as_secs() as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        now.subsec_millis()
+    )
+}
+
+/// Reads kernel events until the ring buffer goes away, handing each to `flows`.
+pub async fn read_events(flows: Arc<Flows>, ring: aya::maps::RingBuf<aya::maps::MapData>) {
+    // SAFETY: the ring buffer owns its map's descriptor for its whole life and always reports
+    // that same descriptor.
+    let registered =
+        unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut ring = match registered {
+        Ok(ring) => ring,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot poll the flow ring buffer; no flow records");
+            return;
+        }
+    };
+    let mut prune = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let Ok(mut guard) = guard else { return };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    if item.len() >= std::mem::size_of::<FlowEvent>() {
+                        // SAFETY: the kernel wrote a whole FlowEvent; read it unaligned.
+                        let event: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                        flows.handle(&event);
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = prune.tick() => flows.prune(),
+        }
+    }
+}
+
+/// Which records `ambit trace` wants.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Source pod (`ns/name` or `name`).
+    pub from: Option<String>,
+    /// Destination pod.
+    pub to: Option<String>,
+    /// Either end in this namespace.
+    pub namespace: Option<String>,
+    /// Verdict.
+    pub verdict: Option<String>,
+    /// Destination port.
+    pub port: Option<u16>,
+    /// At most this many past records.
+    pub last: Option<usize>,
+}
+
+impl Filter {
+    /// Reads `from`, `to`, `namespace`, `verdict`, `port` and `last` query parameters.
+    pub fn from_query(query: &[(String, String)]) -> Result<Self, String> {
+        let mut filter = Self::default();
+        for (key, value) in query {
+            let value = value.trim();
+            if value.is_empty() {
+                continue;
+            }
+            match key.as_str() {
+                "from" => filter.from = Some(value.into()),
+                "to" => filter.to = Some(value.into()),
+                "namespace" => filter.namespace = Some(value.into()),
+                "verdict" => {
+                    const VERDICTS: [&str; 5] = ["allowed", "denied", "refused", "error", "unprotected"];
+                    if !VERDICTS.contains(&value) {
+                        return Err(format!("verdict {value:?} is not one of {}", VERDICTS.join(", ")));
+                    }
+                    filter.verdict = Some(value.into());
+                }
+                "port" => {
+                    filter.port = Some(value.parse().map_err(|_| format!("port {value:?} is not a port"))?)
+                }
+                "last" => {
+                    filter.last = Some(value.parse().map_err(|_| format!("last {value:?} is not a number"))?)
+                }
+                "follow" => {}
+                other => return Err(format!("unknown trace filter {other:?}")),
+            }
+        }
+        Ok(filter)
+    }
+
+    /// Whether `record` passes.
+    pub fn matches(&self, record: &FlowRecord) -> bool {
+        let pod_is = |peer: &Peer, wanted: &str| {
+            peer.pod.as_deref().is_some_and(|p| p == wanted || p.rsplit('/').next() == Some(wanted))
+        };
+        self.from.as_deref().is_none_or(|f| pod_is(&record.src, f))
+            && self.to.as_deref().is_none_or(|t| pod_is(&record.dst, t))
+            && self.namespace.as_deref().is_none_or(|ns| {
+                record.src.namespace.as_deref() == Some(ns) || record.dst.namespace.as_deref() == Some(ns)
+            })
+            && self.verdict.as_deref().is_none_or(|v| record.verdict == v)
+            && self.port.is_none_or(|p| record.dst.port == p)
+    }
+}
