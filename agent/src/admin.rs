@@ -90,6 +90,8 @@ pub struct AdminState {
     pub flows: Arc<crate::telemetry::flows::Flows>,
     /// Tracer health and kernel drop counters.
     pub trace_stats: Arc<crate::bpf::TraceStats>,
+    /// Istio's TCP metrics.
+    pub metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 impl AdminState {
@@ -106,39 +108,157 @@ impl AdminState {
         }
     }
 
+    /// Everything the agent works from, without private keys.
+    fn config_dump(&self) -> serde_json::Value {
+        let cluster = self.cluster.borrow().clone();
+        let policies: Vec<serde_json::Value> = cluster
+            .authorization
+            .all()
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name,
+                    "action": p.action,
+                    "selector": p.selector.as_ref().map(|s| &s.match_labels),
+                    "rules": p.rule_count,
+                    "http_only_fields": p.unsupported,
+                })
+            })
+            .collect();
+        let peer_authentications: Vec<serde_json::Value> = cluster
+            .peer_authentications
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": format!("{}/{}", p.metadata.namespace.as_deref().unwrap_or("default"), p.metadata.name),
+                    "selector": p.spec.selector.as_ref().map(|s| &s.match_labels),
+                    "mode": p.spec.mtls.map(|m| m.mode),
+                    "port_level_mtls": p.spec.port_level_mtls.iter().map(|(port, m)| (port.0.to_string(), m.mode)).collect::<std::collections::BTreeMap<_, _>>(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "agent": *self.info,
+            "config": *self.source.borrow(),
+            "workloads": cluster.workloads.values().collect::<Vec<_>>(),
+            "services": cluster.services.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            "peer_authentications": peer_authentications,
+            "authorization_policies": policies,
+            "certificates": *self.certs.borrow().clone(),
+            "tracing": { "missing_tracepoints": self.trace_stats.missing },
+        })
+    }
+
     fn metrics(&self) -> String {
+        use crate::telemetry::metrics::{escape, sample};
         let status = self.status();
         let pods = self.pods.borrow().clone();
         let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, value: u64| {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"));
-        };
-        gauge("ambit_ready", "1 when every enrolled pod of the node is captured.", u64::from(status.ready));
-        gauge(
+        self.metrics.render_tcp(&mut out);
+        let one = |v: u64| vec![(String::new(), v)];
+        sample(
+            &mut out,
+            "ambit_ready",
+            "gauge",
+            "1 when every enrolled pod of the node is captured.",
+            &one(u64::from(status.ready)),
+        );
+        sample(
+            &mut out,
             "ambit_pods_captured",
+            "gauge",
             "Enrolled pods of the node that are captured.",
-            status.pods_captured as u64,
+            &one(status.pods_captured as u64),
         );
-        gauge(
+        sample(
+            &mut out,
             "ambit_pods_failed",
+            "gauge",
             "Enrolled pods of the node that could not be captured.",
-            status.pods_failed as u64,
+            &one(status.pods_failed as u64),
         );
-        gauge(
+        sample(
+            &mut out,
             "ambit_config_errors",
-            "1 when the last reload of the source of truth failed.",
-            u64::from(status.config.error.is_some()),
+            "gauge",
+            "1 when the last reload of the source of truth failed (the last good one serves).",
+            &one(u64::from(status.config.error.is_some())),
         );
         let snapshots: Vec<_> = pods.iter().filter_map(|p| p.stats.as_ref()).map(|s| s.snapshot()).collect();
         let total = |f: fn(&crate::proxy::StatsSnapshot) -> u64| -> u64 { snapshots.iter().map(f).sum() };
-        out.push_str("# HELP ambit_connections_total Connections proxied for captured pods.\n# TYPE ambit_connections_total counter\n");
-        out.push_str(&format!(
-            "ambit_connections_total{{direction=\"outbound\"}} {}\n",
-            total(|s| s.outbound)
-        ));
-        out.push_str(&format!("ambit_connections_total{{direction=\"inbound\"}} {}\n", total(|s| s.inbound)));
-        out.push_str("# HELP ambit_connections_failed_total Proxied connections that failed.\n# TYPE ambit_connections_failed_total counter\n");
-        out.push_str(&format!("ambit_connections_failed_total {}\n", total(|s| s.failed)));
+        sample(
+            &mut out,
+            "ambit_connections_total",
+            "counter",
+            "Connections proxied for the captured pods.",
+            &[
+                ("direction=\"outbound\"".into(), total(|s| s.outbound)),
+                ("direction=\"inbound\"".into(), total(|s| s.inbound)),
+            ],
+        );
+        sample(
+            &mut out,
+            "ambit_connections_failed_total",
+            "counter",
+            "Proxied connections that failed or were refused.",
+            &one(total(|s| s.failed)),
+        );
+        let certs: Vec<(String, u64)> = self
+            .certs
+            .borrow()
+            .iter()
+            .map(|c| (format!("identity=\"{}\"", escape(&c.identity)), c.not_after))
+            .collect();
+        sample(
+            &mut out,
+            "ambit_certificate_expiry_timestamp_seconds",
+            "gauge",
+            "When each workload certificate held by the agent expires (Unix time).",
+            &certs,
+        );
+        sample(
+            &mut out,
+            "ambit_flow_events_dropped_total",
+            "counter",
+            "Kernel flow events lost because the ring buffer was full.",
+            &one(self.trace_stats.ring_full()),
+        );
+        let drops: Vec<(String, u64)> = self
+            .trace_stats
+            .drops()
+            .into_iter()
+            .map(|(reason, n)| {
+                let name = self
+                    .trace_stats
+                    .drop_reason_names
+                    .get(&reason)
+                    .cloned()
+                    .unwrap_or_else(|| reason.to_string());
+                (format!("reason=\"{}\"", escape(&name)), n)
+            })
+            .collect();
+        sample(
+            &mut out,
+            "ambit_kernel_packet_drops_total",
+            "counter",
+            "IP packets the kernel dropped, by drop reason (whole node).",
+            &drops,
+        );
+        sample(
+            &mut out,
+            "ambit_flows_open",
+            "gauge",
+            "Traced connections open now.",
+            &one(self.flows.open_count() as u64),
+        );
+        let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
+        sample(
+            &mut out,
+            "ambit_open_fds",
+            "gauge",
+            "File descriptors the agent holds (sockets included).",
+            &one(fds),
+        );
         out
     }
 }
@@ -212,7 +332,7 @@ fn trace(state: &AdminState, query: &[(String, String)]) -> Response<Body> {
     let history: Vec<_> = state.flows.history().into_iter().filter(|r| filter.matches(r)).collect();
     let last = filter.last.unwrap_or(if follow { 0 } else { usize::MAX });
     let skip = history.len().saturating_sub(last);
-    let mut lines: Vec<Bytes> = history[skip..].iter().filter_map(|r| json_line(r)).collect();
+    let mut lines: Vec<Bytes> = history[skip..].iter().filter_map(json_line).collect();
     if !follow {
         return respond(StatusCode::OK, "application/x-ndjson", lines.concat().into());
     }
@@ -257,6 +377,7 @@ fn admin_route(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/status") => json(&state.status()),
         (&Method::GET, "/workloads") => json(&*state.pods.borrow().clone()),
         (&Method::GET, "/certs") => json(&*state.certs.borrow().clone()),
+        (&Method::GET, "/config_dump") => json(&state.config_dump()),
         (&Method::GET, "/trace") => trace(state, &query_params(req.uri().query().unwrap_or_default())),
         (&Method::GET, "/policies") => {
             let cluster = state.cluster.borrow().clone();
@@ -292,7 +413,7 @@ fn admin_route(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
         }
         (&Method::GET, "/") => text(
             StatusCode::OK,
-            "ambit admin API: /status /workloads /certs /policies /check?src=&dst=&port=\n".into(),
+            "ambit admin API: /status /workloads /certs /policies /check?src=&dst=&port= /trace /config_dump\n".into(),
         ),
         _ => text(StatusCode::NOT_FOUND, format!("no such endpoint: {}\n", req.uri().path())),
     }

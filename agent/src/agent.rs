@@ -18,7 +18,10 @@ use crate::{
     proxy::{Proxy, Settings},
     redirect::Tracing,
     redirect::{Redirector, netns::Netns},
-    telemetry::flows::{self, Flows},
+    telemetry::{
+        flows::{self, Flows},
+        metrics::Metrics,
+    },
     tls::{TlsContext, TlsError},
 };
 
@@ -93,7 +96,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let tls = Arc::new(TlsContext::new(identities.clone())?);
 
     let instance = args.instance.clone().unwrap_or_else(|| args.node.clone());
-    let (datapath, orig_dst, trace_maps) = Datapath::load(&args.bpf_dir, &instance)?;
+    let (datapath, orig_dst, trace_maps) = Datapath::load(&args.bpf_dir, &instance, args.flow_buffer_bytes)?;
 
     let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster));
     let (source_tx, source_rx) = watch::channel(SourceStatus {
@@ -107,6 +110,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let (certs_tx, certs_rx) = watch::channel(Arc::new(Vec::new()));
 
     let TraceMaps { events, stats } = trace_maps;
+    let metrics = Arc::new(Metrics::default());
     let flows = Arc::new(Flows::new(
         args.node.clone(),
         args.trust_domain.clone(),
@@ -142,15 +146,20 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         cluster: cluster_rx.clone(),
         flows: flows.clone(),
         trace_stats: trace_stats.clone(),
+        metrics: metrics.clone(),
     };
     let admin = admin::bind_admin(args.admin_addr, state.clone()).await?;
     let readiness = admin::bind_readiness(args.readiness_addr, state.clone()).await?;
-    let metrics = admin::bind_metrics(args.metrics_addr, state).await?;
+    let metrics_server = admin::bind_metrics(args.metrics_addr, state).await?;
     tokio::spawn(admin);
     tokio::spawn(readiness);
-    tokio::spawn(metrics);
+    tokio::spawn(metrics_server);
 
-    let settings = Settings { root_namespace: args.root_namespace.clone(), flows: flows.clone() };
+    let settings = Settings {
+        root_namespace: args.root_namespace.clone(),
+        flows: flows.clone(),
+        metrics: metrics.clone(),
+    };
     let proxy = Arc::new(Proxy::new(orig_dst, cluster_rx.clone(), identities.clone(), tls.clone(), settings));
     let mut redirector =
         Redirector::new(args.node.clone(), datapath, proxy.clone(), identities.clone(), tls, tracing);

@@ -192,7 +192,11 @@ impl Datapath {
     /// Loads the programs with their maps pinned under `pin_root/<instance>`, re-using maps a
     /// previous agent of the same instance left there, and attaches the outbound programs at the
     /// cgroup v2 root, replacing that agent's links without a gap.
-    pub fn load(pin_root: &Path, instance: &str) -> Result<(Self, OrigDstMap, TraceMaps), BpfError> {
+    pub fn load(
+        pin_root: &Path,
+        instance: &str,
+        flow_buffer_bytes: u32,
+    ) -> Result<(Self, OrigDstMap, TraceMaps), BpfError> {
         ensure_bpffs(Path::new(BPFFS))?;
         let cgroup_root = cgroup2_root()?;
         let pin_dir = pin_root.join(instance);
@@ -204,8 +208,12 @@ impl Datapath {
             })?;
         }
         let layouts = TracepointLayouts::read();
+        // The event buffer holds nothing worth keeping across agents, and its size is a setting:
+        // start it afresh rather than fail on a pin of another size.
+        let _ = fs::remove_file(pin_dir.join("FLOW_EVENTS"));
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&pin_dir);
+        loader.map_max_entries("FLOW_EVENTS", flow_buffer_bytes);
         for (global, value) in &layouts.globals {
             loader.override_global(global, value, true);
         }

@@ -104,6 +104,10 @@ pub struct AgentArgs {
     /// Do not trace connections in the kernel (no flow records; capture and policy unchanged).
     #[arg(long)]
     pub no_flows: bool,
+    /// Size of the kernel's flow event buffer in bytes (a power of two, at least 4096); events
+    /// beyond it are counted as dropped, never waited for.
+    #[arg(long, default_value_t = 1 << 22, value_parser = parse_ring_size)]
+    pub flow_buffer_bytes: u32,
     /// Name of this agent's eBPF state under the bpffs directory; defaults to the node name, so
     /// several simulated nodes can share one host.
     #[arg(long)]
@@ -177,6 +181,14 @@ pub enum TraceOutput {
     Json,
     /// Aligned columns (without --follow).
     Table,
+}
+
+fn parse_ring_size(text: &str) -> Result<u32, String> {
+    let n: u32 = text.parse().map_err(|_| format!("{text:?} is not a number of bytes"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4096"));
+    }
+    Ok(n)
 }
 
 /// Parses `24h`, `90m`, `30s`, `1h30m` or a number of seconds.

@@ -175,6 +175,8 @@ pub struct Settings {
     pub root_namespace: String,
     /// Where the proxies annotate the kernel's flow records.
     pub flows: Arc<crate::telemetry::flows::Flows>,
+    /// Istio's TCP metrics.
+    pub metrics: Arc<crate::telemetry::metrics::Metrics>,
 }
 
 /// State shared by all proxies of the agent.

@@ -475,10 +475,10 @@ impl Redirector {
             tasks.iter().for_each(JoinHandle::abort);
             return Err(bpf_err(e));
         }
-        if self.tracing != Tracing::Off {
-            if let Err(e) = self.datapath.trace_netns(cookie, true) {
-                warn!(pod = %pod, error = %e, "connections of this pod will not be traced");
-            }
+        if self.tracing != Tracing::Off
+            && let Err(e) = self.datapath.trace_netns(cookie, true)
+        {
+            warn!(pod = %pod, error = %e, "connections of this pod will not be traced");
         }
         Ok(Captured { workload: workload.clone(), netns_id: netns.id(), cookie, stats, tasks })
     }

@@ -3,6 +3,7 @@
 //! connection, with Istio's field names.
 
 pub mod flows;
+pub mod metrics;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -111,6 +112,8 @@ pub struct ConnectionRecord {
     pub duration: Duration,
     /// Why it failed, if it did.
     pub error: Option<String>,
+    /// Whether it reached its destination (counted as opened).
+    pub opened: bool,
 }
 
 impl ConnectionRecord {
@@ -132,13 +135,26 @@ impl ConnectionRecord {
             bytes_received: 0,
             duration: Duration::ZERO,
             error: None,
+            opened: false,
         }
     }
 
-    /// Completes the record and logs it.
-    pub fn finish(mut self, start: std::time::Instant, error: Option<impl std::error::Error>) {
+    /// The connection reached its destination: count it as opened.
+    pub fn mark_opened(&mut self, metrics: &metrics::Metrics) {
+        self.opened = true;
+        metrics.opened(self);
+    }
+
+    /// Completes the record, counts it and logs it.
+    pub fn finish(
+        mut self,
+        start: std::time::Instant,
+        error: Option<impl std::error::Error>,
+        metrics: &metrics::Metrics,
+    ) {
         self.duration = start.elapsed();
         self.error = error.map(|e| error_chain(&e));
+        metrics.closed(&self, self.opened);
         self.log();
     }
 

@@ -149,6 +149,18 @@ impl Agent {
         pod["state"].as_str().map(str::to_owned)
     }
 
+    /// Stops the agent process (SIGSTOP) until [`Agent::resume`]: it does nothing meanwhile.
+    pub fn pause(&self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+    }
+
+    /// Continues a paused agent (SIGCONT).
+    pub fn resume(&self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+    }
+
     /// SIGKILLs the agent, as a crash or OOM kill would, and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

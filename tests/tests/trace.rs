@@ -225,3 +225,100 @@ fn trace_filters_and_formats() {
     let streamed = String::from_utf8_lossy(&started.stdout);
     assert!(streamed.lines().any(|l| l.contains("\"event\":\"close\"")), "followed: {streamed}");
 }
+
+/// Scrapes a node's metrics endpoint with Python's HTTP client and Prometheus' own text-format
+/// parser (independent of our code), returning `(name, labels, value)` samples.
+fn scrape(cluster: &Cluster, node: &str) -> Vec<(String, serde_json::Map<String, Value>, f64)> {
+    let script = "import json, urllib.request\n\
+        from prometheus_client.parser import text_string_to_metric_families\n\
+        text = urllib.request.urlopen('http://127.0.0.1:15020/metrics', timeout=5).read().decode()\n\
+        print(json.dumps([[s.name, s.labels, s.value] for f in text_string_to_metric_families(text) for s in f.samples]))\n";
+    let mut python = std::process::Command::new("python3");
+    python.args(["-c", script]);
+    let out = cluster.node(node).command_output(python, STEP).expect("python3");
+    assert!(out.status.success(), "scrape: {}", String::from_utf8_lossy(&out.stderr));
+    let samples: Vec<(String, serde_json::Map<String, Value>, f64)> =
+        serde_json::from_slice(&out.stdout).expect("samples");
+    samples
+}
+
+#[test]
+fn metrics_use_istio_names_and_labels() {
+    let (cluster, _a, _b) = shop(&[]);
+    let _backend = cluster.pod("backend").echo_server(HTTP).expect("app");
+    let mut stream =
+        cluster.pod("frontend").connect(cluster.pod("backend").addr(HTTP), STEP).expect("connect");
+    echo_roundtrip(&mut stream, &[1u8; 1234]).expect("echo");
+    drop(stream);
+    let _ = cluster
+        .pod("frontend")
+        .connect(cluster.pod("db").addr(HTTP), STEP)
+        .and_then(|mut s| echo_roundtrip(&mut s, b"x"));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let samples = scrape(&cluster, "b");
+    let find = |name: &str, want: &[(&str, &str)]| -> Vec<f64> {
+        samples
+            .iter()
+            .filter(|(n, labels, _)| {
+                n == name && want.iter().all(|(k, v)| labels.get(*k).and_then(Value::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| *v)
+            .collect()
+    };
+    let allowed = [
+        ("reporter", "destination"),
+        ("source_workload", "frontend"),
+        ("source_workload_namespace", "shop"),
+        ("source_principal", "spiffe://cluster.local/ns/shop/sa/frontend-sa"),
+        ("destination_workload", "backend"),
+        ("destination_workload_namespace", "shop"),
+        ("destination_principal", "spiffe://cluster.local/ns/shop/sa/backend-sa"),
+        ("connection_security_policy", "mutual_tls"),
+        ("response_flags", "-"),
+    ];
+    assert_eq!(find("istio_tcp_connections_opened_total", &allowed), [1.0], "{samples:?}");
+    assert_eq!(find("istio_tcp_connections_closed_total", &allowed), [1.0]);
+    assert_eq!(find("istio_tcp_sent_bytes_total", &allowed), [1234.0]);
+    assert_eq!(find("istio_tcp_received_bytes_total", &allowed), [1234.0]);
+    let denied = [("destination_workload", "db"), ("response_flags", "DENIED")];
+    assert_eq!(find("istio_tcp_connections_closed_total", &denied), [1.0], "{samples:?}");
+    assert_eq!(find("istio_tcp_connections_failed_total", &denied), [1.0]);
+    // The agent's own health.
+    assert_eq!(find("ambit_pods_captured", &[]), [2.0]);
+    assert_eq!(find("ambit_certificate_expiry_timestamp_seconds", &[]).len(), 2);
+    assert!(!find("ambit_open_fds", &[]).is_empty());
+    assert_eq!(find("ambit_flow_events_dropped_total", &[]), [0.0]);
+}
+
+#[test]
+fn a_flood_of_events_drops_events_not_traffic() {
+    // A one-page event buffer, and an agent that reads none of it for a while (stopped): the
+    // traced connections of unenrolled pods (which do not pass through the agent) overflow it.
+    // Every connection still works, and the overflow is counted.
+    let (cluster, a, _b) = shop(&["--trace-all", "--flow-buffer-bytes", "4096"]);
+    let _plain = cluster.pod("plain").echo_server(HTTP).expect("app");
+    let dst = cluster.pod("plain").addr(HTTP);
+    a.pause();
+    let started = Instant::now();
+    let outcome = cluster.pod("outsider").in_netns(|| {
+        for _ in 0..300 {
+            let mut s = std::net::TcpStream::connect_timeout(&dst, STEP)?;
+            s.set_read_timeout(Some(STEP))?;
+            s.write_all(b"ping")?;
+            let mut back = [0u8; 4];
+            s.read_exact(&mut back)?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let took = started.elapsed();
+    a.resume();
+    outcome.expect("netns").expect("every connection works while events overflow");
+    assert!(took < Duration::from_secs(10), "traffic did not wait for the tracer: {took:?}");
+    let dropped: f64 = scrape(&cluster, "a")
+        .iter()
+        .filter(|(n, ..)| n == "ambit_flow_events_dropped_total")
+        .map(|(.., v)| *v)
+        .sum();
+    assert!(dropped > 0.0, "the overflow is counted and visible");
+}

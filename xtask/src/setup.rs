@@ -15,6 +15,8 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "tcpdump",
     "openssl",
+    "python3",
+    "python3-pip",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -23,6 +25,24 @@ pub(crate) fn run() -> anyhow::Result<()> {
     packages()?;
     rust_src()?;
     bpf_linker()?;
+    python_packages()?;
+    Ok(())
+}
+
+/// The tests judge the metrics endpoint with Prometheus' own text-format parser.
+fn python_packages() -> anyhow::Result<()> {
+    let present = Command::new("python3").args(["-c", "import prometheus_client"]).output();
+    if present.is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    eprintln!("setup: installing the Python package prometheus-client (the tests parse metrics with it)");
+    let status = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "prometheus-client"])
+        .status()
+        .context("python3 -m pip (install Debian's python3-pip if pip is missing)")?;
+    if !status.success() {
+        bail!("pip install prometheus-client failed: {status}");
+    }
     Ok(())
 }
 

@@ -73,6 +73,7 @@ impl Proxy {
             }
             let (_registration, revoked) = self.tracker.register(pod.workload.key.clone(), input);
             let upstream = connect_from(&pod.netns, dst).await?;
+            record.mark_opened(&self.settings.metrics);
             self.note_delivery(&pod, &upstream, Note {
                 security: "plaintext",
                 peer: Some(peer),
@@ -92,7 +93,7 @@ impl Proxy {
         }
         .await;
         count(&pod, record.bytes_received, record.bytes_sent, result.is_err());
-        record.finish(start, result.err());
+        record.finish(start, result.err(), &self.settings.metrics);
     }
 
     /// Accepts HBONE connections to the pod, until aborted.
@@ -219,6 +220,7 @@ impl Proxy {
                     return Err(e);
                 }
             };
+            record.mark_opened(&self.settings.metrics);
             self.note_delivery(&pod, &upstream, Note {
                 security: "mutual_tls",
                 peer: Some(peer),
@@ -242,7 +244,7 @@ impl Proxy {
         }
         .await;
         count(&pod, record.bytes_received, record.bytes_sent, result.is_err());
-        record.finish(start, result.err());
+        record.finish(start, result.err(), &self.settings.metrics);
     }
 }
 

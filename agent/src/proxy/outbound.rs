@@ -32,7 +32,7 @@ impl Proxy {
         record.src_identity = Some(pod.identity.clone());
         let result = self.forward(&pod, client, peer, &mut record).await;
         count(&pod, record.bytes_sent, record.bytes_received, result.is_err());
-        record.finish(start, result.err());
+        record.finish(start, result.err(), &self.settings.metrics);
     }
 
     async fn forward(
@@ -89,6 +89,7 @@ impl Proxy {
                     }
                 };
                 self.settings.flows.note(pod.cookie, peer.port(), note("allowed", None));
+                record.mark_opened(&self.settings.metrics);
                 let moved =
                     relay::tcp_to_h2(client, tunnel.send, tunnel.recv).await.map_err(ProxyError::Relay)?;
                 drop(tunnel.slot);
@@ -114,6 +115,7 @@ impl Proxy {
                 };
                 let why = "the destination is not in the mesh: plaintext passthrough".to_owned();
                 self.settings.flows.note(pod.cookie, peer.port(), note("allowed", why));
+                record.mark_opened(&self.settings.metrics);
                 record.src_addr = upstream.local_addr().ok();
                 let moved = relay::tcp_to_tcp(client, upstream).await.map_err(ProxyError::Relay)?;
                 record.bytes_sent = moved.sent;

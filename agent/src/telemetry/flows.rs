@@ -211,10 +211,10 @@ impl Flows {
         record.verdict = note.verdict.into();
         record.policy = note.policy;
         record.reason = note.reason;
-        if record.direction == "inbound" {
-            if let Some(peer) = note.peer {
-                record.src = self.peer(cluster, Some(peer.ip()), peer.port());
-            }
+        if record.direction == "inbound"
+            && let Some(peer) = note.peer
+        {
+            record.src = self.peer(cluster, Some(peer.ip()), peer.port());
         }
         if note.src_identity.is_some() {
             record.src.identity = note.src_identity;
