@@ -99,6 +99,10 @@ pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
         println!("\n[{node}] $ ambit workloads\n");
         print!("{}", indent(&cluster.node(node).ambit(&["workloads"])?.stdout));
     }
+    println!("\n[node-b] $ ambit trace   (flow records from the kernel, joined with the agent's view)\n");
+    print!("{}", indent(&node_b.ambit(&["trace"])?.stdout));
+    println!("\n[node-b] $ ambit trace --verdict denied\n");
+    print!("{}", indent(&node_b.ambit(&["trace", "--verdict", "denied"])?.stdout));
     println!("\n[node-a] $ ambit status\n");
     print!("{}", indent(&node_a.ambit(&["status"])?.stdout));
     println!(
