@@ -111,12 +111,6 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 
     let TraceMaps { events, stats } = trace_maps;
     let metrics = Arc::new(Metrics::default());
-    let flows = Arc::new(Flows::new(
-        args.node.clone(),
-        args.trust_domain.clone(),
-        cluster_rx.clone(),
-        stats.reset_reason_names.clone(),
-    ));
     let tracing = if args.no_flows {
         Tracing::Off
     } else if args.trace_all {
@@ -124,6 +118,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     } else {
         Tracing::Enrolled
     };
+    let flows = Arc::new(Flows::new(
+        tracing != Tracing::Off,
+        args.node.clone(),
+        args.trust_domain.clone(),
+        cluster_rx.clone(),
+        stats.reset_reason_names.clone(),
+    ));
     let trace_stats = Arc::new(stats);
 
     let info = AgentInfo {

@@ -550,15 +550,15 @@ fn why(record: &crate::telemetry::flows::FlowRecord) -> String {
 }
 
 fn table_row(r: &crate::telemetry::flows::FlowRecord) -> [String; 9] {
-    let security = if r.security == "mutual_tls" { "mTLS".to_owned() } else { r.security.clone() };
+    let security = if r.security == "mutual_tls" { "mTLS".to_owned() } else { r.security.to_string() };
     let end = match (&r.end, &r.end_reason) {
         (Some(end), Some(why)) => format!("{end} ({why})"),
-        (Some(end), None) => end.clone(),
+        (Some(end), None) => end.to_string(),
         _ => "-".into(),
     };
     [
         r.time.get(11..23).unwrap_or(&r.time).to_owned(),
-        r.event.clone(),
+        r.event.to_string(),
         endpoint(&r.src),
         endpoint(&r.dst),
         security,

@@ -10,6 +10,7 @@ use std::{
     fmt,
     net::IpAddr,
     path::PathBuf,
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -178,7 +179,7 @@ pub struct Cluster {
     /// Namespaces by name.
     pub namespaces: BTreeMap<String, Namespace>,
     /// Pods.
-    pub workloads: BTreeMap<ObjectKey, Workload>,
+    pub workloads: BTreeMap<ObjectKey, Arc<Workload>>,
     /// Services.
     pub services: BTreeMap<ObjectKey, Service>,
     /// EndpointSlices.
@@ -211,10 +212,13 @@ impl Cluster {
                     by_ip.insert(*ip, workload.key.clone());
                 }
             }
-            workloads.insert(workload.key.clone(), workload);
+            workloads.insert(workload.key.clone(), Arc::new(workload));
         }
-        let authorization =
-            AuthorizationPolicies::new(authorization_policies, workloads.values(), root_namespace);
+        let authorization = AuthorizationPolicies::new(
+            authorization_policies,
+            workloads.values().map(|w| &**w),
+            root_namespace,
+        );
         Self {
             namespaces,
             authorization,
@@ -227,7 +231,7 @@ impl Cluster {
     }
 
     /// The pods scheduled to `node`.
-    pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+    pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
         self.workloads.values().filter(move |w| w.node.as_deref() == Some(node))
     }
 
@@ -237,7 +241,7 @@ impl Cluster {
     }
 
     /// The pod that owns `ip`, if any (host-network pods own no IP of their own).
-    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads.get(self.by_ip.get(&ip)?)
     }
 }

@@ -155,7 +155,7 @@ impl PodStats {
 /// What a proxy task knows about the pod it serves.
 pub struct PodContext {
     /// The pod.
-    pub workload: Workload,
+    pub workload: Arc<Workload>,
     /// Its identity.
     pub identity: Identity,
     /// Its network namespace.

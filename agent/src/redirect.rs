@@ -76,7 +76,7 @@ pub enum RedirectError {
 
 /// A pod the agent captures.
 struct Captured {
-    workload: Workload,
+    workload: Arc<Workload>,
     netns_id: (u64, u64),
     cookie: u64,
     stats: Arc<PodStats>,
@@ -136,7 +136,7 @@ pub enum Tracing {
 pub struct Redirector {
     tracing: Tracing,
     /// Pods traced without being captured (`--trace-all`), with their netns cookie.
-    traced_only: BTreeMap<ObjectKey, (Workload, u64)>,
+    traced_only: BTreeMap<ObjectKey, (Arc<Workload>, u64)>,
     node: String,
     datapath: Datapath,
     proxy: Arc<Proxy>,
@@ -184,7 +184,7 @@ impl Redirector {
     /// Brings capture in line with `cluster`.
     pub fn reconcile(&mut self, cluster: &Cluster) {
         let node = self.node.clone();
-        let wanted: BTreeMap<ObjectKey, &Workload> = cluster
+        let wanted: BTreeMap<ObjectKey, &Arc<Workload>> = cluster
             .workloads_on(&node)
             .filter(|w| w.enrollment.is_enrolled())
             .map(|w| (w.key.clone(), w))
@@ -206,7 +206,7 @@ impl Redirector {
         for (key, workload) in &wanted {
             if let Some(captured) = self.captured.get_mut(key) {
                 // Same pod, same netns and IPs: only labels or metadata changed.
-                captured.workload = (*workload).clone();
+                captured.workload = Arc::clone(workload);
                 if let Ok(ns) = open_netns(workload)
                     && ns.id() == captured.netns_id
                 {
@@ -279,7 +279,7 @@ impl Redirector {
     }
 
     /// The traced pods by netns cookie, for flow records.
-    pub fn traced_pods(&self) -> std::collections::HashMap<u64, Workload> {
+    pub fn traced_pods(&self) -> std::collections::HashMap<u64, Arc<Workload>> {
         self.captured
             .values()
             .map(|c| (c.cookie, c.workload.clone()))
@@ -289,7 +289,7 @@ impl Redirector {
 
     /// With `--trace-all`, traces the pods of this node that are not captured.
     fn trace_others(&mut self, cluster: &Cluster) {
-        let wanted: BTreeMap<ObjectKey, &Workload> = if self.tracing == Tracing::AllPods {
+        let wanted: BTreeMap<ObjectKey, &Arc<Workload>> = if self.tracing == Tracing::AllPods {
             cluster
                 .workloads_on(&self.node)
                 .filter(|w| !self.captured.contains_key(&w.key) && w.netns.is_some())
@@ -360,7 +360,7 @@ impl Redirector {
                 let captured = self.captured.get(&w.key);
                 let error = self.failed.get(&w.key).cloned();
                 PodReport {
-                    workload: w.clone(),
+                    workload: (**w).clone(),
                     state: if captured.is_some() {
                         CaptureState::Captured
                     } else if error.is_some() {
@@ -376,7 +376,7 @@ impl Redirector {
             .collect()
     }
 
-    fn capture(&mut self, workload: &Workload) -> Result<Captured, RedirectError> {
+    fn capture(&mut self, workload: &Arc<Workload>) -> Result<Captured, RedirectError> {
         let pod = workload.key.clone();
         if workload.ips.is_empty() {
             return Err(RedirectError::NoIp(pod));

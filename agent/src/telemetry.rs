@@ -5,7 +5,7 @@
 pub mod flows;
 pub mod metrics;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tracing::info;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
@@ -93,9 +93,9 @@ pub struct ConnectionRecord {
     /// The HBONE address the connection went through.
     pub hbone_addr: Option<SocketAddr>,
     /// Source pod, when known.
-    pub src_workload: Option<Workload>,
+    pub src_workload: Option<Arc<Workload>>,
     /// Destination pod, when known.
-    pub dst_workload: Option<Workload>,
+    pub dst_workload: Option<Arc<Workload>>,
     /// Source identity: verified from its certificate (inbound) or our own (outbound).
     pub src_identity: Option<Identity>,
     /// Destination identity the source required.
@@ -161,8 +161,8 @@ impl ConnectionRecord {
     /// Emits the access-log event (target `access`, Istio's field names).
     pub fn log(&self) {
         let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
-        let name = |w: &Option<Workload>| w.as_ref().map(|w| w.key.name.clone());
-        let ns = |w: &Option<Workload>| w.as_ref().map(|w| w.key.namespace.clone());
+        let name = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.key.name.clone());
+        let ns = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.key.namespace.clone());
         let id = |i: &Option<Identity>| i.as_ref().map(ToString::to_string);
         info!(
             target: "access",

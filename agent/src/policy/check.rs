@@ -210,7 +210,9 @@ enum Destination<'a> {
 
 fn find_pod<'a>(cluster: &'a Cluster, name: &str) -> Option<&'a Workload> {
     match name.split_once('/') {
-        Some((ns, pod)) => cluster.workloads.get(&ObjectKey { namespace: ns.into(), name: pod.into() }),
+        Some((ns, pod)) => {
+            cluster.workloads.get(&ObjectKey { namespace: ns.into(), name: pod.into() }).map(|w| &**w)
+        }
         None => {
             let mut matches = cluster.workloads.values().filter(|w| w.key.name == name);
             let first = matches.next()?;

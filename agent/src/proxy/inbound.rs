@@ -72,7 +72,7 @@ impl Proxy {
                 return Err(ProxyError::Denied(verdict.reason));
             }
             let (_registration, revoked) = self.tracker.register(pod.workload.key.clone(), input);
-            let upstream = connect_from(&pod.netns, dst).await?;
+            let upstream = Box::pin(connect_from(&pod.netns, dst)).await?;
             record.mark_opened(&self.settings.metrics);
             self.note_delivery(&pod, &upstream, Note {
                 security: "plaintext",
@@ -154,10 +154,9 @@ impl Proxy {
                 Ok((request, respond)) => {
                     let this = self.clone();
                     let (pod, id) = (pod.clone(), peer_identity.clone());
-                    tokio::spawn(
-                        async move { this.hbone_stream(pod, request, respond, peer, local, id).await }
-                            .in_current_span(),
-                    );
+                    let stream =
+                        async move { this.hbone_stream(pod, request, respond, peer, local, id).await };
+                    tokio::spawn(stream.in_current_span());
                 }
                 Err(e) => {
                     debug!(%peer, error = %e, "HBONE connection error");
@@ -213,7 +212,7 @@ impl Proxy {
                 return Err(ProxyError::Denied(verdict.reason));
             }
             let (_registration, revoked) = self.tracker.register(pod.workload.key.clone(), input);
-            let upstream = match connect_from(&pod.netns, dst).await {
+            let upstream = match Box::pin(connect_from(&pod.netns, dst)).await {
                 Ok(upstream) => upstream,
                 Err(e) => {
                     answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
@@ -264,7 +263,7 @@ impl Proxy {
         src: SocketAddr,
         src_identity: Option<&Identity>,
         dst: SocketAddr,
-        verdict: &str,
+        verdict: &'static str,
         policy: Option<String>,
         reason: &str,
     ) {

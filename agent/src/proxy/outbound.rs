@@ -78,7 +78,9 @@ impl Proxy {
                     policy: None,
                     reason,
                 };
-                let tunnel = match self.pool.connect(&pod.netns, &key, dst).await {
+                // Boxed: opening a tunnel may take a TLS and an HTTP/2 handshake, whose state
+                // would otherwise stay in every connection's task for its whole life.
+                let tunnel = match Box::pin(self.pool.connect(&pod.netns, &key, dst)).await {
                     Ok(tunnel) => tunnel,
                     Err(e) => {
                         let verdict = if matches!(e, ProxyError::Denied(_)) { "denied" } else { "error" };

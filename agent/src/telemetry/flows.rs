@@ -34,6 +34,9 @@ const RESET_MEMORY: Duration = Duration::from_secs(5);
 /// How long a proxy annotation waits for its socket's close.
 const NOTE_MEMORY: Duration = Duration::from_secs(600);
 
+/// A short text field: usually one of a few constants, so most records allocate nothing for it.
+pub type Text = std::borrow::Cow<'static, str>;
+
 /// One end of a flow.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Peer {
@@ -55,22 +58,22 @@ pub struct FlowRecord {
     /// RFC 3339 UTC time of the event.
     pub time: String,
     /// `open`, `close`, or `refused` (stopped by the agent before reaching the app).
-    pub event: String,
+    pub event: Text,
     /// Node name.
-    pub node: String,
+    pub node: Arc<str>,
     /// `outbound` (opened by the traced pod) or `inbound`.
-    pub direction: String,
+    pub direction: Text,
     /// Source.
     pub src: Peer,
     /// Destination (the original one for captured connections).
     pub dst: Peer,
     /// `mutual_tls` or `plaintext`.
-    pub security: String,
+    pub security: Text,
     /// `enrolled` if the traced pod is in the mesh, else `not-enrolled`.
-    pub mesh: String,
+    pub mesh: Text,
     /// `allowed`, `denied` (AuthorizationPolicy), `refused` (STRICT mTLS), `error`, or
     /// `unprotected` (not in the mesh: nothing enforced).
-    pub verdict: String,
+    pub verdict: Text,
     /// The deciding policy, if any.
     pub policy: Option<String>,
     /// Why, in words.
@@ -87,7 +90,7 @@ pub struct FlowRecord {
     pub duration_ms: u64,
     /// How it ended: `fin`, `reset_received`, `reset_sent`, `refused` (reset in reply to the
     /// SYN), `timeout` (no answer to the SYN), `denied` (by the agent).
-    pub end: Option<String>,
+    pub end: Option<Text>,
     /// The kernel's reason for a reset it sent (`enum sk_rst_reason`).
     pub end_reason: Option<String>,
     /// Netns cookie of the traced socket.
@@ -122,7 +125,8 @@ struct Tuple {
 }
 
 struct Open {
-    record: FlowRecord,
+    /// The record as published (shared with the history).
+    record: Arc<FlowRecord>,
     started: u64,
     /// The key of the proxy's note for this socket.
     key: (u64, u16),
@@ -132,7 +136,7 @@ struct Open {
 
 #[derive(Default)]
 struct State {
-    pods: HashMap<u64, Workload>,
+    pods: HashMap<u64, Arc<Workload>>,
     open: HashMap<u64, Open>,
     notes: HashMap<(u64, u16), (Instant, Note)>,
     resets: HashMap<Tuple, (Instant, u32, String)>,
@@ -144,7 +148,9 @@ struct State {
 
 /// The agent's flow table.
 pub struct Flows {
-    node: String,
+    /// False with `--no-flows`: the proxies' notes are then dropped at once.
+    enabled: bool,
+    node: Arc<str>,
     trust_domain: String,
     cluster: watch::Receiver<Arc<Cluster>>,
     reset_reasons: HashMap<u32, String>,
@@ -155,13 +161,15 @@ pub struct Flows {
 impl Flows {
     /// An empty table.
     pub fn new(
+        enabled: bool,
         node: String,
         trust_domain: String,
         cluster: watch::Receiver<Arc<Cluster>>,
         reset_reasons: HashMap<u32, String>,
     ) -> Self {
         Self {
-            node,
+            enabled,
+            node: node.into(),
             trust_domain,
             cluster,
             reset_reasons,
@@ -171,13 +179,16 @@ impl Flows {
     }
 
     /// Which pod each traced netns belongs to.
-    pub fn set_pods(&self, pods: HashMap<u64, Workload>) {
+    pub fn set_pods(&self, pods: HashMap<u64, Arc<Workload>>) {
         self.lock().pods = pods;
     }
 
     /// Records that the agent's outbound proxy handled the app connection from `port` in netns
     /// `cookie`, or that its inbound proxy delivered one to the app from its own port `port`.
     pub fn note(&self, cookie: u64, port: u16, note: Note) {
+        if !self.enabled {
+            return;
+        }
         let mut state = self.lock();
         state.notes.insert((cookie, port), (Instant::now(), note));
         let ready: Vec<u64> = state
@@ -198,12 +209,12 @@ impl Flows {
         let mut record = open.record.clone();
         if let Some((_, note)) = state.notes.get(&key) {
             let cluster = self.cluster.borrow().clone();
-            self.apply(&cluster, &mut record, note.clone());
+            self.apply(&cluster, Arc::make_mut(&mut record), note.clone());
         }
+        let record = self.publish(state, record);
         if let Some(open) = state.open.get_mut(&socket) {
-            open.record = record.clone();
+            open.record = record;
         }
-        self.publish(state, record);
     }
 
     fn apply(&self, cluster: &Cluster, record: &mut FlowRecord, note: Note) {
@@ -226,9 +237,12 @@ impl Flows {
 
     /// A connection the inbound proxy stopped before it reached an app.
     pub fn refused(&self, record: FlowRecord) {
+        if !self.enabled {
+            return;
+        }
         let record =
             FlowRecord { time: now_rfc3339(), event: "refused".into(), node: self.node.clone(), ..record };
-        self.publish(&mut self.lock(), record);
+        self.publish(&mut self.lock(), Arc::new(record));
     }
 
     /// Follows new records.
@@ -256,23 +270,23 @@ impl Flows {
                 // proxy's note, which knows identities, verdict and, inbound, the real source.
                 let waiting = (record.mesh == "enrolled").then(|| (note_key(event), Instant::now()));
                 let socket = event.socket_cookie;
+                let mut record = Arc::new(record);
+                if waiting.is_none() {
+                    record = self.publish(&mut state, record);
+                }
                 state
                     .open
                     .insert(socket, Open { record, started: event.time_ns, key: note_key(event), waiting });
-                if state.notes.contains_key(&note_key(event)) || waiting.is_none() {
-                    if waiting.is_none() {
-                        let record = state.open[&socket].record.clone();
-                        self.publish(&mut state, record);
-                    } else {
-                        self.release_open(&mut state, socket);
-                    }
+                if waiting.is_some() && state.notes.contains_key(&note_key(event)) {
+                    self.release_open(&mut state, socket);
                 }
             }
             FLOW_CLOSE => {
                 self.release_open(&mut state, event.socket_cookie);
                 let open = state.open.remove(&event.socket_cookie);
                 let (mut record, started, key) = match open {
-                    Some(open) => (open.record, open.started, open.key),
+                    // The last holder of the open record (after the history) edits it in place.
+                    Some(open) => (Arc::unwrap_or_clone(open.record), open.started, open.key),
                     // Closed without being established: a failed connection attempt, ours.
                     None => {
                         let mut event = *event;
@@ -288,7 +302,7 @@ impl Flows {
                 if record.end.as_deref() == Some("reset_sent") && record.end_reason.is_none() {
                     state.aborting.push((Instant::now(), record, *event));
                 } else {
-                    self.publish(&mut state, record);
+                    self.publish(&mut state, Arc::new(record));
                 }
             }
             FLOW_RESET_SENT | FLOW_RESET_RECEIVED => {
@@ -312,7 +326,7 @@ impl Flows {
                         && addr(&close.remote, close.remote_port) == Some(remote)
                     {
                         self.set_end(&mut state, &mut record, &close);
-                        self.publish(&mut state, record);
+                        self.publish(&mut state, Arc::new(record));
                     } else {
                         state.aborting.push((at, record, close));
                     }
@@ -339,7 +353,7 @@ impl Flows {
             std::mem::take(&mut state.aborting).into_iter().partition(|(at, ..)| at.elapsed() > RESET_WAIT);
         state.aborting = waiting;
         for (_, record, _) in done {
-            self.publish(&mut state, record);
+            self.publish(&mut state, Arc::new(record));
         }
         state.resets.retain(|_, (at, ..)| at.elapsed() < RESET_MEMORY);
         state.resets_by_cookie.retain(|_, at| at.elapsed() < RESET_MEMORY);
@@ -350,13 +364,13 @@ impl Flows {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn publish(&self, state: &mut State, record: FlowRecord) {
-        let record = Arc::new(record);
+    fn publish(&self, state: &mut State, record: Arc<FlowRecord>) -> Arc<FlowRecord> {
         if state.history.len() >= HISTORY {
             state.history.pop_front();
         }
         state.history.push_back(record.clone());
-        let _ = self.stream.send(record);
+        let _ = self.stream.send(record.clone());
+        record
     }
 
     /// Describes an address: the pod behind it and the identity the mesh gives that pod.

@@ -44,8 +44,10 @@ fn workload_name(w: &Workload) -> String {
 
 fn labels(record: &ConnectionRecord, flags: &str) -> [String; 11] {
     let unknown = || "unknown".to_owned();
-    let name = |w: &Option<Workload>| w.as_ref().map(workload_name).unwrap_or_else(unknown);
-    let ns = |w: &Option<Workload>| w.as_ref().map(|w| w.key.namespace.clone()).unwrap_or_else(unknown);
+    let name = |w: &Option<std::sync::Arc<Workload>>| w.as_deref().map(workload_name).unwrap_or_else(unknown);
+    let ns = |w: &Option<std::sync::Arc<Workload>>| {
+        w.as_ref().map(|w| w.key.namespace.clone()).unwrap_or_else(unknown)
+    };
     let principal =
         |id: &Option<crate::identity::Identity>| id.as_ref().map(ToString::to_string).unwrap_or_else(unknown);
     // Only a verified peer identity counts: plaintext sources have none.
