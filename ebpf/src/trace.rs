@@ -164,7 +164,24 @@ fn emit_sock(ctx: &SockOpsContext, kind: u32, active: bool, orig: Option<ambit_c
         reason: 0,
         _pad: 0,
     });
-    entry.submit(0);
+    entry.submit(wakeup_flags());
+}
+
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_RING_SIZE: u64 = 1;
+
+/// Waking the reader for every event would cost a context switch per connection; the agent
+/// drains the buffer on a short timer instead, and is woken early only once a quarter of the
+/// buffer is in use.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    if FLOW_EVENTS.query(BPF_RB_AVAIL_DATA) > FLOW_EVENTS.query(BPF_RB_RING_SIZE) / 4 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
 }
 
 #[inline(always)]
@@ -263,7 +280,7 @@ fn emit_reset(
         reason,
         ..FlowEvent::default()
     });
-    entry.submit(0);
+    entry.submit(wakeup_flags());
 }
 
 #[tracepoint]

@@ -139,6 +139,8 @@ struct State {
     pods: HashMap<u64, Arc<Workload>>,
     open: HashMap<u64, Open>,
     notes: HashMap<(u64, u16), (Instant, Note)>,
+    /// Sockets whose open record waits for a note, by the note's key.
+    waiting: HashMap<(u64, u16), u64>,
     resets: HashMap<Tuple, (Instant, u32, String)>,
     resets_by_cookie: HashMap<u64, Instant>,
     /// Close records of aborts waiting for their reset event.
@@ -191,13 +193,7 @@ impl Flows {
         }
         let mut state = self.lock();
         state.notes.insert((cookie, port), (Instant::now(), note));
-        let ready: Vec<u64> = state
-            .open
-            .iter()
-            .filter(|(_, o)| o.waiting.is_some_and(|(key, _)| key == (cookie, port)))
-            .map(|(socket, _)| *socket)
-            .collect();
-        for socket in ready {
+        if let Some(socket) = state.waiting.remove(&(cookie, port)) {
             self.release_open(&mut state, socket);
         }
     }
@@ -206,6 +202,7 @@ impl Flows {
     fn release_open(&self, state: &mut State, socket: u64) {
         let Some(open) = state.open.get_mut(&socket) else { return };
         let Some((key, _)) = open.waiting.take() else { return };
+        state.waiting.remove(&key);
         let mut record = open.record.clone();
         if let Some((_, note)) = state.notes.get(&key) {
             let cluster = self.cluster.borrow().clone();
@@ -273,6 +270,9 @@ impl Flows {
                 let mut record = Arc::new(record);
                 if waiting.is_none() {
                     record = self.publish(&mut state, record);
+                }
+                if waiting.is_some() {
+                    state.waiting.insert(note_key(event), socket);
                 }
                 state
                     .open
@@ -551,22 +551,31 @@ pub async fn read_events(flows: Arc<Flows>, ring: aya::maps::RingBuf<aya::maps::
             return;
         }
     };
-    let mut prune = tokio::time::interval(Duration::from_millis(100));
+    // The kernel side wakes us only when its buffer fills up (a quarter of it); otherwise events
+    // are collected on this timer, which also publishes late records.
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let Ok(mut guard) = guard else { return };
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    if item.len() >= std::mem::size_of::<FlowEvent>() {
-                        // SAFETY: the kernel wrote a whole FlowEvent; read it unaligned.
-                        let event: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                        flows.handle(&event);
-                    }
-                }
+                drain(&flows, guard.get_inner_mut());
                 guard.clear_ready();
             }
-            _ = prune.tick() => flows.prune(),
+            _ = tick.tick() => {
+                drain(&flows, ring.get_mut());
+                flows.prune();
+            }
+        }
+    }
+}
+
+fn drain(flows: &Flows, ring: &mut aya::maps::RingBuf<aya::maps::MapData>) {
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<FlowEvent>() {
+            // SAFETY: the kernel wrote a whole FlowEvent; read it unaligned.
+            let event: FlowEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            flows.handle(&event);
         }
     }
 }
