@@ -4,6 +4,7 @@
 
 pub mod local;
 pub mod objects;
+pub mod services;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -174,7 +175,7 @@ pub(crate) fn test_workload(namespace: &str, name: &str, labels: &[(&str, &str)]
 }
 
 /// One consistent snapshot of the cluster.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct Cluster {
     /// Namespaces by name.
     pub namespaces: BTreeMap<String, Namespace>,
@@ -184,6 +185,8 @@ pub struct Cluster {
     pub services: BTreeMap<ObjectKey, Service>,
     /// EndpointSlices.
     pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// Service virtual addresses and their endpoints.
+    pub services_index: services::ServiceIndex,
     /// PeerAuthentications, indexed.
     pub peer_authentications: PeerAuthentications,
     /// AuthorizationPolicies, with the ones that apply to each workload.
@@ -219,9 +222,11 @@ impl Cluster {
             workloads.values().map(|w| &**w),
             root_namespace,
         );
+        let services_index = services::ServiceIndex::new(&services, &endpoint_slices, &workloads);
         Self {
             namespaces,
             authorization,
+            services_index,
             workloads,
             services,
             endpoint_slices,

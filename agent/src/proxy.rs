@@ -79,6 +79,9 @@ pub enum ProxyError {
     /// HBONE protocol failure.
     #[error("HBONE: {0}")]
     Hbone(String),
+    /// A Service without a ready endpoint.
+    #[error("Service {0} has no ready endpoint")]
+    NoEndpoint(String),
     /// The connection is refused by policy.
     #[error("denied: {0}")]
     Denied(String),

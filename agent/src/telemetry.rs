@@ -96,6 +96,8 @@ pub struct ConnectionRecord {
     pub src_workload: Option<Arc<Workload>>,
     /// Destination pod, when known.
     pub dst_workload: Option<Arc<Workload>>,
+    /// The Service the source addressed, if it used a Service's virtual address.
+    pub dst_service: Option<String>,
     /// Source identity: verified from its certificate (inbound) or our own (outbound).
     pub src_identity: Option<Identity>,
     /// Destination identity the source required.
@@ -127,6 +129,7 @@ impl ConnectionRecord {
             hbone_addr: None,
             src_workload: None,
             dst_workload: None,
+            dst_service: None,
             src_identity: None,
             dst_identity: None,
             mtls_decided_by: None,
@@ -174,6 +177,7 @@ impl ConnectionRecord {
             src.identity = id(&self.src_identity),
             dst.addr = addr(self.dst_addr),
             dst.hbone_addr = addr(self.hbone_addr),
+            dst.service = self.dst_service.as_deref(),
             dst.workload = name(&self.dst_workload),
             dst.namespace = ns(&self.dst_workload),
             dst.identity = id(&self.dst_identity),

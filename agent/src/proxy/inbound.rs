@@ -228,6 +228,7 @@ impl Proxy {
                 verdict: "allowed",
                 policy: verdict.policy.clone(),
                 reason: Some(verdict.reason.clone()),
+                ..Note::default()
             });
             let response =
                 Response::builder().status(StatusCode::OK).body(()).map_err(|e| ProxyError::Hbone(e.to_string()))?;

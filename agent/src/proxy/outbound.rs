@@ -47,8 +47,34 @@ impl Proxy {
             .get(pod.cookie, peer.port())
             .map(from_kernel)
             .ok_or(ProxyError::NoOriginalDestination(peer.port()))?;
-        record.dst_addr = Some(dst);
         let cluster = self.cluster();
+        // A Service's virtual address: one of its endpoints, in turn.
+        let dst = match cluster.services_index.get(dst) {
+            Some(backends) => {
+                record.dst_service = Some(backends.service.clone());
+                match backends.pick() {
+                    Some(endpoint) => endpoint,
+                    None => {
+                        let e = ProxyError::NoEndpoint(backends.service.clone());
+                        self.settings.flows.note(
+                            pod.cookie,
+                            peer.port(),
+                            Note {
+                                security: "plaintext",
+                                verdict: "error",
+                                reason: Some(e.to_string()),
+                                service: Some(backends.service.clone()),
+                                ..Note::default()
+                            },
+                        );
+                        reset(client);
+                        return Err(e);
+                    }
+                }
+            }
+            None => dst,
+        };
+        record.dst_addr = Some(dst);
         let dst_workload = cluster.workload_by_ip(dst.ip()).cloned();
         record.dst_workload = dst_workload.clone();
 
@@ -72,6 +98,7 @@ impl Proxy {
                 let note = |verdict, reason: Option<String>| Note {
                     security: "mutual_tls",
                     peer: Some(dst),
+                    service: record.dst_service.clone(),
                     src_identity: Some(pod.identity.to_string()),
                     dst_identity: Some(key.dst.to_string()),
                     verdict,
@@ -103,6 +130,7 @@ impl Proxy {
                 let note = |verdict, reason: String| Note {
                     security: "plaintext",
                     peer: Some(dst),
+                    service: record.dst_service.clone(),
                     verdict,
                     reason: Some(reason),
                     ..Note::default()

@@ -65,8 +65,10 @@ pub struct FlowRecord {
     pub direction: Text,
     /// Source.
     pub src: Peer,
-    /// Destination (the original one for captured connections).
+    /// Destination: the address the source asked for, or for a Service the endpoint chosen.
     pub dst: Peer,
+    /// The Service (`namespace/name`) the source addressed, if any.
+    pub service: Option<String>,
     /// `mutual_tls` or `plaintext`.
     pub security: Text,
     /// `enrolled` if the traced pod is in the mesh, else `not-enrolled`.
@@ -104,8 +106,10 @@ pub struct FlowRecord {
 pub struct Note {
     /// `mutual_tls` or `plaintext`.
     pub security: &'static str,
-    /// The real source (inbound) or destination (outbound).
+    /// The real source (inbound) or destination (outbound: the endpoint, for a Service).
     pub peer: Option<SocketAddr>,
+    /// The Service the source addressed.
+    pub service: Option<String>,
     /// Source identity.
     pub src_identity: Option<String>,
     /// Destination identity.
@@ -219,10 +223,16 @@ impl Flows {
         record.verdict = note.verdict.into();
         record.policy = note.policy;
         record.reason = note.reason;
-        if record.direction == "inbound"
-            && let Some(peer) = note.peer
-        {
-            record.src = self.peer(cluster, Some(peer.ip()), peer.port());
+        match (record.direction.as_ref(), note.peer) {
+            ("inbound", Some(peer)) => record.src = self.peer(cluster, Some(peer.ip()), peer.port()),
+            // Through a Service, the endpoint the agent chose.
+            ("outbound", Some(peer)) if note.service.is_some() => {
+                record.dst = self.peer(cluster, Some(peer.ip()), peer.port());
+            }
+            _ => {}
+        }
+        if note.service.is_some() {
+            record.service = note.service;
         }
         if note.src_identity.is_some() {
             record.src.identity = note.src_identity;

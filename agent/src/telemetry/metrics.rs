@@ -65,7 +65,7 @@ fn labels(record: &ConnectionRecord, flags: &str) -> [String; 11] {
         name(&record.dst_workload),
         ns(&record.dst_workload),
         principal(&record.dst_identity),
-        unknown(),
+        record.dst_service.clone().unwrap_or_else(unknown),
         "tcp".to_owned(),
         match record.security {
             Security::MutualTls => "mutual_tls",
