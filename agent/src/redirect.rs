@@ -4,11 +4,13 @@
 //! cluster snapshot changes.
 
 pub mod netns;
+pub mod procfs;
 
 use std::{
     collections::{BTreeMap, HashSet},
     io,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
     sync::Arc,
 };
 
@@ -30,9 +32,19 @@ use crate::{
 /// Errors enrolling one pod. Each names the pod; other pods are not affected.
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
-    /// The local-mode annotation is missing.
-    #[error("pod {0} has no ambit.io/netns annotation naming its network namespace")]
+    /// Neither an annotation nor a UID to find the netns by.
+    #[error(
+        "pod {0} has neither an ambit.io/netns annotation nor a metadata.uid to find its network namespace by"
+    )]
     NoNetns(ObjectKey),
+    /// No process of the pod runs on this host (not started yet, or gone).
+    #[error("pod {pod}: no process in a cgroup of pod UID {uid} on this host (not started yet, or exited)")]
+    NoProcess {
+        /// The pod.
+        pod: ObjectKey,
+        /// Its UID.
+        uid: String,
+    },
     /// The pod has no IP yet.
     #[error("pod {0} has no IP address yet (status.podIP is empty)")]
     NoIp(ObjectKey),
@@ -292,7 +304,7 @@ impl Redirector {
         let wanted: BTreeMap<ObjectKey, &Arc<Workload>> = if self.tracing == Tracing::AllPods {
             cluster
                 .workloads_on(&self.node)
-                .filter(|w| !self.captured.contains_key(&w.key) && w.netns.is_some())
+                .filter(|w| !self.captured.contains_key(&w.key))
                 .map(|w| (w.key.clone(), w))
                 .collect()
         } else {
@@ -510,8 +522,21 @@ fn same_capture(a: &Workload, b: &Workload) -> bool {
 }
 
 fn open_netns(workload: &Workload) -> Result<Netns, RedirectError> {
-    let path = workload.netns.as_ref().ok_or_else(|| RedirectError::NoNetns(workload.key.clone()))?;
-    Netns::open(path).map_err(|source| RedirectError::Netns {
+    let path = match &workload.netns {
+        Some(path) => path.clone(),
+        // No annotation: find it as in a cluster, through the pod's cgroup.
+        None => {
+            if workload.uid.is_empty() {
+                return Err(RedirectError::NoNetns(workload.key.clone()));
+            }
+            let proc_root = Path::new("/proc");
+            let processes = procfs::pod_processes(proc_root);
+            procfs::netns_of_pod(proc_root, &processes, &workload.uid).ok_or_else(|| {
+                RedirectError::NoProcess { pod: workload.key.clone(), uid: workload.uid.clone() }
+            })?
+        }
+    };
+    Netns::open(&path).map_err(|source| RedirectError::Netns {
         pod: workload.key.clone(),
         path: path.display().to_string(),
         source,

@@ -39,6 +39,18 @@ pub struct PodSpec {
     pub ports: Vec<(String, u16)>,
     /// Overrides the `ambit.io/netns` annotation (e.g. a path that does not exist).
     pub netns_override: Option<String>,
+    /// No annotation: the agent must find the netns from the pod's cgroup, which is named as
+    /// kubelet names it with this driver.
+    pub discovered: Option<CgroupDriver>,
+}
+
+/// Kubelet's cgroup naming styles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CgroupDriver {
+    /// `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice/…scope`
+    Systemd,
+    /// `kubepods/burstable/pod<uid>/<container>`
+    Cgroupfs,
 }
 
 impl PodSpec {
@@ -52,7 +64,14 @@ impl PodSpec {
             labels: Vec::new(),
             ports: Vec::new(),
             netns_override: None,
+            discovered: None,
         }
+    }
+
+    /// Leaves the netns to be discovered through a kubelet-style cgroup (see [`CgroupDriver`]).
+    pub fn discovered(mut self, driver: CgroupDriver) -> Self {
+        self.discovered = Some(driver);
+        self
     }
 
     /// Sets the service account.
@@ -132,6 +151,22 @@ impl ClusterBuilder {
     }
 }
 
+/// A UUID-shaped pod UID, unique per run and pod, as Kubernetes gives them.
+fn pod_uid(run: &str, index: usize) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in run.bytes() {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+    }
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        hash >> 32,
+        (hash >> 16) & 0xffff,
+        hash & 0xfff,
+        index,
+        index
+    )
+}
+
 /// A node of the cluster.
 #[derive(Debug)]
 struct Node {
@@ -148,6 +183,7 @@ struct Pod {
     netns: String,
     ip: Ipv4Addr,
     cgroup: PathBuf,
+    uid: String,
 }
 
 /// A simulated cluster; dropping it removes everything it created.
@@ -188,9 +224,20 @@ impl Cluster {
             let ip = Ipv4Addr::new(10, 90, 1, 2 + i as u8);
             self.add_netns(&netns)?;
             self.plug(&netns, &format!("p{i}"), ip)?;
-            let cgroup = self.cgroup.join(&spec.name);
+            let uid = pod_uid(&self.run, i);
+            let cgroup = match spec.discovered {
+                None => self.cgroup.join(&spec.name),
+                Some(CgroupDriver::Systemd) => self
+                    .cgroup
+                    .join("kubepods.slice/kubepods-burstable.slice")
+                    .join(format!("kubepods-burstable-pod{}.slice", uid.replace('-', "_")))
+                    .join(format!("cri-containerd-{}.scope", spec.name)),
+                Some(CgroupDriver::Cgroupfs) => {
+                    self.cgroup.join("kubepods/besteffort").join(format!("pod{uid}")).join(&spec.name)
+                }
+            };
             std::fs::create_dir_all(&cgroup)?;
-            self.pods.push(Pod { name: spec.name.clone(), spec: Mutex::new(spec), netns, ip, cgroup });
+            self.pods.push(Pod { name: spec.name.clone(), spec: Mutex::new(spec), netns, ip, cgroup, uid });
         }
         Ok(())
     }
@@ -272,9 +319,12 @@ impl Cluster {
                 .unwrap_or_else(|| sys::netns_path(&pod.netns).display().to_string());
             let _ = write!(
                 out,
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}-{}\n  annotations:\n    ambit.io/netns: {netns}\n",
-                spec.name, spec.namespace, self.run, spec.name
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {}\n  uid: {}\n",
+                spec.name, spec.namespace, pod.uid
             );
+            if spec.discovered.is_none() {
+                let _ = write!(out, "  annotations:\n    ambit.io/netns: {netns}\n");
+            }
             if !spec.labels.is_empty() {
                 out.push_str("  labels:\n");
                 for (k, v) in &spec.labels {

@@ -17,5 +17,5 @@ mod sys;
 pub use agent::{Agent, AgentOutput};
 pub use apps::{EchoServer, SinkServer, echo_roundtrip};
 pub use capture::{Capture, contains};
-pub use cluster::{Cluster, ClusterBuilder, NodeHandle, PodHandle, PodSpec};
+pub use cluster::{CgroupDriver, Cluster, ClusterBuilder, NodeHandle, PodHandle, PodSpec};
 pub use sys::ambit_binary;

@@ -268,3 +268,55 @@ fn operator_commands_explain_what_is_wrong() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("must run as root"));
 }
+
+#[test]
+fn pods_without_annotation_are_found_through_kubelet_style_cgroups() {
+    use ambit_tests::CgroupDriver;
+    let cluster = Cluster::builder()
+        .node("a")
+        .namespace("shop", true)
+        .pod(PodSpec::new("shop", "client", "a").discovered(CgroupDriver::Systemd))
+        .pod(PodSpec::new("shop", "server", "a").discovered(CgroupDriver::Cgroupfs))
+        .pod(PodSpec::new("shop", "late", "a").discovered(CgroupDriver::Systemd))
+        .build()
+        .expect("cluster");
+    // The pods' processes, in their netns and their kubelet-named cgroups.
+    let sleeper = |pod: &str| {
+        let mut sleep = std::process::Command::new("sleep");
+        sleep.arg("120");
+        cluster.pod(pod).spawn(sleep).expect("process in the pod")
+    };
+    let mut processes = vec![sleeper("client"), sleeper("server")];
+    let agent = cluster.spawn_agent("a", &[]).expect("agent");
+    wait_until(STEP, "client and server found", || {
+        agent.pod_state("client").as_deref() == Some("captured")
+            && agent.pod_state("server").as_deref() == Some("captured")
+    });
+    // A pod whose process is not there is reported, and picked up once it is.
+    let late = agent.admin_json("/workloads").expect("workloads");
+    let late = late.as_array().expect("list").iter().find(|p| p["name"] == "late").cloned().expect("late");
+    assert_eq!(late["state"], "failed");
+    assert!(
+        late["error"].as_str().is_some_and(|e| e.contains("no process in a cgroup of pod UID")),
+        "{late}"
+    );
+    assert_eq!(agent.readiness().expect("readiness"), Some(503));
+
+    let _server = cluster.pod("server").echo_server(PORT).expect("server");
+    roundtrip(&cluster, "client", cluster.pod("server").addr(PORT)).expect("through the mesh");
+    agent
+        .wait_for_event(STEP, |e| {
+            e["target"] == "access" && e["direction"] == "outbound" && e["dst.workload"] == "server"
+        })
+        .expect("captured");
+
+    processes.push(sleeper("late"));
+    wait_until(Duration::from_secs(8), "late pod captured on retry", || {
+        agent.pod_state("late").as_deref() == Some("captured")
+    });
+    assert_eq!(agent.readiness().expect("readiness"), Some(200));
+    for mut p in processes {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}
