@@ -63,6 +63,9 @@ pub enum Command {
     Check(CheckArgs),
     /// Show flow records: who talked to whom, with which identity, the verdict, how it ended.
     Trace(TraceArgs),
+    /// Manage the mesh's root CA.
+    #[command(subcommand)]
+    Ca(CaCommand),
 }
 
 /// `ambit agent` options.
@@ -85,21 +88,21 @@ pub struct AgentArgs {
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
     /// SPIFFE trust domain.
-    #[arg(long, default_value = "cluster.local")]
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
     /// Directory of the embedded CA (`ca-cert.pem`, `ca-key.pem`): created on first start when
     /// absent, used as it is when present (bring your own root). Agents sharing it share trust.
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/ambit/ca")]
+    #[arg(long, value_name = "DIR", env = "AMBIT_CA_DIR", default_value = "/var/lib/ambit/ca")]
     pub ca_dir: PathBuf,
     /// Lifetime of workload certificates (e.g. 24h, 90m, 30s); they are renewed at half-life.
-    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub cert_ttl: Duration,
     /// Istio's root namespace: policies there apply mesh-wide.
-    #[arg(long, default_value = "istio-system")]
+    #[arg(long, env = "AMBIT_ROOT_NAMESPACE", default_value = "istio-system")]
     pub root_namespace: String,
     /// Trace the connections of every pod of the node, not only enrolled ones (unprotected
     /// traffic shows up as such).
-    #[arg(long, conflicts_with = "no_flows")]
+    #[arg(long, env = "AMBIT_TRACE_ALL", conflicts_with = "no_flows")]
     pub trace_all: bool,
     /// Do not trace connections in the kernel (no flow records; capture and policy unchanged).
     #[arg(long)]
@@ -125,6 +128,29 @@ pub struct CertsArgs {
     /// Connection options.
     #[command(flatten)]
     pub operator: OperatorArgs,
+}
+
+/// `ambit ca` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a root CA (ECDSA P-256) in DIR, unless one is there: `ca-cert.pem`, `ca-key.pem`.
+    /// For a cluster: `kubectl -n ambit-system create secret generic ambit-ca --from-file=DIR`.
+    Init {
+        /// Where to write it.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The trust domain it serves (recorded in its subject and SAN).
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+/// `ambit ca init`.
+pub fn ca_init(dir: &std::path::Path, trust_domain: &str) -> Result<String, crate::identity::IdentityError> {
+    let existed = dir.join(crate::identity::ca::CA_CERT).exists();
+    let ca = crate::identity::Ca::load_or_create(dir, trust_domain)?;
+    let verb = if existed { "uses the existing" } else { "created a new" };
+    Ok(format!("{} {verb} root CA ({} bytes of certificate)\n", dir.display(), ca.root().len()))
 }
 
 /// `ambit check` options.

@@ -39,6 +39,16 @@ fn main() -> ExitCode {
         Command::Policies(args) => operator(cli::policies(&args)),
         Command::Check(args) => operator(cli::check(&args)),
         Command::Trace(args) => operator(cli::trace(&args)),
+        Command::Ca(cli::CaCommand::Init { dir, trust_domain }) => match cli::ca_init(&dir, &trust_domain) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ambit ca init: {}", ambit::telemetry::error_chain(&e));
+                ExitCode::from(1)
+            }
+        },
     }
 }
 

@@ -368,9 +368,10 @@ fn set_policies(cluster: &Cluster, agent: &Agent, yaml: &str) {
     agent.wait_generation_after(generation, STEP).expect("policies loaded");
 }
 
-const MESH_STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n---\n";
-const SHOP_PERMISSIVE: &str = "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec: {mtls: {mode: PERMISSIVE}}\n---\n";
-const SERVER_STRICT_ADMIN_PERMISSIVE: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: server, namespace: shop}\nspec:\n  selector: {matchLabels: {app: server}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    9090: {mode: PERMISSIVE}\n---\n";
+const MESH_STRICT: &str = include_str!("../../examples/policies/mesh-strict.yaml");
+const SHOP_PERMISSIVE: &str = include_str!("../../examples/policies/shop-permissive.yaml");
+const SERVER_STRICT_ADMIN_PERMISSIVE: &str =
+    include_str!("../../examples/policies/server-strict-admin-permissive.yaml");
 
 #[test]
 fn peer_authentication_decides_plaintext_per_scope_and_port() {

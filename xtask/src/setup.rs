@@ -29,19 +29,23 @@ pub(crate) fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The tests judge the metrics endpoint with Prometheus' own text-format parser.
+/// Independent judges the tests use: Prometheus' own text-format parser for the metrics, and
+/// the Kubernetes schemas (kubernetes-validate, which brings jsonschema and PyYAML) for the
+/// manifests and CRDs.
 fn python_packages() -> anyhow::Result<()> {
-    let present = Command::new("python3").args(["-c", "import prometheus_client"]).output();
+    let present = Command::new("python3")
+        .args(["-c", "import prometheus_client, kubernetes_validate, jsonschema, yaml"])
+        .output();
     if present.is_ok_and(|o| o.status.success()) {
         return Ok(());
     }
-    eprintln!("setup: installing the Python package prometheus-client (the tests parse metrics with it)");
+    eprintln!("setup: installing Python packages prometheus-client and kubernetes-validate (test judges)");
     let status = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "prometheus-client"])
+        .args(["-m", "pip", "install", "--quiet", "prometheus-client", "kubernetes-validate"])
         .status()
         .context("python3 -m pip (install Debian's python3-pip if pip is missing)")?;
     if !status.success() {
-        bail!("pip install prometheus-client failed: {status}");
+        bail!("pip install prometheus-client kubernetes-validate failed: {status}");
     }
     Ok(())
 }
