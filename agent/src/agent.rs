@@ -71,13 +71,16 @@ impl AgentError {
     }
 }
 
+/// Where the agent learns about the cluster.
+enum Source {
+    /// A local cluster file.
+    Local(std::path::PathBuf),
+    /// The Kubernetes API.
+    Kubernetes(::kube::Client),
+}
+
 /// Runs the agent until a termination signal.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
-    let Some(file) = args.local.clone() else {
-        return Err(AgentError::Usage(
-            "cluster mode (the Kubernetes API) is not available in this build; run with --local FILE".into(),
-        ));
-    };
     if args.node.is_empty() {
         return Err(AgentError::Usage("--node (or NODE_NAME) must not be empty".into()));
     }
@@ -87,9 +90,22 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         return Err(AgentError::NotRoot(uid));
     }
     raise_fd_limit();
-    let file = std::path::absolute(&file).unwrap_or(file);
-    let cluster = discovery::local::load(&file, &args.root_namespace)?;
-    info!(file = %file.display(), pods = cluster.workloads.len(), node = %args.node, "cluster file loaded");
+    // The source of truth: the local file, or the Kubernetes API.
+    let (source, cluster, source_name, source_file) = match args.local.clone() {
+        Some(file) => {
+            let file = std::path::absolute(&file).unwrap_or(file);
+            let cluster = discovery::local::load(&file, &args.root_namespace)?;
+            info!(file = %file.display(), pods = cluster.workloads.len(), node = %args.node, "cluster file loaded");
+            let name = format!("local:{}", file.display());
+            (Source::Local(file.clone()), cluster, name, file)
+        }
+        None => {
+            let client = discovery::kube::client().await?;
+            info!(node = %args.node, "watching the Kubernetes API");
+            // Nothing is known until the first full list: nothing is captured, and not ready.
+            (Source::Kubernetes(client), Cluster::default(), "kubernetes".to_owned(), "kubernetes".into())
+        }
+    };
 
     let ca = Ca::load_or_create(&args.ca_dir, &args.trust_domain)?;
     let identities = Arc::new(Identities::new(ca, args.cert_ttl));
@@ -100,7 +116,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 
     let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster));
     let (source_tx, source_rx) = watch::channel(SourceStatus {
-        file: file.clone(),
+        file: source_file,
         generation: 1,
         loaded_at: discovery::local::unix_now(),
         error: None,
@@ -131,7 +147,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         version: env!("CARGO_PKG_VERSION").into(),
         node: args.node.clone(),
         instance,
-        source: format!("local:{}", file.display()),
+        source: source_name,
         pin_dir: datapath.pin_dir().display().to_string(),
         cgroup_root: datapath.cgroup_root().display().to_string(),
         trust_domain: args.trust_domain.clone(),
@@ -164,7 +180,22 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let proxy = Arc::new(Proxy::new(orig_dst, cluster_rx.clone(), identities.clone(), tls.clone(), settings));
     let mut redirector =
         Redirector::new(args.node.clone(), datapath, proxy.clone(), identities.clone(), tls, tracing);
-    tokio::spawn(discovery::local::watch(file, args.root_namespace.clone(), cluster_tx, source_tx));
+    let (synced_tx, synced) = watch::channel(false);
+    match source {
+        Source::Local(file) => {
+            synced_tx.send_replace(true);
+            tokio::spawn(discovery::local::watch(file, args.root_namespace.clone(), cluster_tx, source_tx));
+        }
+        Source::Kubernetes(client) => {
+            tokio::spawn(discovery::kube::watch(
+                client,
+                args.root_namespace.clone(),
+                cluster_tx,
+                source_tx,
+                synced_tx,
+            ));
+        }
+    }
     if tracing != Tracing::Off {
         tokio::spawn(flows::read_events(flows.clone(), events));
     }
@@ -184,11 +215,16 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut retry = tokio::time::interval(std::time::Duration::from_secs(2));
     loop {
         let cluster: Arc<Cluster> = changes.borrow_and_update().clone();
-        redirector.reconcile(&cluster);
-        proxy.revalidate(&cluster);
+        // Before the first full list the agent knows nothing: reconciling then would release
+        // what a previous agent left enforcing. Wait for it.
+        if *synced.borrow() {
+            redirector.reconcile(&cluster);
+            proxy.revalidate(&cluster);
+        }
         flows.set_pods(redirector.traced_pods());
         pods_tx.send_replace(Arc::new(redirector.reports(&cluster)));
-        ready_tx.send_replace(redirector.all_captured());
+        // Ready once the source has been read in full and every enrolled pod is captured.
+        ready_tx.send_replace(*synced.borrow() && redirector.all_captured());
         certs_tx.send_replace(Arc::new(identities.reports(&redirector.pods_by_identity())));
         let refresh = identities.next_refresh(std::time::SystemTime::now());
         tokio::select! {

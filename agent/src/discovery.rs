@@ -2,6 +2,7 @@
 //! source of truth (the local cluster file today, the Kubernetes API in a cluster), as one
 //! immutable [`Cluster`] snapshot that the rest of the agent reads.
 
+pub mod kube;
 pub mod local;
 pub mod objects;
 pub mod services;
@@ -47,6 +48,9 @@ pub enum DiscoveryError {
         /// What is wrong, with the object it belongs to when known.
         message: String,
     },
+    /// The Kubernetes API could not be reached or configured.
+    #[error("Kubernetes API: {0}")]
+    Kubernetes(String),
     /// Well-formed YAML with a meaning we cannot accept.
     #[error("{file}:{line}: {object}: {message}")]
     Invalid {

@@ -14,6 +14,15 @@ use serde_json::Value;
 
 use crate::sys;
 
+/// Where a spawned agent learns about the cluster.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Source<'a> {
+    /// `--local FILE`.
+    Local(&'a Path),
+    /// The Kubernetes API a kubeconfig points at.
+    Kubernetes(&'a Path),
+}
+
 /// A running agent; killed when dropped.
 pub struct Agent {
     child: Child,
@@ -33,7 +42,7 @@ pub struct AgentOutput {
 impl Agent {
     pub(crate) fn spawn(
         netns: &Path,
-        manifest: &Path,
+        source: Source<'_>,
         node: &str,
         instance: &str,
         log: &Path,
@@ -42,9 +51,12 @@ impl Agent {
     ) -> io::Result<Self> {
         let out = File::options().create(true).append(true).open(log)?;
         let mut command = Command::new(sys::ambit_binary());
+        command.arg("agent");
+        match source {
+            Source::Local(file) => command.arg("--local").arg(file),
+            Source::Kubernetes(kubeconfig) => command.env("KUBECONFIG", kubeconfig),
+        };
         command
-            .args(["agent", "--local"])
-            .arg(manifest)
             .args(["--node", node, "--instance", instance])
             .arg("--ca-dir")
             .arg(ca_dir)

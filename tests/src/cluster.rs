@@ -15,8 +15,9 @@ use std::{
 };
 
 use crate::{
-    agent::Agent,
+    agent::{Agent, Source},
     apps::EchoServer,
+    kubeapi::MockApi,
     sys::{self, PREFIX},
 };
 
@@ -369,11 +370,36 @@ impl Cluster {
 
     /// Starts the agent of `node` with extra arguments, without waiting for readiness.
     pub fn spawn_agent(&self, node: &str, extra: &[&str]) -> io::Result<Agent> {
+        self.spawn_agent_from(node, Source::Local(&self.manifest_path()), extra)
+    }
+
+    /// Starts the agent of `node` in cluster mode and waits until it is ready.
+    pub fn start_kube_agent(&self, node: &str) -> io::Result<Agent> {
+        let agent = self.spawn_kube_agent(node, &[])?;
+        agent.wait_ready(Duration::from_secs(20))?;
+        Ok(agent)
+    }
+
+    /// Starts the agent of `node` in cluster mode (no `--local`: the API server at
+    /// `127.0.0.1:6443` of its node, see [`Cluster::mock_api`]), without waiting for readiness.
+    pub fn spawn_kube_agent(&self, node: &str, extra: &[&str]) -> io::Result<Agent> {
+        let kubeconfig = self.dir.join("kubeconfig");
+        MockApi::write_kubeconfig(&kubeconfig)?;
+        self.spawn_agent_from(node, Source::Kubernetes(&kubeconfig), extra)
+    }
+
+    /// Starts a mock Kubernetes API server reachable from every node at `127.0.0.1:6443`.
+    pub fn mock_api(&self) -> io::Result<MockApi> {
+        let netns: Vec<PathBuf> = self.nodes.iter().map(|n| sys::netns_path(&n.netns)).collect();
+        MockApi::start(&netns)
+    }
+
+    fn spawn_agent_from(&self, node: &str, source: Source<'_>, extra: &[&str]) -> io::Result<Agent> {
         let node = self.node(node);
         let instance = self.instance(node.name());
         let agent = Agent::spawn(
             &sys::netns_path(&node.node.netns),
-            &self.manifest_path(),
+            source,
             node.name(),
             &instance,
             &self.dir.join(format!("agent-{}.log", node.name())),

@@ -12,10 +12,12 @@ mod agent;
 mod apps;
 mod capture;
 mod cluster;
+mod kubeapi;
 mod sys;
 
 pub use agent::{Agent, AgentOutput};
 pub use apps::{EchoServer, SinkServer, echo_roundtrip};
 pub use capture::{Capture, contains};
 pub use cluster::{CgroupDriver, Cluster, ClusterBuilder, NodeHandle, PodHandle, PodSpec};
+pub use kubeapi::MockApi;
 pub use sys::ambit_binary;

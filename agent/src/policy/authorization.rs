@@ -369,6 +369,24 @@ pub struct CompiledPolicy {
     pub principals: Vec<String>,
 }
 
+impl CompiledPolicy {
+    /// A DENY that matches every request to the workloads `selector` selects (or to the whole
+    /// namespace): what stands in for a policy that could not be read, so that a mistake closes
+    /// rather than opens.
+    pub fn deny_all(namespace: &str, name: &str, selector: Option<WorkloadSelector>) -> Self {
+        Self {
+            name: format!("{namespace}/{name}"),
+            namespace: namespace.to_owned(),
+            action: Action::Deny,
+            selector: selector.filter(|s| !s.match_labels.is_empty()),
+            rules: vec![CompiledRule { from: Vec::new(), to: Vec::new(), when: Vec::new() }],
+            unsupported: Vec::new(),
+            rule_count: 1,
+            principals: Vec::new(),
+        }
+    }
+}
+
 impl AuthorizationPolicy {
     /// `namespace/name`.
     pub fn name(&self) -> String {

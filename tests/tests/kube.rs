@@ -1,0 +1,235 @@
+//! End to end, cluster mode: agents without `--local` learn the cluster from a (mock) Kubernetes
+//! API server, list then watch, and keep enforcing what they last knew while the API server's
+//! watch streams break, expire (`410 Gone`) or the server is away.
+
+use std::{
+    io::ErrorKind,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use ambit_tests::{Agent, CgroupDriver, Cluster, MockApi, PodSpec, echo_roundtrip};
+use serde_json::json;
+
+const HTTP: u16 = 8080;
+const STEP: Duration = Duration::from_secs(5);
+/// The watcher's backoff after a broken stream starts below a second; a re-list is quick.
+const RESYNC: Duration = Duration::from_secs(15);
+
+/// STRICT in shop; backend accepts only frontend-sa, db only backend-sa.
+const POLICIES: &str = include_str!("../../examples/shop/policies.yaml");
+
+/// Two nodes, the shop on them, and the pods' processes (two are found through their cgroups,
+/// as on a real node, not through the harness's annotation).
+struct Shop {
+    cluster: Cluster,
+    api: MockApi,
+    processes: Vec<std::process::Child>,
+}
+
+impl Drop for Shop {
+    fn drop(&mut self) {
+        for p in &mut self.processes {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}
+
+fn shop() -> Shop {
+    let cluster = Cluster::builder()
+        .node("a")
+        .node("b")
+        .namespace("shop", true)
+        .namespace("legacy", false)
+        .pod(
+            PodSpec::new("shop", "frontend", "a")
+                .service_account("frontend-sa")
+                .label("app", "frontend")
+                .discovered(CgroupDriver::Systemd),
+        )
+        .pod(
+            PodSpec::new("shop", "backend", "b")
+                .service_account("backend-sa")
+                .label("app", "backend")
+                .discovered(CgroupDriver::Cgroupfs),
+        )
+        .pod(PodSpec::new("shop", "db", "b").service_account("db-sa").label("app", "db"))
+        .pod(PodSpec::new("legacy", "outsider", "a"))
+        .build()
+        .expect("cluster");
+    let processes = ["frontend", "backend"]
+        .into_iter()
+        .map(|pod| {
+            let mut sleep = std::process::Command::new("sleep");
+            sleep.arg("300");
+            cluster.pod(pod).spawn(sleep).expect("process in the pod")
+        })
+        .collect();
+    cluster.set_extra_yaml(POLICIES);
+    let api = cluster.mock_api().expect("mock API server");
+    api.sync_yaml(&cluster.manifest()).expect("objects");
+    Shop { cluster, api, processes }
+}
+
+/// Connects, sends, reads the echo: `Ok` when it came back.
+fn attempt(cluster: &Cluster, from: &str, to: SocketAddr) -> Result<(), ErrorKind> {
+    let mut stream = cluster.pod(from).connect(to, STEP).map_err(|e| e.kind())?;
+    echo_roundtrip(&mut stream, b"cluster mode?").map(|_| ()).map_err(|e| e.kind())
+}
+
+fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until `from` → `to` has the given outcome (`allowed` or not), as a watch delivers.
+fn wait_for_verdict(cluster: &Cluster, from: &str, to: SocketAddr, allowed: bool, what: &str) {
+    wait_until(RESYNC, what, || attempt(cluster, from, to).is_ok() == allowed);
+}
+
+fn status(agent: &Agent) -> serde_json::Value {
+    agent.admin_json("/status").expect("status")
+}
+
+#[test]
+fn agents_learn_the_cluster_from_the_api_and_apply_policy_changes_live() {
+    let shop = shop();
+    let cluster = &shop.cluster;
+    let a = cluster.start_kube_agent("a").expect("agent a");
+    let b = cluster.start_kube_agent("b").expect("agent b");
+    assert_eq!(status(&a)["agent"]["source"], "kubernetes", "{}", status(&a));
+    for (agent, pod) in [(&a, "frontend"), (&b, "backend"), (&b, "db")] {
+        assert_eq!(agent.pod_state(pod).as_deref(), Some("captured"), "{pod}");
+    }
+    assert_eq!(a.pod_state("outsider").as_deref(), Some("not-captured"));
+    let _apps: Vec<_> =
+        ["backend", "db"].iter().map(|p| cluster.pod(p).echo_server(HTTP).expect("app")).collect();
+    let (backend, db) = (cluster.pod("backend").addr(HTTP), cluster.pod("db").addr(HTTP));
+
+    // The shop's policies, from the API: as with the local file.
+    assert_eq!(attempt(cluster, "frontend", backend), Ok(()));
+    assert!(attempt(cluster, "frontend", db).is_err(), "db admits only backend-sa");
+    assert!(attempt(cluster, "outsider", backend).is_err(), "STRICT refuses plaintext");
+    let allowed = b
+        .wait_for_event(STEP, |e| {
+            e["target"] == "access" && e["dst.workload"] == "backend" && e["authz.verdict"] == "allowed"
+        })
+        .expect("access record");
+    assert_eq!(allowed["src.identity"], "spiffe://cluster.local/ns/shop/sa/frontend-sa", "{allowed}");
+
+    // Policy deleted through the API: db opens up; created again: closed again.
+    shop.api.delete("/apis/security.istio.io/v1/authorizationpolicies", "shop", "db");
+    wait_for_verdict(cluster, "frontend", db, true, "db open once its policy is deleted");
+    shop.api.sync_yaml(&cluster.manifest()).expect("objects");
+    wait_for_verdict(cluster, "frontend", db, false, "db closed once its policy is back");
+
+    // A new policy that does not compile: its pods are closed (never open), the error is
+    // reported by name, and the rest of the cluster keeps working.
+    shop.api.apply(
+        "/apis/security.istio.io/v1/authorizationpolicies",
+        json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+               "metadata": {"name": "broken", "namespace": "shop"},
+               "spec": {"selector": {"matchLabels": {"app": "backend"}}, "action": "MAYBE"}}),
+    );
+    wait_for_verdict(cluster, "frontend", backend, false, "backend closed by a broken new policy");
+    wait_until(STEP, "error reported", || {
+        status(&b)["config"]["error"].as_str().is_some_and(|e| e.contains("shop/broken"))
+    });
+    assert_eq!(attempt(cluster, "backend", db), Ok(()), "other pods unaffected");
+    shop.api.delete("/apis/security.istio.io/v1/authorizationpolicies", "shop", "broken");
+    wait_for_verdict(cluster, "frontend", backend, true, "backend open once the broken policy is gone");
+}
+
+#[test]
+fn broken_or_expired_watches_relist_and_enforcement_never_lapses() {
+    let shop = shop();
+    let cluster = &shop.cluster;
+    let _a = cluster.start_kube_agent("a").expect("agent a");
+    let _b = cluster.start_kube_agent("b").expect("agent b");
+    let _db_app = cluster.pod("db").echo_server(HTTP).expect("app");
+    let db = cluster.pod("db").addr(HTTP);
+    assert!(attempt(cluster, "frontend", db).is_err());
+    let lists = |api: &MockApi| {
+        api.requests()
+            .iter()
+            .filter(|r| *r == "list /apis/security.istio.io/v1/authorizationpolicies")
+            .count()
+    };
+    let lists_before = lists(&shop.api);
+
+    // Streams cut: still denied while they are down, and a change made meanwhile arrives.
+    shop.api.drop_watches(false);
+    assert!(attempt(cluster, "frontend", db).is_err(), "denied with the watch down");
+    shop.api.delete("/apis/security.istio.io/v1/authorizationpolicies", "shop", "db");
+    wait_for_verdict(cluster, "frontend", db, true, "deletion seen after the watch resumed");
+
+    // Streams expired (410 Gone): the agents list again from scratch; what changed meanwhile
+    // arrives with the list, and until then what was known stays in force.
+    shop.api.sync_yaml(&cluster.manifest()).expect("objects");
+    wait_for_verdict(cluster, "frontend", db, false, "policy back");
+    shop.api.drop_watches(true);
+    assert!(attempt(cluster, "frontend", db).is_err(), "denied while re-listing");
+    shop.api.delete("/apis/security.istio.io/v1/authorizationpolicies", "shop", "db");
+    wait_for_verdict(cluster, "frontend", db, true, "deletion seen through the re-list");
+    wait_until(RESYNC, "both agents listed again", || lists(&shop.api) >= lists_before + 2);
+}
+
+#[test]
+fn labelling_a_namespace_enrolls_its_pods_and_unlabelling_releases_them() {
+    let cluster = Cluster::builder()
+        .node("a")
+        .namespace("web", false)
+        .pod(PodSpec::new("web", "client", "a"))
+        .pod(PodSpec::new("web", "server", "a"))
+        .build()
+        .expect("cluster");
+    let api = cluster.mock_api().expect("mock API server");
+    api.sync_yaml(&cluster.manifest()).expect("objects");
+    let agent = cluster.start_kube_agent("a").expect("agent");
+    let _app = cluster.pod("server").echo_server(HTTP).expect("app");
+    let server = cluster.pod("server").addr(HTTP);
+    assert_eq!(agent.pod_state("client").as_deref(), Some("not-captured"));
+
+    let namespace = |labels: serde_json::Value| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "web", "labels": labels}});
+    api.apply("/api/v1/namespaces", namespace(json!({"istio.io/dataplane-mode": "ambient"})));
+    wait_until(RESYNC, "pods enrolled", || {
+        agent.pod_state("client").as_deref() == Some("captured")
+            && agent.pod_state("server").as_deref() == Some("captured")
+    });
+    assert_eq!(attempt(&cluster, "client", server), Ok(()));
+    let record = agent
+        .wait_for_event(STEP, |e| {
+            e["target"] == "access" && e["direction"] == "inbound" && e["dst.workload"] == "server"
+        })
+        .expect("through the mesh");
+    assert_eq!(record["src.identity"], "spiffe://cluster.local/ns/web/sa/default", "{record}");
+
+    api.apply("/api/v1/namespaces", namespace(json!({})));
+    wait_until(RESYNC, "pods released", || agent.pod_state("client").as_deref() == Some("not-captured"));
+    assert_eq!(attempt(&cluster, "client", server), Ok(()), "plain traffic flows again");
+}
+
+#[test]
+fn an_agent_started_before_the_api_server_waits_unready_then_catches_up() {
+    let cluster = Cluster::builder()
+        .node("a")
+        .namespace("shop", true)
+        .pod(PodSpec::new("shop", "client", "a"))
+        .build()
+        .expect("cluster");
+    // Nothing answers yet: the API server is down.
+    let agent = cluster.spawn_kube_agent("a", &[]).expect("agent");
+    wait_until(STEP, "agent serving its admin API", || agent.readiness().ok().flatten().is_some());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(agent.readiness().expect("readiness"), Some(503), "not ready before the first list");
+    assert_eq!(agent.pod_state("client").as_deref(), None, "knows no pods yet");
+
+    let api = cluster.mock_api().expect("mock API server");
+    api.sync_yaml(&cluster.manifest()).expect("objects");
+    agent.wait_ready(Duration::from_secs(40)).expect("ready once the API answers");
+    assert_eq!(agent.pod_state("client").as_deref(), Some("captured"));
+}
