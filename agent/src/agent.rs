@@ -112,7 +112,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let tls = Arc::new(TlsContext::new(identities.clone())?);
 
     let instance = args.instance.clone().unwrap_or_else(|| args.node.clone());
-    let (datapath, orig_dst, trace_maps) = Datapath::load(&args.bpf_dir, &instance, args.flow_buffer_bytes)?;
+    let (datapath, proxy_maps, trace_maps) =
+        Datapath::load(&args.bpf_dir, &instance, args.flow_buffer_bytes)?;
 
     let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster));
     let (source_tx, source_rx) = watch::channel(SourceStatus {
@@ -177,7 +178,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         flows: flows.clone(),
         metrics: metrics.clone(),
     };
-    let proxy = Arc::new(Proxy::new(orig_dst, cluster_rx.clone(), identities.clone(), tls.clone(), settings));
+    let proxy =
+        Arc::new(Proxy::new(proxy_maps, cluster_rx.clone(), identities.clone(), tls.clone(), settings));
     let mut redirector =
         Redirector::new(args.node.clone(), datapath, proxy.clone(), identities.clone(), tls, tracing);
     let (synced_tx, synced) = watch::channel(false);

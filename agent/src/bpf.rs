@@ -8,13 +8,17 @@
 use std::{
     fs::{self, File},
     io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
 
 pub mod tracefs;
 
-use ambit_common::{COUNTER_RING_FULL, DROP_REASON_SLOTS, Enrolled, IpAddr, OrigDstKey, SockAddr};
+use ambit_common::{
+    AF_INET, AF_INET6, COUNTER_RING_FULL, DROP_REASON_SLOTS, Enrolled, HostConnection, IpAddr, OrigDstKey,
+    SockAddr,
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash},
@@ -174,17 +178,35 @@ impl TraceStats {
     }
 }
 
-/// Read-only view of the original destinations of captured connections; cheap to share with
-/// every proxy task.
-pub struct OrigDstMap {
-    map: HashMap<MapData, OrigDstKey, SockAddr>,
+/// What the proxies read from the kernel: where captured connections were going, and which
+/// connections sockets of the node's own network namespace opened. Shared by every proxy task.
+pub struct ProxyMaps {
+    orig_dst: HashMap<MapData, OrigDstKey, SockAddr>,
+    host_connections: std::sync::Mutex<HashMap<MapData, HostConnection, u64>>,
 }
 
-impl OrigDstMap {
+impl ProxyMaps {
     /// Where the connection from `port` on the loopback of netns `netns_cookie` was going.
-    pub fn get(&self, netns_cookie: u64, port: u16) -> Option<SockAddr> {
+    pub fn orig_dst(&self, netns_cookie: u64, port: u16) -> Option<SockAddr> {
         let key = OrigDstKey { netns_cookie, port: u32::from(port), _pad: 0 };
-        self.map.get(&key, 0).ok()
+        self.orig_dst.get(&key, 0).ok()
+    }
+
+    /// Whether a socket of the node's own network namespace opened the connection from `src` to
+    /// `dst` (a kubelet probe). The record is used up: it answers for one connection only.
+    pub fn take_host_connection(&self, src: SocketAddr, dst: SocketAddr) -> bool {
+        let key = HostConnection {
+            src: kernel_ip(src.ip()),
+            dst: kernel_ip(dst.ip()),
+            src_port: u32::from(src.port()),
+            dst_port: u32::from(dst.port()),
+        };
+        let mut map = self.host_connections.lock().unwrap_or_else(|e| e.into_inner());
+        let found = map.get(&key, 0).is_ok();
+        if found {
+            let _ = map.remove(&key);
+        }
+        found
     }
 }
 
@@ -196,7 +218,7 @@ impl Datapath {
         pin_root: &Path,
         instance: &str,
         flow_buffer_bytes: u32,
-    ) -> Result<(Self, OrigDstMap, TraceMaps), BpfError> {
+    ) -> Result<(Self, ProxyMaps, TraceMaps), BpfError> {
         ensure_bpffs(Path::new(BPFFS))?;
         let cgroup_root = cgroup2_root()?;
         let pin_dir = pin_root.join(instance);
@@ -217,6 +239,13 @@ impl Datapath {
         for (global, value) in &layouts.globals {
             loader.override_global(global, value, true);
         }
+        // The node's own network namespace is the agent's: connections its sockets open are
+        // the ones exempt from STRICT (kubelet probes).
+        let host_netns =
+            std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| netns_cookie(&s)).map_err(|source| {
+                BpfError::Io { what: "reading the netns cookie of", path: "/proc/self/ns/net".into(), source }
+            })?;
+        loader.override_global("HOST_NETNS", &host_netns, true);
         let mut ebpf = loader.load(PROGRAMS)?;
 
         let cgroup = File::open(&cgroup_root).map_err(|source| BpfError::Io {
@@ -275,7 +304,10 @@ impl Datapath {
         let enrolled = take_map(&mut ebpf, "ENROLLED")?;
         let traced = take_map(&mut ebpf, "TRACED")?;
         let listeners = take_map(&mut ebpf, "INBOUND_LISTENERS")?;
-        let orig_dst = OrigDstMap { map: take_map(&mut ebpf, "ORIG_DST")? };
+        let proxy_maps = ProxyMaps {
+            orig_dst: take_map(&mut ebpf, "ORIG_DST")?,
+            host_connections: std::sync::Mutex::new(take_map(&mut ebpf, "HOST_CONNECTIONS")?),
+        };
         let trace = TraceMaps {
             events: take_map(&mut ebpf, "FLOW_EVENTS")?,
             stats: TraceStats {
@@ -287,7 +319,7 @@ impl Datapath {
             },
         };
         info!(pin_dir = %pin_dir.display(), cgroup = %cgroup_root.display(), "eBPF programs attached");
-        Ok((Self { ebpf, pin_dir, cgroup_root, enrolled, traced, listeners }, orig_dst, trace))
+        Ok((Self { ebpf, pin_dir, cgroup_root, enrolled, traced, listeners }, proxy_maps, trace))
     }
 
     /// Starts or stops tracing the sockets of a netns.
@@ -579,6 +611,50 @@ pub fn netns_cookie(socket: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
     if rc == 0 { Ok(cookie) } else { Err(io::Error::last_os_error()) }
 }
 
+/// An IP address in the layout the kernel programs use.
+pub fn kernel_ip(ip: std::net::IpAddr) -> IpAddr {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            IpAddr { family: AF_INET, addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0] }
+        }
+        std::net::IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            IpAddr { family: AF_INET6, addr: [word(0), word(4), word(8), word(12)] }
+        }
+    }
+}
+
+/// The inverse of [`kernel_ip`]; `None` for an unset address.
+pub fn kernel_to_ip(ip: &IpAddr) -> Option<std::net::IpAddr> {
+    match ip.family {
+        AF_INET => Some(Ipv4Addr::from(ip.addr[0].to_ne_bytes()).into()),
+        AF_INET6 => {
+            let mut octets = [0u8; 16];
+            for (i, w) in ip.addr.iter().enumerate() {
+                octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            Some(Ipv6Addr::from(octets).into())
+        }
+        _ => None,
+    }
+}
+
+/// The inverse of [`kernel_ip`] for a full socket address.
+pub fn from_kernel(addr: SockAddr) -> SocketAddr {
+    let port = u16::from_be(addr.port as u16);
+    let a = addr.ip.addr;
+    if addr.ip.family == AF_INET {
+        SocketAddr::from((Ipv4Addr::from(a[0].to_ne_bytes()), port))
+    } else {
+        let mut octets = [0u8; 16];
+        for (i, w) in a.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        SocketAddr::from((Ipv6Addr::from(octets), port))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -588,5 +664,16 @@ mod tests {
         // Every machine this project runs on has cgroup v2 somewhere; the path must be a dir.
         let root = cgroup2_root().expect("cgroup2 mounted");
         assert!(root.join("cgroup.procs").exists(), "{} is not a cgroup2 root", root.display());
+    }
+
+    #[test]
+    fn kernel_layout_round_trips() {
+        for addr in ["10.1.2.3:8080", "[fd00::1:2]:443"] {
+            let addr: SocketAddr = addr.parse().expect("addr");
+            let kernel = SockAddr { ip: kernel_ip(addr.ip()), port: u32::from(addr.port().to_be()) };
+            assert_eq!(from_kernel(kernel), addr);
+        }
+        // The kernel stores 10.1.2.3 with the first octet in the lowest byte in memory.
+        assert_eq!(kernel_ip("10.1.2.3".parse().expect("ip")).addr[0].to_ne_bytes(), [10, 1, 2, 3]);
     }
 }

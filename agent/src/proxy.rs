@@ -33,7 +33,7 @@ use tokio::{
 };
 
 use crate::{
-    bpf::OrigDstMap,
+    bpf::ProxyMaps,
     discovery::{Cluster, Workload},
     identity::{Identities, Identity},
     redirect::netns::Netns,
@@ -185,7 +185,7 @@ pub struct Settings {
 /// State shared by all proxies of the agent.
 pub struct Proxy {
     tracker: Arc<tracker::Tracker>,
-    orig_dst: OrigDstMap,
+    maps: ProxyMaps,
     cluster: watch::Receiver<Arc<Cluster>>,
     identities: Arc<Identities>,
     pool: hbone::Pool,
@@ -195,7 +195,7 @@ pub struct Proxy {
 impl Proxy {
     /// The proxies of one agent.
     pub fn new(
-        orig_dst: OrigDstMap,
+        maps: ProxyMaps,
         cluster: watch::Receiver<Arc<Cluster>>,
         identities: Arc<Identities>,
         tls: Arc<TlsContext>,
@@ -203,7 +203,7 @@ impl Proxy {
     ) -> Self {
         Self {
             tracker: Arc::default(),
-            orig_dst,
+            maps,
             cluster,
             pool: hbone::Pool::new(tls, identities.clone()),
             identities,

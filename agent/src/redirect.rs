@@ -14,7 +14,7 @@ use std::{
     sync::Arc,
 };
 
-use ambit_common::{AF_INET, AF_INET6, Enrolled, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use ambit_common::{Enrolled, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -446,7 +446,7 @@ impl Redirector {
         // outbound capture starts last, once its listener is accepting.
         let bpf_err = |source: BpfError| RedirectError::Bpf { pod: pod.clone(), source: Box::new(source) };
         for ip in &workload.ips {
-            self.datapath.set_listener(kernel_ip(*ip), &inbound).map_err(bpf_err)?;
+            self.datapath.set_listener(bpf::kernel_ip(*ip), &inbound).map_err(bpf_err)?;
         }
         self.datapath.link_netns(&*netns, cookie).map_err(bpf_err)?;
 
@@ -480,7 +480,7 @@ impl Redirector {
         for ip in &workload.ips {
             match ip {
                 std::net::IpAddr::V4(v4) => enrolled.ipv4 = u32::from_ne_bytes(v4.octets()),
-                std::net::IpAddr::V6(v6) => enrolled.ipv6 = kernel_ip((*v6).into()).addr,
+                std::net::IpAddr::V6(v6) => enrolled.ipv6 = bpf::kernel_ip((*v6).into()).addr,
             }
         }
         if let Err(e) = self.datapath.enroll(cookie, enrolled) {
@@ -506,7 +506,7 @@ impl Redirector {
             warn!(pod = %workload.key, error = %e, "releasing inbound capture");
         }
         for ip in &workload.ips {
-            if let Err(e) = self.datapath.clear_listener(kernel_ip(*ip)) {
+            if let Err(e) = self.datapath.clear_listener(bpf::kernel_ip(*ip)) {
                 warn!(pod = %workload.key, error = %e, "releasing inbound listener");
             }
         }
@@ -558,65 +558,4 @@ fn listen_socket(addr: SocketAddr) -> io::Result<Socket> {
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     Ok(socket)
-}
-
-/// An IP address in the layout the kernel programs use.
-pub fn kernel_ip(ip: std::net::IpAddr) -> ambit_common::IpAddr {
-    match ip {
-        std::net::IpAddr::V4(v4) => {
-            ambit_common::IpAddr { family: AF_INET, addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0] }
-        }
-        std::net::IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            ambit_common::IpAddr { family: AF_INET6, addr: [word(0), word(4), word(8), word(12)] }
-        }
-    }
-}
-
-/// The inverse of [`kernel_ip`]; `None` for an unset address.
-pub fn kernel_to_ip(ip: &ambit_common::IpAddr) -> Option<std::net::IpAddr> {
-    match ip.family {
-        AF_INET => Some(Ipv4Addr::from(ip.addr[0].to_ne_bytes()).into()),
-        AF_INET6 => {
-            let mut octets = [0u8; 16];
-            for (i, w) in ip.addr.iter().enumerate() {
-                octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-            }
-            Some(Ipv6Addr::from(octets).into())
-        }
-        _ => None,
-    }
-}
-
-/// The inverse of [`kernel_ip`] for a full socket address.
-pub fn from_kernel(addr: ambit_common::SockAddr) -> SocketAddr {
-    let port = u16::from_be(addr.port as u16);
-    let a = addr.ip.addr;
-    if addr.ip.family == AF_INET {
-        SocketAddr::from((Ipv4Addr::from(a[0].to_ne_bytes()), port))
-    } else {
-        let mut octets = [0u8; 16];
-        for (i, w) in a.iter().enumerate() {
-            octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        SocketAddr::from((Ipv6Addr::from(octets), port))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn kernel_layout_round_trips() {
-        for addr in ["10.1.2.3:8080", "[fd00::1:2]:443"] {
-            let addr: SocketAddr = addr.parse().expect("addr");
-            let kernel =
-                ambit_common::SockAddr { ip: kernel_ip(addr.ip()), port: u32::from(addr.port().to_be()) };
-            assert_eq!(from_kernel(kernel), addr);
-        }
-        // The kernel stores 10.1.2.3 with the first octet in the lowest byte in memory.
-        assert_eq!(kernel_ip("10.1.2.3".parse().expect("ip")).addr[0].to_ne_bytes(), [10, 1, 2, 3]);
-    }
 }

@@ -55,6 +55,22 @@ pub struct OrigDstKey {
     pub _pad: u32,
 }
 
+/// Key of the `HOST_CONNECTIONS` map: a TCP connection opened by a socket of the node's own
+/// network namespace (a host-network process, such as the kubelet probing a pod), as that socket
+/// sees it. Ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HostConnection {
+    /// The host socket's address.
+    pub src: IpAddr,
+    /// The address it connected to.
+    pub dst: IpAddr,
+    /// The host socket's port.
+    pub src_port: u32,
+    /// The port it connected to.
+    pub dst_port: u32,
+}
+
 /// Value of the `ENROLLED` map, keyed by the netns cookie of an enrolled pod.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -69,9 +85,9 @@ pub struct Enrolled {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{Enrolled, FlowEvent, IpAddr, OrigDstKey, SockAddr};
+    use super::{Enrolled, FlowEvent, HostConnection, IpAddr, OrigDstKey, SockAddr};
 
-    // SAFETY: all four types are `#[repr(C)]`, made only of integers, and have no padding, so
+    // SAFETY: all these types are `#[repr(C)]`, made only of integers, and have no padding, so
     // every byte pattern is a valid value and no byte is uninitialised.
     unsafe impl aya::Pod for IpAddr {}
     // SAFETY: as above.
@@ -80,6 +96,8 @@ mod user {
     unsafe impl aya::Pod for OrigDstKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Enrolled {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HostConnection {}
     // SAFETY: as above (field sizes chosen so that no padding is left).
     unsafe impl aya::Pod for FlowEvent {}
 }

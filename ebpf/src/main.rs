@@ -5,6 +5,8 @@
 //!   `cgroup/getpeername4|6` shows the application the address it asked for.
 //! - `inbound`: `sk_lookup`, linked into each enrolled pod's network namespace, hands new TCP
 //!   connections to the agent's inbound listener and drops them when that listener is gone.
+//! - `probes`: connections opened from the node's own network namespace (kubelet probes), which
+//!   the agent exempts from STRICT.
 //! - `trace`: connection open/close events with TCP statistics, resets, and drop reasons.
 #![no_std]
 #![no_main]
@@ -12,7 +14,34 @@
 mod inbound;
 mod maps;
 mod outbound;
+mod probes;
 mod trace;
+
+/// A `sock_ops` socket's (local address, local port, remote address, remote port), ports in host
+/// byte order.
+#[inline(always)]
+pub(crate) fn sock_ops_endpoints(
+    ctx: &aya_ebpf::programs::SockOpsContext,
+) -> (ambit_common::IpAddr, u32, ambit_common::IpAddr, u32) {
+    use ambit_common::{AF_INET, AF_INET6, IpAddr};
+    // SAFETY: the context is valid for the whole program.
+    let ops = unsafe { &*ctx.ops };
+    let (local, remote) = if ops.family == AF_INET6 {
+        (
+            IpAddr { family: AF_INET6, addr: read_words(&ops.local_ip6) },
+            IpAddr { family: AF_INET6, addr: read_words(&ops.remote_ip6) },
+        )
+    } else {
+        (
+            IpAddr { family: AF_INET, addr: [ops.local_ip4, 0, 0, 0] },
+            IpAddr { family: AF_INET, addr: [ops.remote_ip4, 0, 0, 0] },
+        )
+    };
+    // The remote port is in network byte order in the upper half of the word, for historical
+    // reasons; the local port is in host byte order.
+    let remote_port = u32::from(u16::from_be((ops.remote_port >> 16) as u16));
+    (local, ops.local_port, remote, remote_port)
+}
 
 /// Reads a four-word array of a context struct one word at a time. The verifier only accepts
 /// context loads at a constant offset from the unmodified context pointer; a plain array copy

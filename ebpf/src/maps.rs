@@ -2,7 +2,7 @@
 //! instance directory, so that they outlive the agent process and a restarted agent re-opens
 //! the same state (enforcement never lapses).
 
-use ambit_common::{Enrolled, IpAddr, OrigDstKey, SockAddr};
+use ambit_common::{Enrolled, HostConnection, IpAddr, OrigDstKey, SockAddr};
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, SockHash},
@@ -21,6 +21,12 @@ pub(crate) static SOCK_ORIG: LruHashMap<u64, SockAddr> = LruHashMap::pinned(65_5
 /// client port on the pod loopback). Written when the connection is established.
 #[map]
 pub(crate) static ORIG_DST: LruHashMap<OrigDstKey, SockAddr> = LruHashMap::pinned(65_536, 0);
+
+/// Connections opened by sockets of the node's own network namespace, while they are open: the
+/// agent lets exactly these past STRICT (kubelet probes). Written and removed by `sock_ops`; the
+/// agent removes an entry once it has seen its connection.
+#[map]
+pub(crate) static HOST_CONNECTIONS: LruHashMap<HostConnection, u64> = LruHashMap::pinned(16_384, 0);
 
 /// The agent's inbound listener of each enrolled pod, by pod IP. A closed listener leaves the
 /// map by itself, which is what makes a dead agent fail closed.

@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::{SockOpsContext, TracePointContext},
 };
 
-use crate::{outbound::remember_established, read_words};
+use crate::{outbound::remember_established, probes, sock_ops_endpoints};
 
 const TCP_CONNECT_CB: u32 = 3;
 const ACTIVE_ESTABLISHED_CB: u32 = 4;
@@ -87,6 +87,10 @@ pub fn sock_events(ctx: SockOpsContext) -> u32 {
             // Ask for state callbacks from the start, so failed attempts report too.
             if traced(&ctx) {
                 let _ = ctx.set_cb_flags(STATE_CB_FLAG);
+            } else if probes::from_host(&ctx) {
+                probes::remember(&ctx);
+                // To forget it at close.
+                let _ = ctx.set_cb_flags(STATE_CB_FLAG);
             }
         }
         ACTIVE_ESTABLISHED_CB | PASSIVE_ESTABLISHED_CB => {
@@ -97,7 +101,13 @@ pub fn sock_events(ctx: SockOpsContext) -> u32 {
         }
         // Other programs (another agent on the host, another tool) may have asked for state
         // callbacks on sockets we do not trace: check again.
-        STATE_CB if ctx.arg(1) == TCP_CLOSE && traced(&ctx) => emit_sock(&ctx, FLOW_CLOSE, false, None),
+        STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+            if traced(&ctx) {
+                emit_sock(&ctx, FLOW_CLOSE, false, None);
+            } else if probes::from_host(&ctx) {
+                probes::forget(&ctx);
+            }
+        }
         _ => {}
     }
     0
@@ -125,17 +135,7 @@ fn emit_sock(ctx: &SockOpsContext, kind: u32, active: bool, orig: Option<ambit_c
         count(COUNTER_RING_FULL);
         return;
     };
-    let (local, remote) = if ops.family == AF_INET6 {
-        (
-            IpAddr { family: AF_INET6, addr: read_words(&ops.local_ip6) },
-            IpAddr { family: AF_INET6, addr: read_words(&ops.remote_ip6) },
-        )
-    } else {
-        (
-            IpAddr { family: AF_INET, addr: [ops.local_ip4, 0, 0, 0] },
-            IpAddr { family: AF_INET, addr: [ops.remote_ip4, 0, 0, 0] },
-        )
-    };
+    let (local, local_port, remote, remote_port) = sock_ops_endpoints(ctx);
     let mut flags = if active { FLOW_ACTIVE } else { 0 };
     if orig.is_some() {
         flags |= FLOW_HAS_ORIG;
@@ -151,9 +151,8 @@ fn emit_sock(ctx: &SockOpsContext, kind: u32, active: bool, orig: Option<ambit_c
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         local,
         remote,
-        local_port: ops.local_port,
-        // Network byte order in the upper half of the word, for historical reasons.
-        remote_port: u32::from(u16::from_be((ops.remote_port >> 16) as u16)),
+        local_port,
+        remote_port,
         orig_dst: orig.unwrap_or_default(),
         old_state: ctx.arg(0),
         new_state: ctx.arg(1),

@@ -510,6 +510,39 @@ impl NodeHandle<'_> {
         sys::in_netns(&sys::netns_path(&self.node.netns), f)
     }
 
+    /// Connects from the node's own network namespace, as a host-network process (the kubelet).
+    pub fn connect(&self, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        self.in_netns(|| TcpStream::connect_timeout(&addr, timeout))?
+    }
+
+    /// Forwards TCP `port` of the node's address to `to`, as kube-proxy does for a NodePort:
+    /// DNAT, and masquerade so that the target sees the node's address as the source.
+    pub fn node_port(&self, port: u16, to: SocketAddr) -> io::Result<()> {
+        let rules = format!(
+            "add table ip nodeport; \
+             add chain ip nodeport pre {{ type nat hook prerouting priority -100; }}; \
+             add rule ip nodeport pre tcp dport {port} dnat to {to}; \
+             add chain ip nodeport post {{ type nat hook postrouting priority 100; }}; \
+             add rule ip nodeport post ip daddr {} tcp dport {} masquerade",
+            to.ip(),
+            to.port()
+        );
+        let mut sysctl = Command::new("sysctl");
+        sysctl.args(["-qw", "net.ipv4.ip_forward=1"]);
+        let mut nft = Command::new("nft");
+        nft.arg(rules);
+        for command in [sysctl, nft] {
+            let out = self.command_output(command, Duration::from_secs(10))?;
+            if !out.status.success() {
+                return Err(io::Error::other(format!(
+                    "NodePort setup: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The run's cluster.
     pub fn cluster(&self) -> &Cluster {
         self.cluster

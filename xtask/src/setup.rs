@@ -5,7 +5,8 @@ use std::process::Command;
 use anyhow::{Context as _, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker (rustc's LLVM is 22), iproute2 for the test
-/// harness, tcpdump and openssl as independent judges in the tests.
+/// harness, tcpdump and openssl as independent judges in the tests, nftables for the NodePort
+/// DNAT a test builds in a node (never used by ambit itself).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -15,6 +16,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "tcpdump",
     "openssl",
+    "nftables",
     "python3",
     "python3-pip",
 ];

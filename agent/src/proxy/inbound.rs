@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     identity::Identity,
-    policy::ConnectionInput,
+    policy::{ConnectionInput, Verdict},
     telemetry::flows::{FlowRecord, Note},
     telemetry::{ConnectionRecord, Direction, Security},
     tls::spiffe_id_of,
@@ -52,6 +52,13 @@ impl Proxy {
             record.dst_addr = Some(dst);
             if is_reserved(dst.port()) {
                 return Err(ProxyError::ReservedPort(dst.port()));
+            }
+            // Kubelet probes: opened by a socket of the node's own network namespace, as the
+            // kernel recorded at connect(). Istio's ambient mode lets them bypass the mesh, and
+            // so does ambit, or STRICT would fail every health check. Traffic merely forwarded
+            // by the node (NodePort), even from the node's address, has no such record.
+            if self.maps.take_host_connection(peer, dst) {
+                return self.deliver_probe(&pod, client, peer, dst, &mut record).await;
             }
             let decision =
                 cluster.peer_authentications.decide(&pod.workload, dst.port(), &self.settings.root_namespace);
@@ -94,6 +101,39 @@ impl Proxy {
         .await;
         count(&pod, record.bytes_received, record.bytes_sent, result.is_err());
         record.finish(start, result.err(), &self.settings.metrics);
+    }
+
+    /// Relays a connection from the node's own network namespace to the app, outside
+    /// PeerAuthentication and AuthorizationPolicy.
+    async fn deliver_probe(
+        &self,
+        pod: &PodContext,
+        client: TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        record: &mut ConnectionRecord,
+    ) -> Result<(), ProxyError> {
+        let reason = "opened from the node's own network namespace (health probe): exempt from mesh policy";
+        record.authorization =
+            Some(Verdict { allowed: true, policy: None, reason: reason.into(), audit: Vec::new() });
+        let upstream = Box::pin(connect_from(&pod.netns, dst)).await?;
+        record.mark_opened(&self.settings.metrics);
+        self.note_delivery(
+            pod,
+            &upstream,
+            Note {
+                security: "plaintext",
+                peer: Some(peer),
+                dst_identity: Some(pod.identity.to_string()),
+                verdict: "allowed",
+                reason: Some(reason.into()),
+                ..Note::default()
+            },
+        );
+        let moved = relay::tcp_to_tcp(client, upstream).await.map_err(ProxyError::Relay)?;
+        record.bytes_sent = moved.sent;
+        record.bytes_received = moved.received;
+        Ok(())
     }
 
     /// Accepts HBONE connections to the pod, until aborted.

@@ -8,8 +8,8 @@ use tracing::{Instrument as _, info_span};
 
 use super::{PodContext, Proxy, ProxyError, accept_loop, connect_from, count, hbone::PoolKey, relay, reset};
 use crate::{
+    bpf::from_kernel,
     identity::Identity,
-    redirect::from_kernel,
     telemetry::flows::Note,
     telemetry::{ConnectionRecord, Direction, Security},
 };
@@ -43,8 +43,8 @@ impl Proxy {
         record: &mut ConnectionRecord,
     ) -> Result<(), ProxyError> {
         let dst = self
-            .orig_dst
-            .get(pod.cookie, peer.port())
+            .maps
+            .orig_dst(pod.cookie, peer.port())
             .map(from_kernel)
             .ok_or(ProxyError::NoOriginalDestination(peer.port()))?;
         let cluster = self.cluster();

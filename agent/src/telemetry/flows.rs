@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use crate::{
+    bpf::{from_kernel, kernel_to_ip},
     discovery::{Cluster, Workload},
-    redirect::{from_kernel, kernel_to_ip},
 };
 
 /// Records kept for `ambit trace` without `--follow`.
