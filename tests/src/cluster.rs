@@ -570,6 +570,11 @@ impl PodHandle<'_> {
         SocketAddr::new(self.ip(), port)
     }
 
+    /// The pod's UID (UUID-shaped, as Kubernetes gives them; its cgroup is named after it).
+    pub fn uid(&self) -> &str {
+        &self.pod.uid
+    }
+
     /// The path of the pod's network namespace.
     pub fn netns_path(&self) -> PathBuf {
         sys::netns_path(&self.pod.netns)

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 const PORT: u16 = 6443;
 
 /// The resource collections served, by URL path.
-const RESOURCES: [(&str, &str); 7] = [
+const RESOURCES: [(&str, &str); 8] = [
     ("/api/v1/namespaces", "NamespaceList"),
     ("/api/v1/pods", "PodList"),
     ("/api/v1/services", "ServiceList"),
@@ -28,6 +28,7 @@ const RESOURCES: [(&str, &str); 7] = [
     ("/apis/security.istio.io/v1/peerauthentications", "PeerAuthenticationList"),
     ("/apis/security.istio.io/v1/authorizationpolicies", "AuthorizationPolicyList"),
     ("/apis/security.istio.io/v1beta1/peerauthentications", "PeerAuthenticationList"),
+    ("/apis/security.istio.io/v1beta1/authorizationpolicies", "AuthorizationPolicyList"),
 ];
 
 #[derive(Default)]
@@ -43,6 +44,8 @@ struct State {
     gone_before: u64,
     /// Requests served, by path.
     requests: Vec<String>,
+    /// The version of `security.istio.io` served ("v1" or "v1beta1"); empty: no Istio CRDs.
+    istio_version: &'static str,
 }
 
 /// The mock API.
@@ -56,6 +59,7 @@ impl MockApi {
     /// Serves on `127.0.0.1:6443` in each of `netns` (paths of network namespaces).
     pub(crate) fn start(netns: &[PathBuf]) -> io::Result<Self> {
         let state: Arc<(Mutex<State>, Condvar)> = Arc::default();
+        state.0.lock().unwrap_or_else(|e| e.into_inner()).istio_version = "v1";
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut threads = Vec::new();
         for ns in netns {
@@ -115,9 +119,10 @@ impl MockApi {
                 continue;
             }
             let kind = object["kind"].as_str().unwrap_or_default();
-            let collection = collection_of(kind)
+            let collection = self
+                .collection_of(kind)
                 .ok_or_else(|| io::Error::other(format!("no collection for kind {kind:?}")))?;
-            wanted.insert(key(collection, &object), object);
+            wanted.insert(key(&collection, &object), object);
         }
         let held: Vec<((String, String, String), Value)> = {
             let state = self.state.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -139,6 +144,37 @@ impl MockApi {
             }
         }
         Ok(())
+    }
+
+    /// Serves Istio's security API at `version` (`v1`, the default, or `v1beta1`), or not at all
+    /// (`None`: a cluster without Istio's CRDs).
+    pub fn serve_istio(&self, version: Option<&'static str>) {
+        self.state.0.lock().unwrap_or_else(|e| e.into_inner()).istio_version = version.unwrap_or("");
+    }
+
+    /// The collection path of an object kind, at the Istio version served.
+    pub fn collection_of(&self, kind: &str) -> Option<String> {
+        let plural = match kind {
+            "Namespace" => "namespaces",
+            "Pod" => "pods",
+            "Service" => "services",
+            "EndpointSlice" => "endpointslices",
+            "PeerAuthentication" => "peerauthentications",
+            "AuthorizationPolicy" => "authorizationpolicies",
+            _ => return None,
+        };
+        let istio = format!(
+            "/apis/security.istio.io/{}/",
+            self.state.0.lock().unwrap_or_else(|e| e.into_inner()).istio_version
+        );
+        RESOURCES
+            .iter()
+            .map(|(path, _)| *path)
+            .find(|path| {
+                path.ends_with(&format!("/{plural}"))
+                    && (!path.contains("istio.io") || path.starts_with(&istio))
+            })
+            .map(str::to_owned)
     }
 
     /// Deletes an object, as DELETED.
@@ -187,20 +223,6 @@ impl Drop for MockApi {
     }
 }
 
-/// The collection path of an object kind.
-fn collection_of(kind: &str) -> Option<&'static str> {
-    let plural = match kind {
-        "Namespace" => "namespaces",
-        "Pod" => "pods",
-        "Service" => "services",
-        "EndpointSlice" => "endpointslices",
-        "PeerAuthentication" => "peerauthentications",
-        "AuthorizationPolicy" => "authorizationpolicies",
-        _ => return None,
-    };
-    RESOURCES.iter().map(|(path, _)| *path).find(|path| path.ends_with(&format!("/{plural}")))
-}
-
 fn key(collection: &str, object: &Value) -> (String, String, String) {
     let meta = &object["metadata"];
     (
@@ -241,7 +263,12 @@ fn serve(
         } else {
             format!("list {path}")
         });
-        let Some((_, list_kind)) = RESOURCES.iter().find(|(p, _)| *p == path) else {
+        let served = {
+            let istio = state.0.lock().unwrap_or_else(|e| e.into_inner()).istio_version;
+            !path.starts_with("/apis/security.istio.io/")
+                || (!istio.is_empty() && path.starts_with(&format!("/apis/security.istio.io/{istio}/")))
+        };
+        let Some((_, list_kind)) = RESOURCES.iter().find(|(p, _)| *p == path && served) else {
             let body = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}).to_string();
             write!(
                 out,
@@ -253,8 +280,20 @@ fn serve(
         if !watching {
             let (items, version) = {
                 let st = state.0.lock().unwrap_or_else(|e| e.into_inner());
-                let items: Vec<Value> =
-                    st.objects.iter().filter(|((c, ..), _)| c == path).map(|(_, o)| o.clone()).collect();
+                // As a real server does, list items carry no kind or apiVersion of their own.
+                let items: Vec<Value> = st
+                    .objects
+                    .iter()
+                    .filter(|((c, ..), _)| c == path)
+                    .map(|(_, o)| {
+                        let mut item = o.clone();
+                        if let Some(fields) = item.as_object_mut() {
+                            fields.remove("kind");
+                            fields.remove("apiVersion");
+                        }
+                        item
+                    })
+                    .collect();
                 (items, st.version)
             };
             let body = json!({

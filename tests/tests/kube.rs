@@ -211,6 +211,77 @@ fn labelling_a_namespace_enrolls_its_pods_and_unlabelling_releases_them() {
     api.apply("/api/v1/namespaces", namespace(json!({})));
     wait_until(RESYNC, "pods released", || agent.pod_state("client").as_deref() == Some("not-captured"));
     assert_eq!(attempt(&cluster, "client", server), Ok(()), "plain traffic flows again");
+
+    // A pod labelled on its own joins alone.
+    cluster.edit_pod("client", |p| p.labels.push(("istio.io/dataplane-mode".into(), "ambient".into())));
+    api.sync_yaml(&cluster.manifest()).expect("objects");
+    wait_until(RESYNC, "labelled pod enrolled", || agent.pod_state("client").as_deref() == Some("captured"));
+    assert_eq!(agent.pod_state("server").as_deref(), Some("not-captured"));
+}
+
+/// Objects as the API server returns them (`kubectl get -o json`: managed fields, owner
+/// references, status, probes...), in tests/fixtures/kube/: the bookinfo reviews pod, its
+/// Service and EndpointSlice (one endpoint ready, one terminating), STRICT and an ALLOW policy.
+#[test]
+fn recorded_api_objects_enroll_a_new_pod_and_route_its_service() {
+    const NAME: &str = "reviews-v1-5c6b9f7d8-x2k4q";
+    let fixture = |name: &str| -> serde_json::Value {
+        let path = format!("{}/fixtures/kube/{name}.json", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("fixture")).expect("fixture JSON")
+    };
+    let cluster = Cluster::builder()
+        .node("worker-1")
+        .namespace("bookinfo", false)
+        .pod(PodSpec::new("bookinfo", NAME, "worker-1").discovered(CgroupDriver::Cgroupfs))
+        .pod(PodSpec::new("bookinfo", "productpage", "worker-1").service_account("bookinfo-productpage"))
+        .pod(PodSpec::new("bookinfo", "ratings", "worker-1").service_account("bookinfo-ratings"))
+        .build()
+        .expect("cluster");
+    let mut sleep = std::process::Command::new("sleep");
+    sleep.arg("300");
+    let mut process = cluster.pod(NAME).spawn(sleep).expect("process in the pod");
+    let api = cluster.mock_api().expect("mock API server");
+    // Everything but the reviews pod, which the "scheduler" adds once the agent runs.
+    let manifest = cluster.manifest();
+    let manifest: Vec<&str> = manifest.split("---\n").filter(|d| !d.contains(NAME)).collect();
+    api.sync_yaml(&manifest.join("---\n")).expect("objects");
+    api.apply("/api/v1/namespaces", fixture("namespace"));
+    api.apply("/apis/security.istio.io/v1/peerauthentications", fixture("peerauthentication"));
+    api.apply("/apis/security.istio.io/v1/authorizationpolicies", fixture("authorizationpolicy"));
+    let agent = cluster.start_kube_agent("worker-1").expect("agent");
+    let _app = cluster.pod(NAME).echo_server(9080).expect("reviews app");
+
+    // The recorded pod, with this run's UID and address.
+    let reviews_ip = cluster.pod(NAME).ip().to_string();
+    let mut pod = fixture("pod");
+    pod["metadata"]["uid"] = json!(cluster.pod(NAME).uid());
+    pod["status"]["podIP"] = json!(reviews_ip);
+    pod["status"]["podIPs"] = json!([{"ip": reviews_ip}]);
+    api.apply("/api/v1/pods", pod);
+    let mut slice = fixture("endpointslice");
+    slice["endpoints"][0]["addresses"] = json!([reviews_ip]);
+    api.apply("/api/v1/services", fixture("service"));
+    api.apply("/apis/discovery.k8s.io/v1/endpointslices", slice);
+    wait_until(RESYNC, "recorded pod enrolled", || agent.pod_state(NAME).as_deref() == Some("captured"));
+
+    // Through the Service's ClusterIP: always the ready endpoint, over mTLS, policy applied.
+    let vip: SocketAddr = "10.96.118.42:9080".parse().expect("vip");
+    for _ in 0..3 {
+        assert_eq!(attempt(&cluster, "productpage", vip), Ok(()), "productpage → reviews");
+    }
+    let record = agent
+        .wait_for_event(STEP, |e| {
+            e["target"] == "access" && e["direction"] == "inbound" && e["dst.workload"] == NAME
+        })
+        .expect("access record");
+    assert_eq!(
+        record["src.identity"], "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage",
+        "{record}"
+    );
+    assert_eq!(record["dst.identity"], "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews", "{record}");
+    assert!(attempt(&cluster, "ratings", vip).is_err(), "reviews-viewer admits only productpage");
+    let _ = process.kill();
+    let _ = process.wait();
 }
 
 #[test]
@@ -232,4 +303,45 @@ fn an_agent_started_before_the_api_server_waits_unready_then_catches_up() {
     api.sync_yaml(&cluster.manifest()).expect("objects");
     agent.wait_ready(Duration::from_secs(40)).expect("ready once the API answers");
     assert_eq!(agent.pod_state("client").as_deref(), Some("captured"));
+}
+
+#[test]
+fn policies_are_read_from_v1beta1_where_only_that_is_served() {
+    let shop = shop();
+    let cluster = &shop.cluster;
+    shop.api.serve_istio(Some("v1beta1"));
+    // The same objects, now under security.istio.io/v1beta1.
+    shop.api.sync_yaml("").expect("clear");
+    shop.api.sync_yaml(&cluster.manifest()).expect("objects");
+    let _a = cluster.start_kube_agent("a").expect("agent a");
+    let _b = cluster.start_kube_agent("b").expect("agent b");
+    let _db = cluster.pod("db").echo_server(HTTP).expect("app");
+    assert!(attempt(cluster, "frontend", cluster.pod("db").addr(HTTP)).is_err(), "db admits only backend-sa");
+    assert_eq!(attempt(cluster, "backend", cluster.pod("db").addr(HTTP)), Ok(()));
+    assert!(
+        shop.api
+            .requests()
+            .iter()
+            .any(|r| r == "watch /apis/security.istio.io/v1beta1/authorizationpolicies"),
+        "{:?}",
+        shop.api.requests()
+    );
+}
+
+#[test]
+fn without_istio_crds_the_agent_still_serves_and_says_why_no_policy_applies() {
+    let cluster = Cluster::builder()
+        .node("a")
+        .namespace("shop", true)
+        .pod(PodSpec::new("shop", "client", "a"))
+        .pod(PodSpec::new("shop", "server", "a"))
+        .build()
+        .expect("cluster");
+    let api = cluster.mock_api().expect("mock API server");
+    api.serve_istio(None);
+    api.sync_yaml(&cluster.manifest()).expect("objects");
+    let agent = cluster.start_kube_agent("a").expect("ready without the CRDs");
+    let _app = cluster.pod("server").echo_server(HTTP).expect("app");
+    assert_eq!(attempt(&cluster, "client", cluster.pod("server").addr(HTTP)), Ok(()), "mTLS, no policy");
+    assert!(agent.log_text().contains("no security.istio.io CRDs"), "the log says why no policy applies");
 }
