@@ -190,8 +190,8 @@ pub struct TraceArgs {
     /// At most this many past flows (default: all kept; with --follow: none).
     #[arg(long)]
     pub last: Option<usize>,
-    /// The agent's admin API.
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    /// The agent's admin API (e.g. the local end of `kubectl port-forward`).
+    #[arg(long, env = "AMBIT_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
     /// Output: one line per flow, JSON lines, or a table.
     #[arg(short, long, value_enum, default_value_t = TraceOutput::Compact)]
@@ -250,8 +250,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Options shared by the operator commands.
 #[derive(Debug, Args)]
 pub struct OperatorArgs {
-    /// The agent's admin API.
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    /// The agent's admin API (e.g. the local end of `kubectl port-forward`).
+    #[arg(long, env = "AMBIT_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
