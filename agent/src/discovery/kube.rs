@@ -221,9 +221,9 @@ async fn watch_kind(api: Api<DynamicObject>, kind: Kind, tx: mpsc::Sender<Change
     while let Some(event) = events.next().await {
         let change = match event {
             Ok(watcher::Event::Init) => Change::Begin(kind),
-            Ok(watcher::Event::InitApply(o)) => Change::Stage(kind, o),
+            Ok(watcher::Event::InitApply(o)) => Change::Stage(kind, slim(o)),
             Ok(watcher::Event::InitDone) => Change::Commit(kind),
-            Ok(watcher::Event::Apply(o)) => Change::Apply(kind, o),
+            Ok(watcher::Event::Apply(o)) => Change::Apply(kind, slim(o)),
             Ok(watcher::Event::Delete(o)) => Change::Delete(kind, o),
             // The watcher re-lists after errors (410 Gone included) with backoff; the last
             // complete list stays in force meanwhile.
@@ -233,6 +233,16 @@ async fn watch_kind(api: Api<DynamicObject>, kind: Kind, tx: mpsc::Sender<Change
             return;
         }
     }
+}
+
+/// Drops what the agent never reads and which is often most of an object: managed fields and
+/// kubectl's copy of the last applied configuration. Every pod of the cluster is kept.
+fn slim(mut object: DynamicObject) -> DynamicObject {
+    object.metadata.managed_fields = None;
+    if let Some(annotations) = object.metadata.annotations.as_mut() {
+        annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+    object
 }
 
 impl Store {
@@ -455,6 +465,19 @@ mod tests {
         let fresh = cluster.authorization.all().iter().find(|p| p.name == "shop/fresh").expect("stand-in");
         assert_eq!(fresh.action, Action::Deny);
         assert_eq!(fresh.selector.as_ref().map(|s| s.match_labels.len()), Some(1), "same pods");
+    }
+
+    #[test]
+    fn objects_are_kept_without_what_the_agent_never_reads() {
+        let recorded = |text: &str| serde_json::from_str::<DynamicObject>(text).expect("recorded object");
+        let pod = recorded(include_str!("../../../tests/fixtures/kube/pod.json"));
+        assert!(pod.metadata.managed_fields.is_some());
+        let pod = slim(pod);
+        assert!(pod.metadata.managed_fields.is_none());
+        assert_eq!(pod.metadata.annotations.map(|a| a.len()), Some(1), "other annotations kept");
+        assert_eq!(pod.data["spec"]["serviceAccountName"], "bookinfo-reviews", "the rest is kept");
+        let service = slim(recorded(include_str!("../../../tests/fixtures/kube/service.json")));
+        assert!(service.metadata.annotations.unwrap_or_default().is_empty());
     }
 
     #[test]
