@@ -590,6 +590,17 @@ impl PodHandle<'_> {
         self.in_netns(|| TcpStream::connect_timeout(&addr, timeout))?
     }
 
+    /// Connects to an echo server at `addr` (5 s at most), sends a few bytes and reads them back:
+    /// `Ok` when they came back, else how it failed (refused, reset, timed out...).
+    pub fn attempt(&self, addr: SocketAddr) -> Result<(), io::ErrorKind> {
+        let mut stream = self.connect(addr, Duration::from_secs(5)).map_err(|e| e.kind())?;
+        match crate::echo_roundtrip(&mut stream, b"anyone there?") {
+            Ok(back) if back == b"anyone there?" => Ok(()),
+            Ok(_) => Err(io::ErrorKind::InvalidData),
+            Err(e) => Err(e.kind()),
+        }
+    }
+
     /// Listens on `0.0.0.0:port` inside the pod.
     pub fn listen(&self, port: u16) -> io::Result<TcpListener> {
         self.in_netns(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))?

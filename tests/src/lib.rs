@@ -21,3 +21,12 @@ pub use capture::{Capture, contains};
 pub use cluster::{CgroupDriver, Cluster, ClusterBuilder, NodeHandle, PodHandle, PodSpec};
 pub use kubeapi::MockApi;
 pub use sys::ambit_binary;
+
+/// Polls `done` every 50 ms until it holds; panics naming `what` after `limit`.
+pub fn wait_until(limit: std::time::Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

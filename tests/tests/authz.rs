@@ -41,8 +41,7 @@ fn shop() -> (Cluster, Agent, Agent) {
 
 /// Connects, sends, reads the echo: `Ok` when it came back.
 fn attempt(cluster: &Cluster, from: &str, to: SocketAddr) -> Result<(), ErrorKind> {
-    let mut stream = cluster.pod(from).connect(to, STEP).map_err(|e| e.kind())?;
-    echo_roundtrip(&mut stream, b"policy?").map(|_| ()).map_err(|e| e.kind())
+    cluster.pod(from).attempt(to)
 }
 
 fn check(cluster: &Cluster, from: &str, to: &str, port: u16) -> Value {

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambit_tests::{Cluster, PodSpec, echo_roundtrip};
+use ambit_tests::{Cluster, PodSpec, echo_roundtrip, wait_until};
 use serde_json::Value;
 
 const PORT: u16 = 8080;
@@ -41,14 +41,6 @@ fn roundtrip(cluster: &Cluster, from: &str, to: SocketAddr) -> io::Result<()> {
     let back = echo_roundtrip(&mut stream, b"ping through the mesh")?;
     assert_eq!(back, b"ping through the mesh");
     Ok(())
-}
-
-fn wait_until(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -2,13 +2,9 @@
 //! API server, list then watch, and keep enforcing what they last knew while the API server's
 //! watch streams break, expire (`410 Gone`) or the server is away.
 
-use std::{
-    io::ErrorKind,
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::{io::ErrorKind, net::SocketAddr, time::Duration};
 
-use ambit_tests::{Agent, CgroupDriver, Cluster, MockApi, PodSpec, echo_roundtrip};
+use ambit_tests::{Agent, CgroupDriver, Cluster, MockApi, PodSpec, wait_until};
 use serde_json::json;
 
 const HTTP: u16 = 8080;
@@ -74,16 +70,7 @@ fn shop() -> Shop {
 
 /// Connects, sends, reads the echo: `Ok` when it came back.
 fn attempt(cluster: &Cluster, from: &str, to: SocketAddr) -> Result<(), ErrorKind> {
-    let mut stream = cluster.pod(from).connect(to, STEP).map_err(|e| e.kind())?;
-    echo_roundtrip(&mut stream, b"cluster mode?").map(|_| ()).map_err(|e| e.kind())
-}
-
-fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cluster.pod(from).attempt(to)
 }
 
 /// Waits until `from` → `to` has the given outcome (`allowed` or not), as a watch delivers.

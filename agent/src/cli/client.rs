@@ -4,7 +4,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
-use hyper::{Request, StatusCode};
+use hyper::{Request, StatusCode, body::Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -63,34 +63,10 @@ pub async fn stream_lines(
         .await
         .map_err(|_| ClientError::Timeout(addr))?
         .map_err(|source| ClientError::Connect { addr, source })?;
-    let http = |source| ClientError::Http { addr, source };
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
-    tokio::spawn(connection);
-    let request = Request::get(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| ClientError::Status {
-            addr,
-            path: path.into(),
-            status: StatusCode::BAD_REQUEST,
-            body: e.to_string(),
-        })?;
-    let response = sender.send_request(request).await.map_err(http)?;
-    let status = response.status();
-    let mut body = response.into_body();
-    if status != StatusCode::OK {
-        let text = body.collect().await.map_err(http)?.to_bytes();
-        return Err(ClientError::Status {
-            addr,
-            path: path.into(),
-            status,
-            body: String::from_utf8_lossy(&text).trim().to_owned(),
-        });
-    }
+    let mut body = get_ok(stream, addr, path).await?;
     let mut pending = Vec::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(http)?;
+        let frame = frame.map_err(|source| ClientError::Http { addr, source })?;
         if let Some(data) = frame.data_ref() {
             pending.extend_from_slice(data);
             while let Some(end) = pending.iter().position(|b| *b == b'\n') {
@@ -104,6 +80,12 @@ pub async fn stream_lines(
 
 async fn get_inner(addr: SocketAddr, path: &str) -> Result<Bytes, ClientError> {
     let stream = TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
+    let body = get_ok(stream, addr, path).await?;
+    Ok(body.collect().await.map_err(|source| ClientError::Http { addr, source })?.to_bytes())
+}
+
+/// Sends `GET path` over `stream`; the body of a 200 answer, or the status and body of another.
+async fn get_ok(stream: TcpStream, addr: SocketAddr, path: &str) -> Result<Incoming, ClientError> {
     let http = |source| ClientError::Http { addr, source };
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
@@ -119,14 +101,14 @@ async fn get_inner(addr: SocketAddr, path: &str) -> Result<Bytes, ClientError> {
         })?;
     let response = sender.send_request(request).await.map_err(http)?;
     let status = response.status();
-    let body = response.into_body().collect().await.map_err(http)?.to_bytes();
     if status != StatusCode::OK {
+        let text = response.into_body().collect().await.map_err(http)?.to_bytes();
         return Err(ClientError::Status {
             addr,
             path: path.into(),
             status,
-            body: String::from_utf8_lossy(&body).trim().to_owned(),
+            body: String::from_utf8_lossy(&text).trim().to_owned(),
         });
     }
-    Ok(body)
+    Ok(response.into_body())
 }
