@@ -111,6 +111,27 @@ pub const FLOW_RESET_SENT: u32 = 3;
 /// The kernel received a reset (`tcp/tcp_receive_reset`), for any socket on the host.
 pub const FLOW_RESET_RECEIVED: u32 = 4;
 
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`), in
+/// [`FlowEvent::old_state`] and [`FlowEvent::new_state`].
+pub mod tcp_state {
+    /// `TCP_ESTABLISHED`.
+    pub const ESTABLISHED: u32 = 1;
+    /// `TCP_SYN_SENT`.
+    pub const SYN_SENT: u32 = 2;
+    /// `TCP_SYN_RECV`.
+    pub const SYN_RECV: u32 = 3;
+    /// `TCP_FIN_WAIT2`.
+    pub const FIN_WAIT2: u32 = 5;
+    /// `TCP_CLOSE`.
+    pub const CLOSE: u32 = 7;
+    /// `TCP_CLOSE_WAIT`.
+    pub const CLOSE_WAIT: u32 = 8;
+    /// `TCP_LAST_ACK`.
+    pub const LAST_ACK: u32 = 9;
+    /// `TCP_CLOSING`.
+    pub const CLOSING: u32 = 11;
+}
+
 /// [`FlowEvent::flags`]: the socket opened the connection (`connect()`).
 pub const FLOW_ACTIVE: u32 = 1;
 /// [`FlowEvent::flags`]: `orig_dst` holds the destination the capture program redirected.

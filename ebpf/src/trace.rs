@@ -8,7 +8,7 @@
 
 use ambit_common::{
     AF_INET, AF_INET6, AGENT_MARK, COUNTER_RING_FULL, DROP_REASON_SLOTS, FLOW_ACTIVE, FLOW_CLOSE,
-    FLOW_HAS_ORIG, FLOW_OPEN, FLOW_RESET_RECEIVED, FLOW_RESET_SENT, FlowEvent, IpAddr,
+    FLOW_HAS_ORIG, FLOW_OPEN, FLOW_RESET_RECEIVED, FLOW_RESET_SENT, FlowEvent, IpAddr, tcp_state,
 };
 use aya_ebpf::{
     EbpfContext as _, Global,
@@ -26,7 +26,6 @@ const ACTIVE_ESTABLISHED_CB: u32 = 4;
 const PASSIVE_ESTABLISHED_CB: u32 = 5;
 const STATE_CB: u32 = 10;
 const STATE_CB_FLAG: i32 = 4;
-const TCP_CLOSE: u32 = 7;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
@@ -101,7 +100,7 @@ pub fn sock_events(ctx: SockOpsContext) -> u32 {
         }
         // Other programs (another agent on the host, another tool) may have asked for state
         // callbacks on sockets we do not trace: check again.
-        STATE_CB if ctx.arg(1) == TCP_CLOSE => {
+        STATE_CB if ctx.arg(1) == tcp_state::CLOSE => {
             if traced(&ctx) {
                 emit_sock(&ctx, FLOW_CLOSE, false, None);
             } else if probes::from_host(&ctx) {

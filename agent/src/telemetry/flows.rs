@@ -18,6 +18,7 @@ use std::{
 
 use ambit_common::{
     FLOW_ACTIVE, FLOW_CLOSE, FLOW_HAS_ORIG, FLOW_OPEN, FLOW_RESET_RECEIVED, FLOW_RESET_SENT, FlowEvent,
+    tcp_state,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
@@ -300,7 +301,7 @@ impl Flows {
                     // Closed without being established: a failed connection attempt, ours.
                     None => {
                         let mut event = *event;
-                        if event.old_state == TCP_SYN_SENT {
+                        if event.old_state == tcp_state::SYN_SENT {
                             event.flags |= FLOW_ACTIVE;
                         }
                         (self.open_record(&state, &event), event.time_ns, note_key(&event))
@@ -462,10 +463,13 @@ impl Flows {
         // The kernel's byte counters follow sequence numbers, which the SYN (active side) and
         // each FIN also consume: take those out to report application bytes.
         let state_before = event.old_state;
-        let fin_acked = matches!(state_before, TCP_FIN_WAIT2 | TCP_LAST_ACK | TCP_CLOSING);
-        let fin_received =
-            matches!(state_before, TCP_FIN_WAIT2 | TCP_LAST_ACK | TCP_CLOSING | TCP_CLOSE_WAIT);
-        let established = state_before != TCP_SYN_SENT;
+        let fin_acked =
+            matches!(state_before, tcp_state::FIN_WAIT2 | tcp_state::LAST_ACK | tcp_state::CLOSING);
+        let fin_received = matches!(
+            state_before,
+            tcp_state::FIN_WAIT2 | tcp_state::LAST_ACK | tcp_state::CLOSING | tcp_state::CLOSE_WAIT
+        );
+        let established = state_before != tcp_state::SYN_SENT;
         let sent = event
             .bytes_acked
             .saturating_sub(u64::from(active && established))
@@ -488,15 +492,17 @@ impl Flows {
             local.zip(remote).and_then(|(local, remote)| state.resets.remove(&Tuple { local, remote }));
         let reset_by_cookie = state.resets_by_cookie.remove(&event.socket_cookie).is_some();
         let (end, end_reason) = match (event.old_state, reset) {
-            (TCP_SYN_SENT, Some(_)) => ("refused", None),
-            (TCP_SYN_SENT, None) if reset_by_cookie => ("refused", None),
-            (TCP_SYN_SENT, None) => ("timeout", None),
+            (tcp_state::SYN_SENT, Some(_)) => ("refused", None),
+            (tcp_state::SYN_SENT, None) if reset_by_cookie => ("refused", None),
+            (tcp_state::SYN_SENT, None) => ("timeout", None),
             (_, Some((_, 1, why))) => ("reset_sent", why.split_once(':').map(|(_, r)| r.to_owned())),
             (_, Some(_)) => ("reset_received", None),
             (_, None) if reset_by_cookie => ("reset_received", None),
             // Leaving ESTABLISHED or CLOSE_WAIT straight for CLOSE is an abort: this socket reset
             // the connection (its reset event may not have arrived yet).
-            (TCP_ESTABLISHED | TCP_CLOSE_WAIT | TCP_SYN_RECV, None) => ("reset_sent", None),
+            (tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT | tcp_state::SYN_RECV, None) => {
+                ("reset_sent", None)
+            }
             _ => ("fin", None),
         };
         record.end = Some(end.into());
@@ -507,13 +513,6 @@ impl Flows {
     }
 }
 
-const TCP_ESTABLISHED: u32 = 1;
-const TCP_SYN_SENT: u32 = 2;
-const TCP_SYN_RECV: u32 = 3;
-const TCP_FIN_WAIT2: u32 = 5;
-const TCP_CLOSE_WAIT: u32 = 8;
-const TCP_LAST_ACK: u32 = 9;
-const TCP_CLOSING: u32 = 11;
 /// How long an abortive close waits for the reset event that names its reason.
 const RESET_WAIT: Duration = Duration::from_millis(150);
 
