@@ -57,28 +57,35 @@ impl Proxy {
             // kernel recorded at connect(). Istio's ambient mode lets them bypass the mesh, and
             // so does ambit, or STRICT would fail every health check. Traffic merely forwarded
             // by the node (NodePort), even from the node's address, has no such record.
-            if self.maps.take_host_connection(peer, dst) {
-                return self.deliver_probe(&pod, client, peer, dst, &mut record).await;
-            }
-            let decision =
-                cluster.peer_authentications.decide(&pod.workload, dst.port(), &self.settings.root_namespace);
-            record.mtls_decided_by = Some(decision.decided_by.clone());
-            if !decision.mode.allows_plaintext() {
-                reset(client);
-                let reason = format!("plaintext refused: mTLS mode STRICT ({})", decision.decided_by);
-                self.flow_refused(&pod, peer, None, dst, "refused", Some(decision.decided_by.clone()), &reason);
-                return Err(ProxyError::Denied(reason));
-            }
-            // Plaintext has no verified identity: only address and port rules can match it.
-            let input = ConnectionInput { principal: None, namespace: None, source_ip: peer.ip(), destination: dst };
-            let verdict = cluster.authorization.evaluate(&pod.workload.key, &input);
-            record.authorization = Some(verdict.clone());
-            if !verdict.allowed {
-                reset(client);
-                self.flow_refused(&pod, peer, None, dst, "denied", verdict.policy.clone(), &verdict.reason);
-                return Err(ProxyError::Denied(verdict.reason));
-            }
-            let (_registration, revoked) = self.tracker.register(pod.workload.key.clone(), input);
+            let (verdict, tracked) = if self.maps.take_host_connection(peer, dst) {
+                let reason = "opened from the node's own network namespace (health probe): exempt from mesh policy";
+                let verdict = Verdict { allowed: true, policy: None, reason: reason.into(), audit: Vec::new() };
+                record.authorization = Some(verdict.clone());
+                (verdict, None)
+            } else {
+                let decision =
+                    cluster.peer_authentications.decide(&pod.workload, dst.port(), &self.settings.root_namespace);
+                record.mtls_decided_by = Some(decision.decided_by.clone());
+                if !decision.mode.allows_plaintext() {
+                    reset(client);
+                    let reason = format!("plaintext refused: mTLS mode STRICT ({})", decision.decided_by);
+                    self.flow_refused(&pod, peer, None, dst, "refused", Some(decision.decided_by.clone()), &reason);
+                    return Err(ProxyError::Denied(reason));
+                }
+                // Plaintext has no verified identity: only address and port rules can match it.
+                let input =
+                    ConnectionInput { principal: None, namespace: None, source_ip: peer.ip(), destination: dst };
+                let verdict = cluster.authorization.evaluate(&pod.workload.key, &input);
+                record.authorization = Some(verdict.clone());
+                if !verdict.allowed {
+                    reset(client);
+                    self.flow_refused(&pod, peer, None, dst, "denied", verdict.policy.clone(), &verdict.reason);
+                    return Err(ProxyError::Denied(verdict.reason));
+                }
+                // Re-checked when policies change; probes are outside policy.
+                (verdict, Some(self.tracker.register(pod.workload.key.clone(), input)))
+            };
+            let (_registration, revoked) = tracked.unzip();
             let upstream = Box::pin(connect_from(&pod.netns, dst)).await?;
             record.mark_opened(&self.settings.metrics);
             self.note_delivery(&pod, &upstream, Note {
@@ -86,13 +93,19 @@ impl Proxy {
                 peer: Some(peer),
                 dst_identity: Some(pod.identity.to_string()),
                 verdict: "allowed",
-                policy: verdict.policy.clone(),
-                reason: Some(verdict.reason.clone()),
+                policy: verdict.policy,
+                reason: Some(verdict.reason),
                 ..Note::default()
             });
+            let revoked = async {
+                match revoked {
+                    Some(revoked) => revoked.await.ok(),
+                    None => std::future::pending().await,
+                }
+            };
             let moved = tokio::select! {
                 moved = relay::tcp_to_tcp(client, upstream) => moved.map_err(ProxyError::Relay)?,
-                Ok(reason) = revoked => return Err(ProxyError::Denied(format!("closed by a policy change: {reason}"))),
+                Some(reason) = revoked => return Err(ProxyError::Denied(format!("closed by a policy change: {reason}"))),
             };
             record.bytes_sent = moved.sent;
             record.bytes_received = moved.received;
@@ -101,39 +114,6 @@ impl Proxy {
         .await;
         count(&pod, record.bytes_received, record.bytes_sent, result.is_err());
         record.finish(start, result.err(), &self.settings.metrics);
-    }
-
-    /// Relays a connection from the node's own network namespace to the app, outside
-    /// PeerAuthentication and AuthorizationPolicy.
-    async fn deliver_probe(
-        &self,
-        pod: &PodContext,
-        client: TcpStream,
-        peer: SocketAddr,
-        dst: SocketAddr,
-        record: &mut ConnectionRecord,
-    ) -> Result<(), ProxyError> {
-        let reason = "opened from the node's own network namespace (health probe): exempt from mesh policy";
-        record.authorization =
-            Some(Verdict { allowed: true, policy: None, reason: reason.into(), audit: Vec::new() });
-        let upstream = Box::pin(connect_from(&pod.netns, dst)).await?;
-        record.mark_opened(&self.settings.metrics);
-        self.note_delivery(
-            pod,
-            &upstream,
-            Note {
-                security: "plaintext",
-                peer: Some(peer),
-                dst_identity: Some(pod.identity.to_string()),
-                verdict: "allowed",
-                reason: Some(reason.into()),
-                ..Note::default()
-            },
-        );
-        let moved = relay::tcp_to_tcp(client, upstream).await.map_err(ProxyError::Relay)?;
-        record.bytes_sent = moved.sent;
-        record.bytes_received = moved.received;
-        Ok(())
     }
 
     /// Accepts HBONE connections to the pod, until aborted.
