@@ -126,6 +126,37 @@ impl ClusterBuilder {
         self
     }
 
+    /// The mission's example shop on nodes `a` and `b`: in the mesh, namespace `shop` with
+    /// `frontend` (on a), `backend` and `db` (on b), each running as `<name>-sa` and labelled
+    /// `app=<name>`; outside it, `legacy/outsider` on a. Tests add their own pods.
+    pub fn shop(self) -> Self {
+        let app = |name: &str, node: &str| {
+            PodSpec::new("shop", name, node).service_account(&format!("{name}-sa")).label("app", name)
+        };
+        self.node("a")
+            .node("b")
+            .namespace("shop", true)
+            .namespace("legacy", false)
+            .pod(app("frontend", "a"))
+            .pod(app("backend", "b"))
+            .pod(app("db", "b"))
+            .pod(PodSpec::new("legacy", "outsider", "a"))
+    }
+
+    /// One client and one server across nodes `a` and `b`: `shop/client` (a, `client-sa`) and
+    /// `shop/server` (b, `server-sa`, `app=server`) in the mesh; `other/outsider` (a) and
+    /// `other/plain` (b) outside it.
+    pub fn client_server(self) -> Self {
+        self.node("a")
+            .node("b")
+            .namespace("shop", true)
+            .namespace("other", false)
+            .pod(PodSpec::new("shop", "client", "a").service_account("client-sa"))
+            .pod(PodSpec::new("shop", "server", "b").service_account("server-sa").label("app", "server"))
+            .pod(PodSpec::new("other", "outsider", "a"))
+            .pod(PodSpec::new("other", "plain", "b"))
+    }
+
     /// Creates the namespaces, links and cgroups, and writes the cluster file.
     pub fn build(self) -> io::Result<Cluster> {
         sys::sweep_dead_runs();

@@ -20,16 +20,9 @@ const POLICIES: &str = include_str!("../../examples/shop/policies.yaml");
 
 fn shop() -> (Cluster, Agent, Agent) {
     let cluster = Cluster::builder()
-        .node("a")
-        .node("b")
-        .namespace("shop", true)
-        .namespace("legacy", false)
-        .pod(PodSpec::new("shop", "frontend", "a").service_account("frontend-sa").label("app", "frontend"))
-        .pod(PodSpec::new("shop", "backend", "b").service_account("backend-sa").label("app", "backend"))
-        .pod(PodSpec::new("shop", "db", "b").service_account("db-sa").label("app", "db"))
+        .shop()
         // Forgot spec.serviceAccountName: runs as "default".
         .pod(PodSpec::new("shop", "lazy", "a").label("app", "lazy"))
-        .pod(PodSpec::new("legacy", "outsider", "a"))
         .build()
         .expect("cluster");
     cluster.set_extra_yaml(POLICIES);

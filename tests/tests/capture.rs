@@ -15,17 +15,7 @@ const STEP: Duration = Duration::from_secs(5);
 
 /// Two nodes; `shop` is in the mesh, `other` is not.
 fn shop() -> Cluster {
-    Cluster::builder()
-        .node("a")
-        .node("b")
-        .namespace("shop", true)
-        .namespace("other", false)
-        .pod(PodSpec::new("shop", "client", "a").service_account("client-sa"))
-        .pod(PodSpec::new("shop", "server", "b").service_account("server-sa"))
-        .pod(PodSpec::new("other", "outsider", "a"))
-        .pod(PodSpec::new("other", "plain", "b"))
-        .build()
-        .expect("cluster")
+    Cluster::builder().client_server().build().expect("cluster")
 }
 
 fn access_to(records: &[Value], direction: &str, dst: SocketAddr) -> Vec<Value> {

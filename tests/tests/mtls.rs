@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use ambit_tests::{Agent, Cluster, PodSpec, contains, echo_roundtrip};
+use ambit_tests::{Agent, Cluster, contains, echo_roundtrip};
 use rcgen::{
     CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     SanType,
@@ -24,17 +24,7 @@ const STEP: Duration = Duration::from_secs(5);
 
 /// `shop` in the mesh (client on node a, server on node b); `outsider` and `plain` outside it.
 fn shop() -> Cluster {
-    Cluster::builder()
-        .node("a")
-        .node("b")
-        .namespace("shop", true)
-        .namespace("other", false)
-        .pod(PodSpec::new("shop", "client", "a").service_account("client-sa"))
-        .pod(PodSpec::new("shop", "server", "b").service_account("server-sa").label("app", "server"))
-        .pod(PodSpec::new("other", "outsider", "a"))
-        .pod(PodSpec::new("other", "plain", "b"))
-        .build()
-        .expect("cluster")
+    Cluster::builder().client_server().build().expect("cluster")
 }
 
 fn roundtrip(cluster: &Cluster, from: &str, to: SocketAddr, payload: &[u8]) -> std::io::Result<()> {

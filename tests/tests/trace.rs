@@ -12,18 +12,8 @@ const HTTP: u16 = 8080;
 const STEP: Duration = Duration::from_secs(5);
 
 fn shop(extra_agent_args: &[&str]) -> (Cluster, Agent, Agent) {
-    let cluster = Cluster::builder()
-        .node("a")
-        .node("b")
-        .namespace("shop", true)
-        .namespace("legacy", false)
-        .pod(PodSpec::new("shop", "frontend", "a").service_account("frontend-sa").label("app", "frontend"))
-        .pod(PodSpec::new("shop", "backend", "b").service_account("backend-sa").label("app", "backend"))
-        .pod(PodSpec::new("shop", "db", "b").service_account("db-sa").label("app", "db"))
-        .pod(PodSpec::new("legacy", "outsider", "a"))
-        .pod(PodSpec::new("legacy", "plain", "b"))
-        .build()
-        .expect("cluster");
+    let cluster =
+        Cluster::builder().shop().pod(PodSpec::new("legacy", "plain", "b")).build().expect("cluster");
     cluster.set_extra_yaml(include_str!("../../examples/shop/policies.yaml"));
     cluster.write_manifest().expect("write");
     let a = cluster.spawn_agent("a", extra_agent_args).expect("agent a");
