@@ -93,15 +93,30 @@ enum Change {
     Failed(Kind, String),
 }
 
+/// An object as the agent keeps it: decoded once when it arrives, policies compiled.
+#[derive(Clone)]
+enum Stored {
+    Namespace(Namespace),
+    Pod(Pod),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    PeerAuthentication(PeerAuthentication),
+    AuthorizationPolicy(CompiledPolicy),
+}
+
+/// The objects of one kind, and why some were rejected.
+#[derive(Default)]
+struct Listed {
+    objects: BTreeMap<ObjectKey, Stored>,
+    rejected: BTreeMap<ObjectKey, String>,
+}
+
 #[derive(Default)]
 struct Store {
-    current: HashMap<Kind, BTreeMap<ObjectKey, serde_json::Value>>,
-    staging: HashMap<Kind, BTreeMap<ObjectKey, serde_json::Value>>,
-    /// The last version of each policy that compiled: a bad edit keeps it in force.
-    last_good_policies: BTreeMap<ObjectKey, CompiledPolicy>,
-    last_good_peer_authentications: BTreeMap<ObjectKey, PeerAuthentication>,
-    /// Why objects of the last snapshot were rejected.
-    rejected: Vec<String>,
+    /// What enforcement works from. A rejected edit leaves the object's last good version here.
+    current: HashMap<Kind, Listed>,
+    /// A re-list in progress, replacing `current` of its kind once complete.
+    staging: HashMap<Kind, Listed>,
     /// Kinds whose watch failed and has not delivered since, with the error.
     failing: BTreeMap<Kind, String>,
 }
@@ -147,8 +162,7 @@ pub async fn watch(
             dirty |= store.apply(more, &mut listed);
         }
         if dirty && expected.iter().all(|k| listed.contains(k)) {
-            let (cluster, errors) = store.snapshot(&root_namespace);
-            store.rejected = errors;
+            let cluster = store.snapshot(&root_namespace);
             // Synced first: the agent's loop wakes on the snapshot and must see it as complete.
             synced.send_replace(true);
             tx.send_replace(Arc::new(cluster));
@@ -158,7 +172,7 @@ pub async fn watch(
             });
         }
         // Rejected objects and failing watches, until fixed or recovered.
-        let errors: Vec<String> = store.rejected.iter().chain(store.failing.values()).cloned().collect();
+        let errors = store.errors();
         let error = (!errors.is_empty()).then(|| errors.join("; "));
         status.send_if_modified(|s| {
             let changed = s.error != error;
@@ -253,8 +267,8 @@ impl Store {
             | Change::Stage(k, _)
             | Change::Commit(k)
             | Change::Apply(k, _)
-            | Change::Delete(k, _) => *k,
-            Change::Failed(k, _) => *k,
+            | Change::Delete(k, _)
+            | Change::Failed(k, _) => *k,
         };
         // Data from the server shows the watch works again (a restart alone does not).
         if !matches!(change, Change::Failed(..) | Change::Begin(_)) {
@@ -262,18 +276,19 @@ impl Store {
         }
         match change {
             Change::Begin(kind) => {
-                self.staging.insert(kind, BTreeMap::new());
+                self.staging.insert(kind, Listed::default());
                 false
             }
             Change::Stage(kind, object) => {
-                if let Ok(value) = serde_json::to_value(&object) {
-                    self.staging.entry(kind).or_default().insert(key_of(&object), value);
-                }
+                let key = key_of(&object);
+                let admitted =
+                    admit(kind, &key, &object, self.current.get(&kind).and_then(|l| l.objects.get(&key)));
+                store(self.staging.entry(kind).or_default(), key, admitted);
                 false
             }
             Change::Commit(kind) => {
                 let listed_now = self.staging.remove(&kind).unwrap_or_default();
-                info!(?kind, objects = listed_now.len(), "listed");
+                info!(?kind, objects = listed_now.objects.len(), "listed");
                 self.current.insert(kind, listed_now);
                 if !listed.contains(&kind) {
                     listed.push(kind);
@@ -281,13 +296,17 @@ impl Store {
                 true
             }
             Change::Apply(kind, object) => {
-                if let Ok(value) = serde_json::to_value(&object) {
-                    self.current.entry(kind).or_default().insert(key_of(&object), value);
-                }
+                let key = key_of(&object);
+                let current = self.current.entry(kind).or_default();
+                let admitted = admit(kind, &key, &object, current.objects.get(&key));
+                store(current, key, admitted);
                 true
             }
             Change::Delete(kind, object) => {
-                self.current.entry(kind).or_default().remove(&key_of(&object));
+                let key = key_of(&object);
+                let current = self.current.entry(kind).or_default();
+                current.objects.remove(&key);
+                current.rejected.remove(&key);
                 true
             }
             Change::Failed(kind, message) => {
@@ -298,100 +317,108 @@ impl Store {
         }
     }
 
-    /// Builds a snapshot; objects that do not parse are reported by name and field, and a bad
-    /// policy keeps its last good version (or, new, is replaced by one that denies everything
-    /// it selects: never open).
-    fn snapshot(&mut self, root_namespace: &str) -> (Cluster, Vec<String>) {
-        let mut errors = Vec::new();
+    /// A snapshot of what is in force.
+    fn snapshot(&self, root_namespace: &str) -> Cluster {
         let mut objects = Objects::default();
-        for (key, value) in self.kind(Kind::Namespace) {
-            if let Some(ns) = decode::<Namespace>(value, "Namespace", key, &mut errors) {
-                objects.namespaces.insert(key.name.clone(), ns);
-            }
-        }
-        for (key, value) in self.kind(Kind::Pod) {
-            objects.pods.extend(decode::<Pod>(value, "Pod", key, &mut errors));
-        }
-        for (key, value) in self.kind(Kind::Service) {
-            if let Some(svc) = decode::<Service>(value, "Service", key, &mut errors) {
-                objects.services.insert(key.clone(), svc);
-            }
-        }
-        for (key, value) in self.kind(Kind::EndpointSlice) {
-            if let Some(slice) = decode::<EndpointSlice>(value, "EndpointSlice", key, &mut errors) {
-                objects.endpoint_slices.insert(key.clone(), slice);
-            }
-        }
-        let peer_authentications: Vec<(ObjectKey, serde_json::Value)> =
-            self.kind(Kind::PeerAuthentication).map(|(k, v)| (k.clone(), v.clone())).collect();
-        for (key, value) in peer_authentications {
-            let parsed = decode::<PeerAuthentication>(&value, "PeerAuthentication", &key, &mut errors)
-                .and_then(|p| {
-                    p.validate()
-                        .map(|()| p)
-                        .map_err(|e| errors.push(format!("PeerAuthentication {key}: {e}")))
-                        .ok()
-                });
-            match parsed {
-                Some(p) => {
-                    self.last_good_peer_authentications.insert(key, p.clone());
-                    objects.peer_authentications.push(p);
+        for (key, stored) in self.current.values().flat_map(|l| &l.objects) {
+            match stored.clone() {
+                Stored::Namespace(ns) => {
+                    objects.namespaces.insert(key.name.clone(), ns);
                 }
-                None => objects
-                    .peer_authentications
-                    .extend(self.last_good_peer_authentications.get(&key).cloned()),
-            }
-        }
-        let policies: Vec<(ObjectKey, serde_json::Value)> =
-            self.kind(Kind::AuthorizationPolicy).map(|(k, v)| (k.clone(), v.clone())).collect();
-        for (key, value) in policies {
-            let compiled = decode::<AuthorizationPolicy>(&value, "AuthorizationPolicy", &key, &mut errors)
-                .filter(|p| !p.targets_waypoint())
-                .map(|p| p.compile().map_err(|e| errors.push(format!("AuthorizationPolicy {key}: {e}"))));
-            match compiled {
-                Some(Ok(policy)) => {
-                    self.last_good_policies.insert(key, policy.clone());
-                    objects.authorization_policies.push(policy);
+                Stored::Pod(pod) => objects.pods.push(pod),
+                Stored::Service(svc) => {
+                    objects.services.insert(key.clone(), svc);
                 }
-                None if value.pointer("/spec/targetRef").is_some()
-                    || value.pointer("/spec/targetRefs").is_some() => {}
-                _ => match self.last_good_policies.get(&key) {
-                    Some(good) => objects.authorization_policies.push(good.clone()),
-                    None => objects.authorization_policies.push(deny_all_in_place_of(&key, &value)),
-                },
+                Stored::EndpointSlice(slice) => {
+                    objects.endpoint_slices.insert(key.clone(), slice);
+                }
+                Stored::PeerAuthentication(p) => objects.peer_authentications.push(p),
+                Stored::AuthorizationPolicy(p) => objects.authorization_policies.push(p),
             }
         }
-        for e in &errors {
-            error!(error = %e, "object rejected; its last good version (if any) stays in force");
-        }
-        (Cluster::new(objects, root_namespace), errors)
+        Cluster::new(objects, root_namespace)
     }
 
-    fn kind(&self, kind: Kind) -> impl Iterator<Item = (&ObjectKey, &serde_json::Value)> {
-        self.current.get(&kind).into_iter().flatten()
+    /// Rejected objects and failing watches, until fixed or recovered.
+    fn errors(&self) -> Vec<String> {
+        let mut kinds: Vec<_> = self.current.iter().collect();
+        kinds.sort_by_key(|(kind, _)| **kind);
+        let rejected = kinds
+            .into_iter()
+            .flat_map(|(kind, l)| l.rejected.iter().map(move |(key, e)| format!("{kind:?} {key}: {e}")));
+        rejected.chain(self.failing.values().cloned()).collect()
     }
 }
 
-/// A new policy that does not compile denies everything its selector selects (or its whole
-/// namespace, when the selector is unreadable too): failing closed, never open.
-fn deny_all_in_place_of(key: &ObjectKey, value: &serde_json::Value) -> CompiledPolicy {
-    let selector = value.pointer("/spec/selector").and_then(|s| serde_json::from_value(s.clone()).ok());
-    CompiledPolicy::deny_all(&key.namespace, &key.name, selector)
-}
-
-fn decode<T: DeserializeOwned>(
-    value: &serde_json::Value,
-    kind: &str,
+/// What an object that arrived means for enforcement: the decoded (and compiled) object, or why
+/// it was rejected together with what stands in its place: its last good version, or for a new
+/// AuthorizationPolicy, a DENY of everything it selects (never open). `None` stored: nothing to
+/// keep (a waypoint's policy, or a bad object never seen good).
+fn admit(
+    kind: Kind,
     key: &ObjectKey,
-    errors: &mut Vec<String>,
-) -> Option<T> {
-    match serde_json::from_value(value.clone()) {
-        Ok(object) => Some(object),
+    object: &DynamicObject,
+    last_good: Option<&Stored>,
+) -> (Option<Stored>, Option<String>) {
+    let value = match serde_json::to_value(object) {
+        Ok(value) => value,
+        Err(e) => return (last_good.cloned(), Some(e.to_string())),
+    };
+    let decoded = match kind {
+        Kind::Namespace => decode(&value).map(|ns| Some(Stored::Namespace(ns))),
+        Kind::Pod => decode::<Pod>(&value).and_then(|pod| pod.validate().map(|()| Some(Stored::Pod(pod)))),
+        Kind::Service => decode(&value).map(|svc| Some(Stored::Service(svc))),
+        Kind::EndpointSlice => decode(&value).map(|slice| Some(Stored::EndpointSlice(slice))),
+        Kind::PeerAuthentication => decode::<PeerAuthentication>(&value)
+            .and_then(|p| p.validate().map(|()| Some(Stored::PeerAuthentication(p)))),
+        Kind::AuthorizationPolicy => decode::<AuthorizationPolicy>(&value).and_then(|p| {
+            if p.targets_waypoint() {
+                warn!(policy = %key, "ignoring an AuthorizationPolicy with targetRef(s): it is enforced by a waypoint, not the node agent");
+                return Ok(None);
+            }
+            let compiled = p.compile()?;
+            for field in &compiled.unsupported {
+                warn!(policy = %key, action = %compiled.action, field, "HTTP-only condition: an ALLOW or AUDIT rule with it matches nothing, a DENY rule ignores it");
+            }
+            Ok(Some(Stored::AuthorizationPolicy(compiled)))
+        }),
+    };
+    match decoded {
+        Ok(stored) => (stored, None),
         Err(e) => {
-            errors.push(format!("{kind} {key}: {e}"));
-            None
+            error!(kind = ?kind, object = %key, error = %e, "object rejected; its last good version (if any) stays in force");
+            let stand_in = match (last_good, kind) {
+                (Some(good), _) => Some(good.clone()),
+                (None, Kind::AuthorizationPolicy) => {
+                    let selector =
+                        value.pointer("/spec/selector").and_then(|s| serde_json::from_value(s.clone()).ok());
+                    Some(Stored::AuthorizationPolicy(CompiledPolicy::deny_all(
+                        &key.namespace,
+                        &key.name,
+                        selector,
+                    )))
+                }
+                (None, _) => None,
+            };
+            (stand_in, Some(e))
         }
     }
+}
+
+/// Keeps an admitted object (and its rejection, if any) in `listed`.
+fn store(listed: &mut Listed, key: ObjectKey, (stored, rejected): (Option<Stored>, Option<String>)) {
+    match stored {
+        Some(stored) => listed.objects.insert(key.clone(), stored),
+        None => listed.objects.remove(&key),
+    };
+    match rejected {
+        Some(e) => listed.rejected.insert(key, e),
+        None => listed.rejected.remove(&key),
+    };
+}
+
+fn decode<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, String> {
+    T::deserialize(value).map_err(|e| e.to_string())
 }
 
 /// A client from the in-cluster service account or `$KUBECONFIG`.
@@ -412,8 +439,8 @@ mod tests {
         .expect("object")
     }
 
-    fn policy_names(store: &mut Store) -> Vec<(String, Action)> {
-        let (cluster, _) = store.snapshot("istio-system");
+    fn policy_names(store: &Store) -> Vec<(String, Action)> {
+        let cluster = store.snapshot("istio-system");
         cluster.authorization.all().iter().map(|p| (p.name.clone(), p.action)).collect()
     }
 
@@ -436,9 +463,9 @@ mod tests {
             Change::Stage(kind, object("AuthorizationPolicy", "new", serde_json::json!({"rules": [{}]}))),
             &mut listed,
         );
-        assert_eq!(policy_names(&mut store), [("shop/old".to_owned(), Action::Allow)]);
+        assert_eq!(policy_names(&store), [("shop/old".to_owned(), Action::Allow)]);
         assert!(store.apply(Change::Commit(kind), &mut listed));
-        assert_eq!(policy_names(&mut store), [("shop/new".to_owned(), Action::Allow)]);
+        assert_eq!(policy_names(&store), [("shop/new".to_owned(), Action::Allow)]);
     }
 
     #[test]
@@ -448,11 +475,11 @@ mod tests {
         let kind = Kind::AuthorizationPolicy;
         let good = serde_json::json!({"selector": {"matchLabels": {"app": "db"}}, "rules": [{}]});
         store.apply(Change::Apply(kind, object("AuthorizationPolicy", "db", good)), &mut listed);
-        assert_eq!(policy_names(&mut store), [("shop/db".to_owned(), Action::Allow)]);
+        assert_eq!(policy_names(&store), [("shop/db".to_owned(), Action::Allow)]);
 
         let bad = serde_json::json!({"selector": {"matchLabels": {"app": "db"}}, "action": "MAYBE"});
         store.apply(Change::Apply(kind, object("AuthorizationPolicy", "db", bad.clone())), &mut listed);
-        let (cluster, errors) = store.snapshot("istio-system");
+        let (cluster, errors) = (store.snapshot("istio-system"), store.errors());
         assert_eq!(cluster.authorization.all().len(), 1);
         assert_eq!(cluster.authorization.all()[0].action, Action::Allow, "last good version");
         assert!(
@@ -460,11 +487,18 @@ mod tests {
             "{errors:?}"
         );
 
-        store.apply(Change::Apply(kind, object("AuthorizationPolicy", "fresh", bad)), &mut listed);
-        let (cluster, _) = store.snapshot("istio-system");
+        store.apply(Change::Apply(kind, object("AuthorizationPolicy", "fresh", bad.clone())), &mut listed);
+        let cluster = store.snapshot("istio-system");
         let fresh = cluster.authorization.all().iter().find(|p| p.name == "shop/fresh").expect("stand-in");
         assert_eq!(fresh.action, Action::Deny);
         assert_eq!(fresh.selector.as_ref().map(|s| s.match_labels.len()), Some(1), "same pods");
+
+        // Deleted, then created again broken: the deleted version does not come back.
+        store.apply(Change::Delete(kind, object("AuthorizationPolicy", "db", bad.clone())), &mut listed);
+        assert!(store.errors().iter().all(|e| !e.contains("shop/db")), "{:?}", store.errors());
+        store.apply(Change::Apply(kind, object("AuthorizationPolicy", "db", bad)), &mut listed);
+        let db: Vec<_> = policy_names(&store).into_iter().filter(|(name, _)| name == "shop/db").collect();
+        assert_eq!(db, [("shop/db".to_owned(), Action::Deny)], "stand-in, not the deleted version");
     }
 
     #[test]

@@ -122,15 +122,7 @@ impl Parser<'_> {
             ("", "Pod") => {
                 let pod: Pod = self.decode(line, &doc, "Pod")?;
                 let key = self.key(line, "Pod", &pod.metadata)?;
-                for ip in pod.status.pod_ip.iter().chain(pod.status.pod_ips.iter().map(|p| &p.ip)) {
-                    if ip.parse::<std::net::IpAddr>().is_err() {
-                        return Err(self.invalid(
-                            line,
-                            format!("Pod {key}"),
-                            format!("status.podIP: {ip:?} is not an IP address"),
-                        ));
-                    }
-                }
+                pod.validate().map_err(|m| self.invalid(line, format!("Pod {key}"), m))?;
                 if let Some((first, _)) = self.pods.insert(key.clone(), (line, pod)) {
                     return Err(self.duplicate(line, first, format!("Pod {key}")));
                 }

@@ -61,6 +61,17 @@ pub struct Pod {
     pub status: PodStatus,
 }
 
+impl Pod {
+    /// Checks what the agent relies on: every address in the status is an IP address.
+    pub fn validate(&self) -> Result<(), String> {
+        let ips = self.status.pod_ip.iter().chain(self.status.pod_ips.iter().map(|p| &p.ip));
+        match ips.into_iter().find(|ip| ip.parse::<std::net::IpAddr>().is_err()) {
+            Some(ip) => Err(format!("status.podIP: {ip:?} is not an IP address")),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The part of a pod's spec we use.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
