@@ -65,8 +65,14 @@ pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
             .pod(from)
             .connect(dst, Duration::from_secs(5))
             .and_then(|mut s| echo_roundtrip(&mut s, &[b'x'; 32]));
-        std::thread::sleep(Duration::from_millis(150));
-        let record = inbound_record(&agents, from, dst);
+        // The destination's agent logs the connection when it ends: wait for that record.
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let record = loop {
+            match inbound_record(&agents, from, dst) {
+                None if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                record => break record,
+            }
+        };
         let result = match (result, &record) {
             (Ok(_), _) => "ok".to_owned(),
             (Err(_), Some(r)) if r["authz.verdict"] == "denied" => "DENIED".to_owned(),
