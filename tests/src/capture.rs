@@ -58,13 +58,23 @@ impl Capture {
     }
 
     /// Stops the capture and returns the pcap file's bytes.
-    pub fn finish(mut self) -> io::Result<Vec<u8>> {
+    pub fn finish(&mut self) -> io::Result<Vec<u8>> {
         // Let the last packets reach the file (-U flushes per packet), then stop cleanly.
         std::thread::sleep(Duration::from_millis(300));
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let _ = self.child.wait();
         std::fs::read(&self.file)
+    }
+
+    /// How many captured packets match a tcpdump `filter` (after [`Capture::finish`]): tcpdump
+    /// itself decodes the headers.
+    pub fn count(&self, filter: &str) -> io::Result<usize> {
+        let out = Command::new("tcpdump").args(["-r"]).arg(&self.file).args(["-n", filter]).output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!("tcpdump -r: {}", String::from_utf8_lossy(&out.stderr))));
+        }
+        Ok(out.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count())
     }
 }
 

@@ -428,16 +428,19 @@ impl Cluster {
     fn spawn_agent_from(&self, node: &str, source: Source<'_>, extra: &[&str]) -> io::Result<Agent> {
         let node = self.node(node);
         let instance = self.instance(node.name());
+        let mut pids = self.agent_pids.lock().unwrap_or_else(|e| e.into_inner());
+        // One log per agent process: a restarted agent's log holds only what it did itself.
+        let log = self.dir.join(format!("agent-{}-{}.log", node.name(), pids.len() + 1));
         let agent = Agent::spawn(
             &sys::netns_path(&node.node.netns),
             source,
             node.name(),
             &instance,
-            &self.dir.join(format!("agent-{}.log", node.name())),
+            &log,
             &self.ca_dir(),
             extra,
         )?;
-        self.agent_pids.lock().unwrap_or_else(|e| e.into_inner()).push(agent.pid());
+        pids.push(agent.pid());
         Ok(agent)
     }
 
@@ -461,8 +464,19 @@ impl Cluster {
     /// The agent logs, for failure reports.
     pub fn agent_logs(&self) -> String {
         let mut out = String::new();
-        for node in &self.nodes {
-            let path = self.dir.join(format!("agent-{}.log", node.name));
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".log"))
+            })
+            .collect();
+        logs.sort();
+        for path in logs {
             if let Ok(text) = std::fs::read_to_string(&path) {
                 let tail: Vec<&str> = text.lines().rev().take(60).collect();
                 let _ = writeln!(out, "--- {} (last {} lines)", path.display(), tail.len());

@@ -44,6 +44,9 @@ struct State {
     gone_before: u64,
     /// Requests served, by path.
     requests: Vec<String>,
+    /// While set, every request's connection is dropped unanswered and open watches end: the
+    /// server is away.
+    down: bool,
     /// The version of `security.istio.io` served ("v1" or "v1beta1"); empty: no Istio CRDs.
     istio_version: &'static str,
 }
@@ -207,6 +210,14 @@ impl MockApi {
         wake.notify_all();
     }
 
+    /// Takes the server away (`true`: open watch streams end, requests go unanswered)
+    /// or brings it back; `gone` also expires the watchers' resource versions (`410 Gone` on
+    /// their next watch), as after a long outage.
+    pub fn set_down(&self, down: bool, gone: bool) {
+        self.state.0.lock().unwrap_or_else(|e| e.into_inner()).down = down;
+        self.drop_watches(gone);
+    }
+
     /// Paths of the requests served so far (`?watch` ones marked), to see re-lists happen.
     pub fn requests(&self) -> Vec<String> {
         self.state.0.lock().unwrap_or_else(|e| e.into_inner()).requests.clone()
@@ -263,6 +274,10 @@ fn serve(
         } else {
             format!("list {path}")
         });
+        if state.0.lock().unwrap_or_else(|e| e.into_inner()).down {
+            // Away: the connection drops without an answer (a 503 would be retried by clients).
+            return Ok(());
+        }
         let served = {
             let istio = state.0.lock().unwrap_or_else(|e| e.into_inner()).istio_version;
             !path.starts_with("/apis/security.istio.io/")

@@ -18,6 +18,14 @@ fn shop() -> Cluster {
     Cluster::builder().client_server().build().expect("cluster")
 }
 
+fn outbound_records(agent: &ambit_tests::Agent, dst: SocketAddr) -> usize {
+    access_to(&agent.access_records(), "outbound", dst).len()
+}
+
+fn inbound_records(agent: &ambit_tests::Agent, dst: SocketAddr) -> usize {
+    access_to(&agent.access_records(), "inbound", dst).len()
+}
+
 fn access_to(records: &[Value], direction: &str, dst: SocketAddr) -> Vec<Value> {
     records
         .iter()
@@ -77,7 +85,12 @@ fn enrolled_traffic_goes_through_both_agents_and_other_traffic_does_not() {
     // Traffic between pods outside the mesh is untouched: no agent sees it.
     let plain_dst = cluster.pod("plain").addr(PORT);
     roundtrip(&cluster, "outsider", plain_dst).expect("outsider to plain");
-    std::thread::sleep(Duration::from_millis(300));
+    // A mesh connection afterwards: once both agents logged it, they would have logged the other.
+    let before = (outbound_records(&agent_a, dst), inbound_records(&agent_b, dst));
+    roundtrip(&cluster, "client", dst).expect("marker through the mesh");
+    wait_until(STEP, "the marker logged by both agents", || {
+        outbound_records(&agent_a, dst) > before.0 && inbound_records(&agent_b, dst) > before.1
+    });
     for agent in [&agent_a, &agent_b] {
         assert!(access_to(&agent.access_records(), "outbound", plain_dst).is_empty());
         assert!(access_to(&agent.access_records(), "inbound", plain_dst).is_empty());
@@ -90,7 +103,7 @@ fn enrolled_traffic_goes_through_both_agents_and_other_traffic_does_not() {
     let pods: Vec<Value> = serde_json::from_slice(&out.stdout).expect("json");
     let client = pods.iter().find(|p| p["name"] == "client").expect("client listed on node a");
     assert_eq!(client["state"], "captured");
-    assert_eq!(client["stats"]["outbound"], 1);
+    assert_eq!(client["stats"]["outbound"], 2, "the first connection and the marker");
     let outsider = pods.iter().find(|p| p["name"] == "outsider").expect("outsider listed");
     assert_eq!(outsider["state"], "not-captured");
     assert_eq!(outsider["enrollment"], "not-enrolled");

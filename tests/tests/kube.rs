@@ -136,7 +136,7 @@ fn broken_or_expired_watches_relist_and_enforcement_never_lapses() {
     let shop = shop();
     let cluster = &shop.cluster;
     let _a = cluster.start_kube_agent("a").expect("agent a");
-    let _b = cluster.start_kube_agent("b").expect("agent b");
+    let b = cluster.start_kube_agent("b").expect("agent b");
     let _db_app = cluster.pod("db").echo_server(HTTP).expect("app");
     let db = cluster.pod("db").addr(HTTP);
     assert!(attempt(cluster, "frontend", db).is_err());
@@ -146,21 +146,30 @@ fn broken_or_expired_watches_relist_and_enforcement_never_lapses() {
             .filter(|r| *r == "list /apis/security.istio.io/v1/authorizationpolicies")
             .count()
     };
-    let lists_before = lists(&shop.api);
+    let watch_failing = |agent: &Agent| {
+        status(agent)["config"]["error"].as_str().is_some_and(|e| e.contains("watching AuthorizationPolicy"))
+    };
 
-    // Streams cut: still denied while they are down, and a change made meanwhile arrives.
-    shop.api.drop_watches(false);
+    // Streams cut and the server away: once the agent knows its watch is down, still denied; a
+    // change made meanwhile arrives when the server is back (the watch resumes).
+    shop.api.set_down(true, false);
+    wait_until(RESYNC, "agent b sees its watch fail", || watch_failing(&b));
     assert!(attempt(cluster, "frontend", db).is_err(), "denied with the watch down");
     shop.api.delete("/apis/security.istio.io/v1/authorizationpolicies", "shop", "db");
+    shop.api.set_down(false, false);
     wait_for_verdict(cluster, "frontend", db, true, "deletion seen after the watch resumed");
+    wait_until(RESYNC, "watch failure cleared", || !watch_failing(&b));
 
-    // Streams expired (410 Gone): the agents list again from scratch; what changed meanwhile
-    // arrives with the list, and until then what was known stays in force.
+    // Away long enough for the versions to expire (410 Gone): the agents list again from
+    // scratch; until then what was known stays in force, and what changed arrives with the list.
     shop.api.sync_yaml(&cluster.manifest()).expect("objects");
     wait_for_verdict(cluster, "frontend", db, false, "policy back");
-    shop.api.drop_watches(true);
-    assert!(attempt(cluster, "frontend", db).is_err(), "denied while re-listing");
+    let lists_before = lists(&shop.api);
+    shop.api.set_down(true, true);
+    wait_until(RESYNC, "agent b sees its watch fail", || watch_failing(&b));
+    assert!(attempt(cluster, "frontend", db).is_err(), "denied while the server is away");
     shop.api.delete("/apis/security.istio.io/v1/authorizationpolicies", "shop", "db");
+    shop.api.set_down(false, false);
     wait_for_verdict(cluster, "frontend", db, true, "deletion seen through the re-list");
     wait_until(RESYNC, "both agents listed again", || lists(&shop.api) >= lists_before + 2);
 }

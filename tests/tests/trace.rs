@@ -165,9 +165,18 @@ fn trace_all_shows_unprotected_traffic() {
     // Without --trace-all, the same traffic is not traced.
     let (cluster, _a, _b) = shop(&[]);
     let _plain = cluster.pod("plain").echo_server(HTTP).expect("plain");
+    let _backend = cluster.pod("backend").echo_server(HTTP).expect("backend");
     let mut s = cluster.pod("outsider").connect(cluster.pod("plain").addr(HTTP), STEP).expect("connect");
     echo_roundtrip(&mut s, b"hello").expect("echo");
-    std::thread::sleep(Duration::from_millis(500));
+    drop(s);
+    // A traced connection afterwards: once its close is recorded, the outsider's would be too.
+    let mut marker =
+        cluster.pod("frontend").connect(cluster.pod("backend").addr(HTTP), STEP).expect("connect");
+    echo_roundtrip(&mut marker, b"marker").expect("echo");
+    drop(marker);
+    wait_record(&cluster, "a", "the enrolled pod's flow", |r| {
+        r["event"] == "close" && r["src"]["pod"] == "shop/frontend"
+    });
     assert!(trace(&cluster, "a", &[]).iter().all(|r| r["src"]["pod"] != "legacy/outsider"));
 }
 
