@@ -201,12 +201,8 @@ impl ProxyMaps {
             src_port: u32::from(src.port()),
             dst_port: u32::from(dst.port()),
         };
-        let mut map = self.host_connections.lock().unwrap_or_else(|e| e.into_inner());
-        let found = map.get(&key, 0).is_ok();
-        if found {
-            let _ = map.remove(&key);
-        }
-        found
+        // One delete answers and uses the record up at once.
+        self.host_connections.lock().unwrap_or_else(|e| e.into_inner()).remove(&key).is_ok()
     }
 }
 
@@ -324,14 +320,7 @@ impl Datapath {
 
     /// Starts or stops tracing the sockets of a netns.
     pub fn trace_netns(&mut self, cookie: u64, on: bool) -> Result<(), BpfError> {
-        let result = if on {
-            self.traced.insert(cookie, 1, 0)
-        } else {
-            match self.traced.remove(&cookie) {
-                Err(MapError::KeyNotFound) => Ok(()),
-                other => other,
-            }
-        };
+        let result = if on { self.traced.insert(cookie, 1, 0) } else { removed(self.traced.remove(&cookie)) };
         result.map_err(|source| BpfError::Map { map: "TRACED", source })
     }
 
@@ -383,10 +372,7 @@ impl Datapath {
 
     /// Turns outbound capture off for a netns; a missing entry is not an error.
     pub fn unenroll(&mut self, cookie: u64) -> Result<(), BpfError> {
-        match self.enrolled.remove(&cookie) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(BpfError::Map { map: "ENROLLED", source }),
-        }
+        removed(self.enrolled.remove(&cookie)).map_err(|source| BpfError::Map { map: "ENROLLED", source })
     }
 
     /// Cookies of all enrolled network namespaces, including ones a previous agent left.
@@ -403,10 +389,8 @@ impl Datapath {
 
     /// Forgets the inbound listener of a pod address.
     pub fn clear_listener(&mut self, ip: IpAddr) -> Result<(), BpfError> {
-        match self.listeners.remove(&ip) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(BpfError::Map { map: "INBOUND_LISTENERS", source }),
-        }
+        removed(self.listeners.remove(&ip))
+            .map_err(|source| BpfError::Map { map: "INBOUND_LISTENERS", source })
     }
 
     fn netns_pin(&self, cookie: u64) -> PathBuf {
@@ -492,6 +476,15 @@ impl TracepointLayouts {
             }
         }
         layouts
+    }
+}
+
+/// A removal of a key that was already gone succeeded: the state asked for holds. (The kernel
+/// answers ENOENT, which aya reports as a failed syscall.)
+fn removed(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
     }
 }
 
@@ -641,18 +634,8 @@ pub fn kernel_to_ip(ip: &IpAddr) -> Option<std::net::IpAddr> {
 }
 
 /// The inverse of [`kernel_ip`] for a full socket address.
-pub fn from_kernel(addr: SockAddr) -> SocketAddr {
-    let port = u16::from_be(addr.port as u16);
-    let a = addr.ip.addr;
-    if addr.ip.family == AF_INET {
-        SocketAddr::from((Ipv4Addr::from(a[0].to_ne_bytes()), port))
-    } else {
-        let mut octets = [0u8; 16];
-        for (i, w) in a.iter().enumerate() {
-            octets[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-        }
-        SocketAddr::from((Ipv6Addr::from(octets), port))
-    }
+pub fn from_kernel(addr: SockAddr) -> Option<SocketAddr> {
+    Some(SocketAddr::new(kernel_to_ip(&addr.ip)?, u16::from_be(addr.port as u16)))
 }
 
 #[cfg(test)]
@@ -667,11 +650,23 @@ mod tests {
     }
 
     #[test]
+    fn removing_what_is_already_gone_succeeds() {
+        let gone = |errno| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_delete_elem",
+                io_error: io::Error::from_raw_os_error(errno),
+            })
+        };
+        assert!(removed(Err(gone(libc::ENOENT))).is_ok());
+        assert!(removed(Err(gone(libc::EPERM))).is_err(), "other failures stay failures");
+    }
+
+    #[test]
     fn kernel_layout_round_trips() {
         for addr in ["10.1.2.3:8080", "[fd00::1:2]:443"] {
             let addr: SocketAddr = addr.parse().expect("addr");
             let kernel = SockAddr { ip: kernel_ip(addr.ip()), port: u32::from(addr.port().to_be()) };
-            assert_eq!(from_kernel(kernel), addr);
+            assert_eq!(from_kernel(kernel), Some(addr));
         }
         // The kernel stores 10.1.2.3 with the first octet in the lowest byte in memory.
         assert_eq!(kernel_ip("10.1.2.3".parse().expect("ip")).addr[0].to_ne_bytes(), [10, 1, 2, 3]);

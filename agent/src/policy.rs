@@ -15,6 +15,70 @@ pub use self::authorization::{
 };
 pub use self::peer_authentication::{MtlsDecision, MtlsMode, PeerAuthentication, PeerAuthentications};
 
+/// The destination's decision on an inbound connection: what its agent enforces, re-checks after
+/// policy changes, and what `ambit check` predicts. One function, so the three cannot differ.
+#[derive(Clone, Debug)]
+pub enum InboundDecision {
+    /// Plaintext, refused because mutual TLS is STRICT for the port.
+    Strict(MtlsDecision),
+    /// Decided by AuthorizationPolicy (after PeerAuthentication allowed plaintext, for plaintext).
+    Authorized {
+        /// PeerAuthentication's mode for the port, for plaintext; mutual TLS is always accepted.
+        mtls: Option<MtlsDecision>,
+        /// The verdict.
+        verdict: Verdict,
+    },
+}
+
+impl InboundDecision {
+    /// Decides for a connection to `workload` described by `input`; plaintext when `input` has
+    /// no verified principal.
+    pub fn new(
+        cluster: &crate::discovery::Cluster,
+        workload: &crate::discovery::Workload,
+        input: &ConnectionInput,
+        root_namespace: &str,
+    ) -> Self {
+        let mtls = input
+            .principal
+            .is_none()
+            .then(|| cluster.peer_authentications.decide(workload, input.destination.port(), root_namespace));
+        match mtls {
+            Some(mtls) if !mtls.mode.allows_plaintext() => Self::Strict(mtls),
+            mtls => Self::Authorized { mtls, verdict: cluster.authorization.evaluate(&workload.key, input) },
+        }
+    }
+
+    /// PeerAuthentication's decision, for plaintext.
+    pub fn mtls(&self) -> Option<&MtlsDecision> {
+        match self {
+            Self::Strict(mtls) => Some(mtls),
+            Self::Authorized { mtls, .. } => mtls.as_ref(),
+        }
+    }
+
+    /// AuthorizationPolicy's verdict, unless STRICT refused first.
+    pub fn verdict(&self) -> Option<&Verdict> {
+        match self {
+            Self::Strict(_) => None,
+            Self::Authorized { verdict, .. } => Some(verdict),
+        }
+    }
+
+    /// Whether the connection may reach the app.
+    pub fn allowed(&self) -> bool {
+        matches!(self, Self::Authorized { verdict, .. } if verdict.allowed)
+    }
+
+    /// Why, in words.
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Strict(mtls) => format!("plaintext refused: mTLS mode STRICT ({})", mtls.decided_by),
+            Self::Authorized { verdict, .. } => verdict.reason.clone(),
+        }
+    }
+}
+
 /// `spec.selector` of Istio policies.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -221,11 +221,6 @@ impl Proxy {
         self.tracker.revalidate(cluster, &self.settings.root_namespace)
     }
 
-    /// Open inbound connections.
-    pub fn open_inbound(&self) -> usize {
-        self.tracker.len()
-    }
-
     fn cluster(&self) -> Arc<Cluster> {
         self.cluster.borrow().clone()
     }

@@ -231,3 +231,24 @@ fn policies_lists_what_is_in_force() {
     let backend = text.lines().find(|l| l.starts_with("shop/backend")).expect("backend listed");
     assert!(backend.contains("ALLOW shop/backend"), "{text}");
 }
+
+#[test]
+fn repeated_denials_reuse_one_mtls_connection() {
+    let (cluster, _a, _b) = shop();
+    let _db = cluster.pod("db").echo_server(HTTP).expect("app");
+    let db = cluster.pod("db").addr(HTTP);
+    let mut capture = cluster.capture().expect("tcpdump on the bridge");
+    for _ in 0..5 {
+        assert!(attempt(&cluster, "frontend", db).is_err(), "db admits only backend-sa");
+    }
+    capture.finish().expect("capture");
+    // The destination's 401 is its answer to the stream, not a broken connection: the pooled
+    // connection carries every attempt, and no new TLS handshake is made per denial.
+    let syns = capture
+        .count(&format!(
+            "dst host {} and tcp dst port 15008 and tcp[tcpflags] & tcp-syn != 0 and tcp[tcpflags] & tcp-ack == 0",
+            db.ip()
+        ))
+        .expect("tcpdump -r");
+    assert_eq!(syns, 1, "one connection to db's HBONE port for five denied attempts");
+}

@@ -6,9 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConnectionInput, MtlsDecision, Verdict};
+use super::{ConnectionInput, InboundDecision, MtlsDecision, Verdict};
 use crate::{
-    discovery::{Cluster, ObjectKey, Workload, objects::IntOrString},
+    discovery::{Cluster, ObjectKey, Workload},
     identity::Identity,
 };
 
@@ -32,6 +32,9 @@ pub enum CheckError {
     /// A Service without pods.
     #[error("Service {0} selects no pod")]
     NoEndpoint(String),
+    /// A Service without a virtual address: its pods are reached by their own addresses.
+    #[error("Service {0} is headless (no ClusterIP): check one of its pods by name")]
+    Headless(String),
 }
 
 /// One end of the connection.
@@ -126,44 +129,44 @@ pub fn check(
         report.verdict = "not-enforced".into();
         return Ok(report);
     };
-    let input = if let Some(src_id) = &src_id {
-        report.transport = "mtls".into();
-        report.transport_reason = "both ends are in the mesh: HBONE over mutual TLS".into();
-        ConnectionInput {
+    let destination = SocketAddr::new(dst_ip, port);
+    let input = match &src_id {
+        Some(src_id) => ConnectionInput {
             principal: Some(src_id.principal()),
             namespace: Some(src_id.namespace.clone()),
             source_ip: src_ip,
-            destination: SocketAddr::new(dst_ip, port),
-        }
-    } else {
-        let decision = cluster.peer_authentications.decide(dst_workload, port, root_namespace);
+            destination,
+        },
+        None => ConnectionInput { principal: None, namespace: None, source_ip: src_ip, destination },
+    };
+    // The destination agent's own decision function.
+    let decision = InboundDecision::new(cluster, dst_workload, &input, root_namespace);
+    if src_id.is_some() {
+        report.transport = "mtls".into();
+        report.transport_reason = "both ends are in the mesh: HBONE over mutual TLS".into();
+    } else if let Some(mtls) = decision.mtls() {
         report.transport_reason = format!(
             "the source is not in the mesh: plaintext, which the destination accepts unless mTLS is STRICT (mode {} set by {})",
-            decision.mode, decision.decided_by
+            mtls.mode, mtls.decided_by
         );
-        let strict = !decision.mode.allows_plaintext();
-        report.peer_authentication = Some(decision);
-        if strict {
+        report.peer_authentication = Some(mtls.clone());
+    }
+    match decision {
+        InboundDecision::Strict(_) => {
             report.verdict = "refused".into();
             report.hints.push(format!(
                 "enroll {} in the mesh (label its namespace or pod istio.io/dataplane-mode=ambient) or add a PERMISSIVE port-level exception",
                 source.key
             ));
-            return Ok(report);
         }
-        ConnectionInput {
-            principal: None,
-            namespace: None,
-            source_ip: src_ip,
-            destination: SocketAddr::new(dst_ip, port),
+        InboundDecision::Authorized { verdict, .. } => {
+            if !verdict.allowed {
+                report.verdict = "denied".into();
+                report.hints.extend(hints(cluster, source, dst_workload, &input));
+            }
+            report.authorization = Some(verdict);
         }
-    };
-    let verdict = cluster.authorization.evaluate(&dst_workload.key, &input);
-    if !verdict.allowed {
-        report.verdict = "denied".into();
-        report.hints.extend(hints(cluster, source, dst_workload, &input));
     }
-    report.authorization = Some(verdict);
     Ok(report)
 }
 
@@ -258,28 +261,30 @@ fn resolve_destination<'a>(
     Err(CheckError::UnknownDestination(dst.to_owned()))
 }
 
+/// Where the datapath sends a connection to the Service's virtual address: its first ready
+/// endpoint, from the same index the outbound proxy uses (without moving its round robin).
 fn via_service<'a>(
     cluster: &'a Cluster,
     key: &ObjectKey,
     port: u16,
 ) -> Result<(Destination<'a>, Option<String>, u16), CheckError> {
     let svc = &cluster.services[key];
-    let service_port = svc
-        .spec
-        .ports
-        .iter()
-        .find(|p| p.port == port)
-        .ok_or_else(|| CheckError::NoServicePort { service: key.to_string(), port })?;
-    let pod = cluster
-        .workloads
-        .values()
-        .filter(|w| w.key.namespace == key.namespace && !svc.spec.selector.is_empty())
-        .find(|w| svc.spec.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-        .ok_or_else(|| CheckError::NoEndpoint(key.to_string()))?;
-    let target = match &service_port.target_port {
-        None => port,
-        Some(IntOrString::Int(p)) => *p,
-        Some(IntOrString::String(name)) => cluster.container_port(&pod.key, name).unwrap_or(port),
+    if !svc.spec.ports.iter().any(|p| p.port == port) {
+        return Err(CheckError::NoServicePort { service: key.to_string(), port });
+    }
+    let mut vips =
+        svc.spec.cluster_ip.iter().chain(&svc.spec.cluster_ips).filter_map(|v| v.parse::<IpAddr>().ok());
+    let Some(vip) = vips.next() else {
+        return Err(CheckError::Headless(key.to_string()));
     };
-    Ok((Destination::Pod(pod), Some(key.to_string()), target))
+    let endpoint = cluster
+        .services_index
+        .get(SocketAddr::new(vip, port))
+        .and_then(|backends| backends.endpoints.first().copied())
+        .ok_or_else(|| CheckError::NoEndpoint(key.to_string()))?;
+    let destination = match cluster.workload_by_ip(endpoint.ip()) {
+        Some(w) => Destination::Pod(w),
+        None => Destination::Ip(endpoint.ip()),
+    };
+    Ok((destination, Some(key.to_string()), endpoint.port()))
 }

@@ -74,8 +74,6 @@ pub struct Tunnel {
     pub send: SendStream<Bytes>,
     /// From the destination.
     pub recv: RecvStream,
-    /// Whether the stream went over a connection that was already open.
-    pub reused: bool,
     /// Counts the stream against its connection until dropped.
     pub slot: StreamSlot,
 }
@@ -123,15 +121,21 @@ impl Pool {
             .map_err(|e| ProxyError::Hbone(format!("building CONNECT {authority}: {e}")))?;
         if let Some((sender, slot)) = self.reusable(key)
             && let Ok(mut sender) = sender.ready().await
-            && let Ok(tunnel) = open(&mut sender, request.clone(), slot).await
         {
-            return Ok(Tunnel { reused: true, ..tunnel });
+            match open(&mut sender, request.clone(), slot).await {
+                Ok(tunnel) => return Ok(tunnel),
+                // The destination's answer (401, 503...) would be the same on a new connection.
+                Err(Failure::Answered(e)) => return Err(e),
+                Err(Failure::Transport(e)) => {
+                    debug!(error = %e, "pooled HBONE connection failed; opening another")
+                }
+            }
         }
         let pooled = self.dial(netns, key).await?;
         let slot =
             pooled.claim().ok_or_else(|| ProxyError::Hbone("new HBONE connection closed at once".into()))?;
         let mut sender = pooled.sender.clone().ready().await.map_err(|e| ProxyError::Hbone(e.to_string()))?;
-        open(&mut sender, request, slot).await
+        open(&mut sender, request, slot).await.map_err(Failure::into_error)
     }
 
     /// A sender of a live pooled connection with room for another stream, and the stream's slot.
@@ -215,13 +219,24 @@ impl Pool {
         conns.retain(|_, list| !list.is_empty());
     }
 
-    /// Open pooled connections, for reports.
-    pub fn connections(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|e| e.into_inner()).values().map(Vec::len).sum()
-    }
-
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// Why a CONNECT gave no tunnel.
+enum Failure {
+    /// The connection failed before an answer: another connection may work.
+    Transport(ProxyError),
+    /// The destination answered with a refusal.
+    Answered(ProxyError),
+}
+
+impl Failure {
+    fn into_error(self) -> ProxyError {
+        match self {
+            Failure::Transport(e) | Failure::Answered(e) => e,
+        }
     }
 }
 
@@ -230,21 +245,21 @@ async fn open(
     sender: &mut SendRequest<Bytes>,
     request: Request<()>,
     slot: StreamSlot,
-) -> Result<Tunnel, ProxyError> {
-    let (response, send) =
-        sender.send_request(request, false).map_err(|e| ProxyError::Hbone(e.to_string()))?;
-    let response = response.await.map_err(|e| ProxyError::Hbone(e.to_string()))?;
+) -> Result<Tunnel, Failure> {
+    let transport = |e: h2::Error| Failure::Transport(ProxyError::Hbone(e.to_string()));
+    let (response, send) = sender.send_request(request, false).map_err(transport)?;
+    let response = response.await.map_err(transport)?;
     match response.status() {
-        StatusCode::OK => Ok(Tunnel { send, recv: response.into_body(), reused: false, slot }),
-        StatusCode::UNAUTHORIZED => {
-            Err(ProxyError::Denied("destination policy denied the connection (401)".into()))
-        }
-        StatusCode::SERVICE_UNAVAILABLE => {
-            Err(ProxyError::Hbone("destination could not reach the application (503)".into()))
-        }
+        StatusCode::OK => Ok(Tunnel { send, recv: response.into_body(), slot }),
+        StatusCode::UNAUTHORIZED => Err(Failure::Answered(ProxyError::Denied(
+            "destination policy denied the connection (401)".into(),
+        ))),
+        StatusCode::SERVICE_UNAVAILABLE => Err(Failure::Answered(ProxyError::Hbone(
+            "destination could not reach the application (503)".into(),
+        ))),
         status => {
             warn!(%status, "HBONE CONNECT refused");
-            Err(ProxyError::Hbone(format!("destination answered CONNECT with {status}")))
+            Err(Failure::Answered(ProxyError::Hbone(format!("destination answered CONNECT with {status}"))))
         }
     }
 }

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     identity::Identity,
-    policy::{ConnectionInput, Verdict},
+    policy::{ConnectionInput, InboundDecision, Verdict},
     telemetry::flows::{FlowRecord, Note},
     telemetry::{ConnectionRecord, Direction, Security},
     tls::spiffe_id_of,
@@ -63,25 +63,24 @@ impl Proxy {
                 record.authorization = Some(verdict.clone());
                 (verdict, None)
             } else {
-                let decision =
-                    cluster.peer_authentications.decide(&pod.workload, dst.port(), &self.settings.root_namespace);
-                record.mtls_decided_by = Some(decision.decided_by.clone());
-                if !decision.mode.allows_plaintext() {
-                    reset(client);
-                    let reason = format!("plaintext refused: mTLS mode STRICT ({})", decision.decided_by);
-                    self.flow_refused(&pod, peer, None, dst, "refused", Some(decision.decided_by.clone()), &reason);
-                    return Err(ProxyError::Denied(reason));
-                }
                 // Plaintext has no verified identity: only address and port rules can match it.
                 let input =
                     ConnectionInput { principal: None, namespace: None, source_ip: peer.ip(), destination: dst };
-                let verdict = cluster.authorization.evaluate(&pod.workload.key, &input);
-                record.authorization = Some(verdict.clone());
-                if !verdict.allowed {
-                    reset(client);
-                    self.flow_refused(&pod, peer, None, dst, "denied", verdict.policy.clone(), &verdict.reason);
-                    return Err(ProxyError::Denied(verdict.reason));
-                }
+                let decision = InboundDecision::new(&cluster, &pod.workload, &input, &self.settings.root_namespace);
+                record.mtls_decided_by = decision.mtls().map(|m| m.decided_by.clone());
+                record.authorization = decision.verdict().cloned();
+                let verdict = match decision {
+                    InboundDecision::Authorized { verdict, .. } if verdict.allowed => verdict,
+                    refused => {
+                        reset(client);
+                        let (event, policy) = match &refused {
+                            InboundDecision::Strict(mtls) => ("refused", Some(mtls.decided_by.clone())),
+                            InboundDecision::Authorized { verdict, .. } => ("denied", verdict.policy.clone()),
+                        };
+                        self.flow_refused(&pod, peer, None, dst, event, policy, &refused.reason());
+                        return Err(ProxyError::Denied(refused.reason()));
+                    }
+                };
                 // Re-checked when policies change; probes are outside policy.
                 (verdict, Some(self.tracker.register(pod.workload.key.clone(), input)))
             };
@@ -203,7 +202,9 @@ impl Proxy {
         record.security = Security::MutualTls;
         record.src_addr = Some(peer);
         record.src_identity = Some((*peer_identity).clone());
-        record.src_workload = self.cluster().workload_by_ip(peer.ip()).cloned();
+        // One snapshot for the whole decision.
+        let cluster = self.cluster();
+        record.src_workload = cluster.workload_by_ip(peer.ip()).cloned();
         record.dst_workload = Some(pod.workload.clone());
         record.dst_identity = Some(pod.identity.clone());
         record.hbone_addr = Some(local);
@@ -223,14 +224,17 @@ impl Proxy {
                 source_ip: peer.ip(),
                 destination: dst,
             };
-            let verdict = self.cluster().authorization.evaluate(&pod.workload.key, &input);
-            record.authorization = Some(verdict.clone());
-            if !verdict.allowed {
-                answer(&mut respond, StatusCode::UNAUTHORIZED);
-                let id = Some(&*peer_identity);
-                self.flow_refused(&pod, peer, id, dst, "denied", verdict.policy.clone(), &verdict.reason);
-                return Err(ProxyError::Denied(verdict.reason));
-            }
+            let decision = InboundDecision::new(&cluster, &pod.workload, &input, &self.settings.root_namespace);
+            record.authorization = decision.verdict().cloned();
+            let verdict = match decision {
+                InboundDecision::Authorized { verdict, .. } if verdict.allowed => verdict,
+                refused => {
+                    answer(&mut respond, StatusCode::UNAUTHORIZED);
+                    let policy = refused.verdict().and_then(|v| v.policy.clone());
+                    self.flow_refused(&pod, peer, Some(&*peer_identity), dst, "denied", policy, &refused.reason());
+                    return Err(ProxyError::Denied(refused.reason()));
+                }
+            };
             let (_registration, revoked) = self.tracker.register(pod.workload.key.clone(), input);
             let upstream = match Box::pin(connect_from(&pod.netns, dst)).await {
                 Ok(upstream) => upstream,

@@ -45,7 +45,7 @@ impl Proxy {
         let dst = self
             .maps
             .orig_dst(pod.cookie, peer.port())
-            .map(from_kernel)
+            .and_then(from_kernel)
             .ok_or(ProxyError::NoOriginalDestination(peer.port()))?;
         let cluster = self.cluster();
         // A Service's virtual address: one of its endpoints, in turn.

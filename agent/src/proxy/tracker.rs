@@ -13,7 +13,10 @@ use std::{
 use tokio::sync::oneshot;
 use tracing::info;
 
-use crate::{discovery::Cluster, discovery::ObjectKey, policy::ConnectionInput};
+use crate::{
+    discovery::{Cluster, ObjectKey},
+    policy::{ConnectionInput, InboundDecision},
+};
 
 struct Tracked {
     workload: ObjectKey,
@@ -54,16 +57,6 @@ impl Tracker {
         (Registration { tracker: self.clone(), id }, revoked)
     }
 
-    /// Number of open inbound connections.
-    pub fn len(&self) -> usize {
-        self.open.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether none is open.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Re-evaluates every open connection against `cluster`: PeerAuthentication for plaintext
     /// ones, AuthorizationPolicy for all. Returns how many were revoked.
     pub fn revalidate(&self, cluster: &Cluster, root_namespace: &str) -> usize {
@@ -72,21 +65,8 @@ impl Tracker {
             .iter()
             .filter_map(|(id, t)| {
                 let workload = cluster.workloads.get(&t.workload)?;
-                if t.input.principal.is_none() {
-                    let mtls = cluster.peer_authentications.decide(
-                        workload,
-                        t.input.destination.port(),
-                        root_namespace,
-                    );
-                    if !mtls.mode.allows_plaintext() {
-                        return Some((
-                            *id,
-                            format!("plaintext now refused: mTLS mode STRICT ({})", mtls.decided_by),
-                        ));
-                    }
-                }
-                let verdict = cluster.authorization.evaluate(&t.workload, &t.input);
-                (!verdict.allowed).then_some((*id, verdict.reason))
+                let decision = InboundDecision::new(cluster, workload, &t.input, root_namespace);
+                (!decision.allowed()).then(|| (*id, decision.reason()))
             })
             .collect();
         for (id, reason) in &revoked {

@@ -406,8 +406,8 @@ impl Flows {
         // The traced socket is the app's: on a captured outbound connection its peer is the
         // agent on loopback, and the destination is the one the app asked for.
         let (mut src, mut dst) = if active {
-            let dst = if event.flags & FLOW_HAS_ORIG != 0 {
-                let orig = from_kernel(event.orig_dst);
+            let orig = (event.flags & FLOW_HAS_ORIG != 0).then(|| from_kernel(event.orig_dst)).flatten();
+            let dst = if let Some(orig) = orig {
                 self.peer(&cluster, Some(orig.ip()), orig.port())
             } else {
                 self.peer(&cluster, remote_ip, port(event.remote_port))
