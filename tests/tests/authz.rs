@@ -252,3 +252,76 @@ fn repeated_denials_reuse_one_mtls_connection() {
         .expect("tcpdump -r");
     assert_eq!(syns, 1, "one connection to db's HBONE port for five denied attempts");
 }
+
+/// Istio's ambient rule for HTTP attributes in L4 policies: an ALLOW rule that uses one in any
+/// `from`, `to` or `when` entry is dropped as a whole, even next to a plain L4 entry that would
+/// match; a DENY rule is enforced on its L4 parts. `remoteIpBlocks` and `remote.ip` count as
+/// HTTP attributes (the client behind proxies), not as the source address.
+#[test]
+fn allow_rules_with_http_attributes_are_dropped_as_istio_does() {
+    let (cluster, a, b) = shop();
+    // Both agents must have the edit: the destination enforces, node a answers `ambit check`.
+    let reload = |yaml: &str| {
+        let generations = (a.generation(), b.generation());
+        cluster.set_extra_yaml(yaml);
+        cluster.write_manifest().expect("write");
+        a.wait_generation_after(generations.0, STEP).expect("a reloaded");
+        b.wait_generation_after(generations.1, STEP).expect("b reloaded");
+    };
+    let _backend = cluster.pod("backend").echo_server(HTTP).expect("app");
+    let dst = cluster.pod("backend").addr(HTTP);
+    let frontend = cluster.pod("frontend").ip();
+    // The control: the shop policy's plain rule admits frontend.
+    assert_eq!(attempt(&cluster, "frontend", dst), Ok(()));
+    let plain_rule = "  - from: [{source: {principals: [cluster.local/ns/shop/sa/frontend-sa]}}]";
+    assert!(POLICIES.contains(plain_rule));
+    let mixed = [
+        (
+            "from",
+            format!(
+                "  - from: [{{source: {{remoteIpBlocks: ['{frontend}']}}}}, {{source: {{principals: [cluster.local/ns/shop/sa/frontend-sa]}}}}]"
+            ),
+            "remoteIpBlocks",
+        ),
+        (
+            "to",
+            format!(
+                "{plain_rule}\n    to: [{{operation: {{methods: [GET]}}}}, {{operation: {{ports: ['{HTTP}']}}}}]"
+            ),
+            "methods",
+        ),
+        (
+            "when",
+            format!(
+                "{plain_rule}\n    when: [{{key: remote.ip, values: ['{frontend}']}}, {{key: source.namespace, values: [shop]}}]"
+            ),
+            "remote.ip",
+        ),
+    ];
+    for (place, rule, field) in mixed {
+        reload(&POLICIES.replace(plain_rule, &rule));
+        assert!(
+            attempt(&cluster, "frontend", dst).is_err(),
+            "HTTP attribute in {place}: the rule is dropped"
+        );
+        let warning = b
+            .wait_for_event(STEP, |e| {
+                e["policy"] == "shop/backend"
+                    && e["message"].as_str().is_some_and(|m| m.contains(field) && m.contains("dropped"))
+            })
+            .unwrap_or_else(|e| panic!("a warning naming the policy and {field}: {e}"));
+        assert!(warning["message"].as_str().is_some_and(|m| m.contains("spec.rules[0]")), "{warning}");
+        let c = check(&cluster, "shop/frontend", "shop/backend", HTTP);
+        assert_eq!(c["verdict"], "denied", "ambit check agrees ({place}): {c}");
+        assert!(c["hints"].to_string().contains(field), "ambit check says why: {c}");
+    }
+
+    // DENY: the HTTP part is ignored, the L4 part decides.
+    let deny = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\nspec:\n  selector: {matchLabels: {app: backend}}\n  action: DENY\n  rules:\n  - from: [{source: {namespaces: [shop]}}]\n    to: [{operation: {paths: ['/admin']}}]\n";
+    reload(&format!("{POLICIES}{deny}"));
+    assert!(attempt(&cluster, "frontend", dst).is_err(), "a DENY with paths denies at L4");
+    assert_eq!(
+        check(&cluster, "shop/frontend", "shop/backend", HTTP)["authorization"]["policy"],
+        "shop/no-admin"
+    );
+}

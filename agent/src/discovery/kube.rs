@@ -377,8 +377,8 @@ fn admit(
                 return Ok(None);
             }
             let compiled = p.compile()?;
-            for field in &compiled.unsupported {
-                warn!(policy = %key, action = %compiled.action, field, "HTTP-only condition: an ALLOW or AUDIT rule with it matches nothing, a DENY rule ignores it");
+            for warning in compiled.http_warnings() {
+                warn!(policy = %key, action = %compiled.action, "{warning}");
             }
             Ok(Some(Stored::AuthorizationPolicy(compiled)))
         }),

@@ -161,8 +161,8 @@ impl Parser<'_> {
                 let compiled = policy
                     .compile()
                     .map_err(|m| self.invalid(line, format!("AuthorizationPolicy {key}"), m))?;
-                for field in &compiled.unsupported {
-                    warn!(file = %self.file.display(), line, policy = %key, action = %compiled.action, field, "HTTP-only condition: an ALLOW or AUDIT rule with it matches nothing, a DENY rule ignores it");
+                for warning in compiled.http_warnings() {
+                    warn!(file = %self.file.display(), line, policy = %key, action = %compiled.action, "{warning}");
                 }
                 if let Some((first, _)) = self.authorization_policies.insert(key.clone(), (line, compiled)) {
                     return Err(self.duplicate(line, first, format!("AuthorizationPolicy {key}")));

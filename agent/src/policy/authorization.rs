@@ -10,9 +10,14 @@
 //! does; within an entry every field set must match. Values match exactly, by prefix (`x*`),
 //! suffix (`*x`) or anything (`*`). Principals are written without `spiffe://`; a plaintext
 //! connection has no principal (and no namespace), so `principals` never matches it and
-//! `notPrincipals` always does. Fields only an HTTP proxy can evaluate (methods, paths, hosts,
-//! request principals, `request.*` keys) make an ALLOW rule match nothing and are ignored in a
-//! DENY rule — both stricter — with a warning.
+//! `notPrincipals` always does.
+//!
+//! Attributes only an HTTP proxy can evaluate (methods, paths, hosts, request principals,
+//! `remoteIpBlocks` and `remote.ip` — the client behind HTTP proxies — and every `when` key but
+//! the five L4 ones) are handled as istiod translates policies for ztunnel: in an ALLOW or AUDIT
+//! policy, a rule that uses one anywhere (in any `from`, `to` or `when` entry) is dropped as a
+//! whole; a DENY rule is enforced without its HTTP conditions. Both are stricter than written,
+//! and each is reported at load.
 
 use std::{
     collections::BTreeMap,
@@ -129,9 +134,9 @@ pub struct Source {
     pub ip_blocks: Option<Vec<String>>,
     /// Negated source IPs.
     pub not_ip_blocks: Option<Vec<String>>,
-    /// Original client IPs; at L4 the source IP.
+    /// Original client IPs behind HTTP proxies (HTTP only).
     pub remote_ip_blocks: Option<Vec<String>>,
-    /// Negated remote IPs.
+    /// Negated remote IPs (HTTP only).
     pub not_remote_ip_blocks: Option<Vec<String>>,
 }
 
@@ -301,17 +306,14 @@ enum Match {
     NotDestinationIp(Vec<Cidr>),
     Port(Vec<u16>),
     NotPort(Vec<u16>),
-    /// A condition only an HTTP proxy can evaluate.
-    Unsupported,
 }
 
 impl Match {
-    /// `None` for conditions the node agent cannot evaluate.
-    fn eval(&self, c: &ConnectionInput) -> Option<bool> {
+    fn eval(&self, c: &ConnectionInput) -> bool {
         let any_str = |ms: &[StringMatch], v: &Option<String>| {
             v.as_deref().is_some_and(|v| ms.iter().any(|m| m.matches(v)))
         };
-        Some(match self {
+        match self {
             Self::Principal(ms) => any_str(ms, &c.principal),
             Self::NotPrincipal(ms) => !any_str(ms, &c.principal),
             Self::Namespace(ms) => any_str(ms, &c.namespace),
@@ -322,12 +324,12 @@ impl Match {
             Self::NotDestinationIp(cidrs) => !cidrs.iter().any(|n| n.contains(c.destination.ip())),
             Self::Port(ports) => ports.contains(&c.destination.port()),
             Self::NotPort(ports) => !ports.contains(&c.destination.port()),
-            Self::Unsupported => return None,
-        })
+        }
     }
 }
 
-/// A compiled rule: `from` alternatives × `to` alternatives × `when` conditions.
+/// A compiled rule: `from` alternatives × `to` alternatives × `when` conditions, holding only
+/// the L4 conditions.
 #[derive(Clone, Debug)]
 struct CompiledRule {
     /// Any of these (each: all of its matches); empty means any source.
@@ -336,13 +338,19 @@ struct CompiledRule {
     to: Vec<Vec<Match>>,
     /// All of these.
     when: Vec<Match>,
+    /// The rule used an HTTP attribute somewhere (left out of the lists above).
+    http: bool,
 }
 
 impl CompiledRule {
-    /// Whether the rule matches; unsupported conditions count as `unsupported` (true for DENY
-    /// rules, which ignore them, false for ALLOW and AUDIT rules, which then match nothing).
-    fn matches(&self, c: &ConnectionInput, unsupported: bool) -> bool {
-        let all = |ms: &[Match]| ms.iter().all(|m| m.eval(c).unwrap_or(unsupported));
+    /// Whether the rule matches in a policy with `action`. A rule that used HTTP attributes
+    /// matches nothing in ALLOW and AUDIT policies, and matches on its L4 conditions alone in a
+    /// DENY policy (both stricter than written).
+    fn matches(&self, c: &ConnectionInput, action: Action) -> bool {
+        if self.http && action != Action::Deny {
+            return false;
+        }
+        let all = |ms: &[Match]| ms.iter().all(|m| m.eval(c));
         (self.from.is_empty() || self.from.iter().any(|s| all(s)))
             && (self.to.is_empty() || self.to.iter().any(|o| all(o)))
             && all(&self.when)
@@ -379,7 +387,7 @@ impl CompiledPolicy {
             namespace: namespace.to_owned(),
             action: Action::Deny,
             selector: selector.filter(|s| !s.match_labels.is_empty()),
-            rules: vec![CompiledRule { from: Vec::new(), to: Vec::new(), when: Vec::new() }],
+            rules: vec![CompiledRule { from: Vec::new(), to: Vec::new(), when: Vec::new(), http: false }],
             unsupported: Vec::new(),
             rule_count: 1,
             principals: Vec::new(),
@@ -426,7 +434,9 @@ impl AuthorizationPolicy {
             for (j, c) in rule.when.iter().flatten().enumerate() {
                 when.extend(compile_condition(c, &format!("{at}.when[{j}]"), &mut unsupported)?);
             }
-            rules.push(CompiledRule { from, to, when });
+            // Each compile_* call above noted its HTTP attributes under this rule's path.
+            let http = unsupported.iter().any(|field| field.starts_with(&format!("{at}.")));
+            rules.push(CompiledRule { from, to, when, http });
         }
         let principals = self
             .spec
@@ -480,16 +490,17 @@ fn compile_source(s: &Source, at: &str, unsupported: &mut Vec<String>) -> Result
     ms.extend(strings(&s.not_namespaces).map(Match::NotNamespace));
     ms.extend(cidrs(&s.ip_blocks, &format!("{at}.ipBlocks"))?.map(Match::SourceIp));
     ms.extend(cidrs(&s.not_ip_blocks, &format!("{at}.notIpBlocks"))?.map(Match::NotSourceIp));
-    // Without an HTTP proxy in front, the original client is the source itself.
-    ms.extend(cidrs(&s.remote_ip_blocks, &format!("{at}.remoteIpBlocks"))?.map(Match::SourceIp));
-    ms.extend(cidrs(&s.not_remote_ip_blocks, &format!("{at}.notRemoteIpBlocks"))?.map(Match::NotSourceIp));
+    // Still checked for syntax: a typo in a field that is ignored today is still a typo.
+    cidrs(&s.remote_ip_blocks, &format!("{at}.remoteIpBlocks"))?;
+    cidrs(&s.not_remote_ip_blocks, &format!("{at}.notRemoteIpBlocks"))?;
     for (field, present) in [
+        ("remoteIpBlocks", s.remote_ip_blocks.is_some()),
+        ("notRemoteIpBlocks", s.not_remote_ip_blocks.is_some()),
         ("requestPrincipals", s.request_principals.is_some()),
         ("notRequestPrincipals", s.not_request_principals.is_some()),
     ] {
         if present {
             unsupported.push(format!("{at}.{field}"));
-            ms.push(Match::Unsupported);
         }
     }
     Ok(ms)
@@ -509,7 +520,6 @@ fn compile_operation(o: &Operation, at: &str, unsupported: &mut Vec<String>) -> 
     ] {
         if present {
             unsupported.push(format!("{at}.{field}"));
-            ms.push(Match::Unsupported);
         }
     }
     Ok(ms)
@@ -543,7 +553,7 @@ fn compile_condition(c: &Condition, at: &str, unsupported: &mut Vec<String>) -> 
             ms.extend(strings(&c.values).map(Match::Namespace));
             ms.extend(strings(&c.not_values).map(Match::NotNamespace));
         }
-        "source.ip" | "remote.ip" => {
+        "source.ip" => {
             ms.extend(cidrs(&c.values, &format!("{at}.values"))?.map(Match::SourceIp));
             ms.extend(cidrs(&c.not_values, &format!("{at}.notValues"))?.map(Match::NotSourceIp));
         }
@@ -557,7 +567,6 @@ fn compile_condition(c: &Condition, at: &str, unsupported: &mut Vec<String>) -> 
         }
         key => {
             unsupported.push(format!("{at}.key {key}"));
-            ms.push(Match::Unsupported);
         }
     }
     Ok(ms)
@@ -572,8 +581,21 @@ impl CompiledPolicy {
 
     /// The index of the first rule that matches the connection.
     fn matching_rule(&self, c: &ConnectionInput) -> Option<usize> {
-        let unsupported = self.action == Action::Deny;
-        self.rules.iter().position(|r| r.matches(c, unsupported))
+        self.rules.iter().position(|r| r.matches(c, self.action))
+    }
+
+    /// One line per HTTP attribute the policy uses, saying what ambit enforces instead; for the
+    /// warning at load and `ambit policies`.
+    pub fn http_warnings(&self) -> impl Iterator<Item = String> + '_ {
+        let effect = match self.action {
+            Action::Deny => "this DENY rule is enforced without its HTTP conditions",
+            _ => "this rule is dropped as a whole and matches nothing",
+        };
+        self.unsupported.iter().map(move |field| {
+            format!(
+                "{field} is an HTTP attribute, which the node agent cannot see: {effect} (stricter than written; enforce HTTP rules with a waypoint)"
+            )
+        })
     }
 }
 
@@ -830,9 +852,10 @@ mod tests {
         assert!(allowed("{notNamespaces: [shop]}", &p), "plaintext has no namespace");
         assert!(allowed("{ipBlocks: ['10.0.0.0/8']}", &f) && !allowed("{ipBlocks: ['10.0.0.0/8']}", &b));
         assert!(allowed("{ipBlocks: ['10.1.2.3']}", &p) && !allowed("{notIpBlocks: ['10.1.2.3']}", &p));
+        // remoteIpBlocks is the client behind HTTP proxies, not the L4 source: an HTTP attribute.
         assert!(
-            allowed("{remoteIpBlocks: ['10.1.0.0/16']}", &f)
-                && !allowed("{notRemoteIpBlocks: ['10.1.0.0/16']}", &f)
+            !allowed("{remoteIpBlocks: ['10.1.0.0/16']}", &f)
+                && !allowed("{notRemoteIpBlocks: ['10.9.0.0/16']}", &f)
         );
         assert!(allowed(
             "{principals: ['cluster.local/ns/shop/sa/frontend-sa'], ipBlocks: ['10.0.0.0/8']}",
@@ -893,6 +916,69 @@ mod tests {
         );
         assert!(!evaluate([&jwt], &c).allowed);
         let _ = w;
+    }
+
+    /// istiod's ambient translation: one HTTP attribute anywhere in an ALLOW (or AUDIT) rule
+    /// drops the whole rule, also when another entry of the same list is plain L4; a DENY rule
+    /// keeps its L4 parts and ignores the HTTP ones.
+    #[test]
+    fn an_http_attribute_drops_the_whole_allow_rule() {
+        let c = mtls(FRONTEND, "10.1.2.3", DST);
+        let rule = |action: &str, rule: &str| {
+            policy(&format!(
+                "metadata: {{name: p, namespace: shop}}\nspec:\n  action: {action}\n  rules:\n  - {rule}"
+            ))
+        };
+        let mixed = [
+            // from: an HTTP entry next to an L4 entry that matches.
+            "from: [{source: {remoteIpBlocks: ['10.0.0.0/8']}}, {source: {principals: ['*']}}]",
+            "from: [{source: {requestPrincipals: ['*']}}, {source: {namespaces: [shop]}}]",
+            // to: likewise.
+            "to: [{operation: {methods: [GET]}}, {operation: {ports: ['8080']}}]",
+            // when: an HTTP key next to an L4 condition that holds.
+            "when: [{key: remote.ip, values: ['10.1.2.3']}, {key: source.namespace, values: [shop]}]",
+            "when: [{key: source.ip, values: ['10.1.2.3']}, {key: 'request.headers[x]', values: [y]}]",
+            // The L4 parts alone would match.
+            "{from: [{source: {principals: ['*']}}], to: [{operation: {ports: ['8080'], paths: ['/']}}]}",
+        ];
+        for r in mixed {
+            let allow = rule("ALLOW", r);
+            assert!(!allow.unsupported.is_empty(), "{r}: the HTTP attribute is reported");
+            assert!(allow.http_warnings().all(|w| w.contains("dropped")), "{r}");
+            assert!(!evaluate([&allow], &c).allowed, "ALLOW {r} must match nothing");
+            let audit = rule("AUDIT", r);
+            assert!(evaluate([&audit], &c).audit.is_empty(), "AUDIT {r} must match nothing");
+            let deny = rule("DENY", r);
+            assert!(!evaluate([&deny], &c).allowed, "DENY {r} is enforced on its L4 parts");
+        }
+        // The same rules without the HTTP attribute allow: the control that the L4 parts match.
+        for r in [
+            "from: [{source: {principals: ['*']}}]",
+            "to: [{operation: {ports: ['8080']}}]",
+            "when: [{key: source.namespace, values: [shop]}]",
+        ] {
+            assert!(evaluate([&rule("ALLOW", r)], &c).allowed, "{r}");
+        }
+        // Another rule of the same policy still counts.
+        let two = rule(
+            "ALLOW",
+            "from: [{source: {remoteIpBlocks: ['10.0.0.0/8']}}]\n  - from: [{source: {principals: ['*']}}]",
+        );
+        let v = evaluate([&two], &c);
+        assert!(v.allowed && v.reason.contains("rule 2"), "{v:?}");
+        // DENY: the L4 parts still decide who is denied.
+        let deny = rule("DENY", "from: [{source: {remoteIpBlocks: ['10.0.0.0/8'], namespaces: [other]}}]");
+        assert!(evaluate([&deny], &c).allowed, "a shop client is outside the rule's L4 part");
+        assert!(!evaluate([&deny], &mtls("cluster.local/ns/other/sa/x", "10.1.2.3", DST)).allowed);
+        assert!(deny.http_warnings().all(|w| w.contains("without its HTTP conditions")));
+        // Still a syntax error when malformed, though ignored.
+        let bad: AuthorizationPolicy = serde_yaml_ng::from_str(
+            "metadata: {name: p}\nspec: {rules: [{from: [{source: {remoteIpBlocks: [nope]}}]}]}",
+        )
+        .expect("yaml");
+        assert!(
+            bad.compile().expect_err("bad CIDR").contains("spec.rules[0].from[0].source.remoteIpBlocks[0]")
+        );
     }
 
     #[test]

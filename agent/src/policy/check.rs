@@ -203,6 +203,10 @@ fn hints(cluster: &Cluster, source: &Workload, dst: &Workload, input: &Connectio
         }
         None => {}
     }
+    // A rule the writer meant to allow may have been dropped for an HTTP attribute.
+    for policy in cluster.authorization.for_workload(&dst.key).filter(|p| p.action == super::Action::Allow) {
+        hints.extend(policy.http_warnings().map(|w| format!("ALLOW policy {}: {w}", policy.name)));
+    }
     hints
 }
 
