@@ -65,10 +65,27 @@ pub struct StatusReport {
     pub config: SourceStatus,
     /// Pods of this node in the mesh and captured.
     pub pods_captured: usize,
-    /// Pods of this node in the mesh that could not be captured.
+    /// Pods of this node in the mesh that could not be captured (their traffic is refused).
     pub pods_failed: usize,
+    /// Pods of this node in the mesh whose network namespace was refused.
+    #[serde(default)]
+    pub pods_refused: usize,
+    /// Whether the kernel still holds what the agent installed.
+    #[serde(default)]
+    pub datapath: DatapathHealth,
     /// Pods of this node not in the mesh.
     pub pods_not_enrolled: usize,
+}
+
+/// The agent's periodic check of its pins, links, enrollment entries and listeners.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct DatapathHealth {
+    /// What is missing and could not be put back: while not empty, the agent is not ready.
+    pub broken: Vec<String>,
+    /// What the last check found missing and put back.
+    pub last_repaired: Vec<String>,
+    /// Repairs since the agent started.
+    pub repairs_total: u64,
 }
 
 /// What the endpoints read; updated by the agent's main loop.
@@ -82,6 +99,8 @@ pub struct AdminState {
     pub pods: watch::Receiver<Arc<Vec<PodReport>>>,
     /// Readiness.
     pub ready: watch::Receiver<bool>,
+    /// The datapath's health.
+    pub datapath: watch::Receiver<DatapathHealth>,
     /// Certificates held.
     pub certs: watch::Receiver<Arc<Vec<crate::identity::CertReport>>>,
     /// The cluster as the agent sees it.
@@ -104,6 +123,8 @@ impl AdminState {
             config: self.source.borrow().clone(),
             pods_captured: count(crate::redirect::CaptureState::Captured),
             pods_failed: count(crate::redirect::CaptureState::Failed),
+            pods_refused: count(crate::redirect::CaptureState::Refused),
+            datapath: self.datapath.borrow().clone(),
             pods_not_enrolled: count(crate::redirect::CaptureState::NotCaptured),
         }
     }
@@ -176,6 +197,20 @@ impl AdminState {
             "gauge",
             "Enrolled pods of the node that could not be captured.",
             &one(status.pods_failed as u64),
+        );
+        sample(
+            &mut out,
+            "ambit_pods_refused",
+            "gauge",
+            "Enrolled pods of the node whose network namespace was refused (the agent's own, the host's, another pod's).",
+            &one(status.pods_refused as u64),
+        );
+        sample(
+            &mut out,
+            "ambit_datapath_repairs_total",
+            "counter",
+            "Pins, links, enrollment entries or listeners found missing and put back.",
+            &one(status.datapath.repairs_total),
         );
         sample(
             &mut out,

@@ -124,6 +124,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     });
     let (pods_tx, pods_rx) = watch::channel(Arc::new(Vec::new()));
     let (ready_tx, ready_rx) = watch::channel(false);
+    let (datapath_tx, datapath_rx) = watch::channel(admin::DatapathHealth::default());
     let (certs_tx, certs_rx) = watch::channel(Arc::new(Vec::new()));
 
     let TraceMaps { events, stats } = trace_maps;
@@ -160,6 +161,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         source: source_rx,
         pods: pods_rx,
         ready: ready_rx,
+        datapath: datapath_rx,
         certs: certs_rx,
         cluster: cluster_rx.clone(),
         flows: flows.clone(),
@@ -215,34 +217,79 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
     // Retry pods that failed (e.g. a netns that appears later) without waiting for an edit.
     let mut retry = tokio::time::interval(std::time::Duration::from_secs(2));
+    // Pins can be removed and links detached under a running agent: check, and put them back.
+    let mut verify = tokio::time::interval(VERIFY_EVERY);
+    verify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // What woke the loop decides the work: a new snapshot is reconciled and re-checks open
+    // connections, a retry only reconciles, a verify tick only checks the kernel's state.
+    let mut wake = Wake::Changed;
     loop {
         let cluster: Arc<Cluster> = changes.borrow_and_update().clone();
         // Before the first full list the agent knows nothing: reconciling then would release
         // what a previous agent left enforcing. Wait for it.
         if *synced.borrow() {
-            redirector.reconcile(&cluster);
-            proxy.revalidate(&cluster);
+            match wake {
+                Wake::Changed => {
+                    redirector.reconcile(&cluster);
+                    proxy.revalidate(&cluster);
+                }
+                Wake::Retry => redirector.reconcile(&cluster),
+                Wake::Verify => {
+                    redirector.verify(&cluster);
+                }
+                Wake::Refresh => {}
+            }
         }
+        let (check, repairs_total) = redirector.datapath_health();
+        datapath_tx.send_replace(admin::DatapathHealth {
+            broken: check.broken.clone(),
+            last_repaired: check.repaired.clone(),
+            repairs_total,
+        });
         flows.set_pods(redirector.traced_pods());
         pods_tx.send_replace(Arc::new(redirector.reports(&cluster)));
-        // Ready once the source has been read in full and every enrolled pod is captured.
+        // Ready once the source has been read in full, every enrolled pod is captured and the
+        // datapath is whole.
         ready_tx.send_replace(*synced.borrow() && redirector.all_captured());
         certs_tx.send_replace(Arc::new(identities.reports(&redirector.pods_by_identity())));
         let refresh = identities.next_refresh(std::time::SystemTime::now());
-        tokio::select! {
-            () = tokio::time::sleep(refresh) => identities.refresh_due(std::time::SystemTime::now()),
-            changed = changes.changed() => if changed.is_err() {
-                error!("the source of truth stopped; exiting");
-                return Ok(());
-            },
-            _ = retry.tick(), if !redirector.all_captured() => {}
+        wake = tokio::select! {
+            () = tokio::time::sleep(refresh) => {
+                identities.refresh_due(std::time::SystemTime::now());
+                Wake::Refresh
+            }
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    error!("the source of truth stopped; exiting");
+                    return Ok(());
+                }
+                Wake::Changed
+            }
+            _ = retry.tick(), if !redirector.all_captured() => Wake::Retry,
+            _ = verify.tick() => Wake::Verify,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-        }
+        };
     }
     info!("shutting down; enrolled pods stay captured (fail closed) until the next agent starts");
     Ok(())
 }
+
+/// Why the main loop woke.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wake {
+    /// A new snapshot of the cluster (or the first one).
+    Changed,
+    /// Time to retry pods that failed.
+    Retry,
+    /// Time to check the kernel's state.
+    Verify,
+    /// A certificate was due.
+    Refresh,
+}
+
+/// How often the agent checks that the kernel still holds its pins, links and map entries.
+const VERIFY_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Every proxied connection holds two sockets; the default soft limit of 1024 descriptors would
 /// cap a node at a few hundred connections. Raise it to the hard limit.

@@ -13,10 +13,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
+pub(crate) mod pin;
+mod sys;
 pub mod tracefs;
 
 use ambit_common::{
-    AF_INET, AF_INET6, COUNTER_RING_FULL, DROP_REASON_SLOTS, Enrolled, HostConnection, IpAddr, OrigDstKey,
+    AF_INET, AF_INET6, COUNTER_RING_FULL, ConnectionKey, DROP_REASON_SLOTS, Enrolled, IpAddr, OrigDstKey,
     SockAddr,
 };
 use aya::{
@@ -132,6 +134,9 @@ pub enum BpfError {
 }
 
 /// The loaded datapath of one agent instance.
+///
+/// It holds its own reference to every link and map it pins: removing a pin while the agent
+/// runs detaches nothing, and [`Datapath::verify`] puts the pin back.
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
@@ -139,6 +144,29 @@ pub struct Datapath {
     enrolled: HashMap<MapData, u64, Enrolled>,
     traced: HashMap<MapData, u64, u32>,
     listeners: SockHash<MapData, IpAddr>,
+    hbone_listeners: SockHash<MapData, IpAddr>,
+    /// The programs attached at the cgroup root, by program name.
+    cgroup_links: Vec<(&'static str, pin::Held)>,
+    /// The inbound program linked into each enrolled netns, by netns cookie.
+    netns_links: std::collections::HashMap<u64, pin::Held>,
+    maps: Vec<pin::Held>,
+}
+
+/// What one [`Datapath::verify`] round found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DatapathCheck {
+    /// What was missing and is back (a pin removed, a link detached), in words.
+    pub repaired: Vec<String>,
+    /// What is missing and could not be put back.
+    pub broken: Vec<String>,
+}
+
+impl DatapathCheck {
+    /// Adds another round's findings.
+    pub fn extend(&mut self, other: DatapathCheck) {
+        self.repaired.extend(other.repaired);
+        self.broken.extend(other.broken);
+    }
 }
 
 /// The tracer's side of the datapath: the ring buffer for the flow reader, the rest for reports.
@@ -181,28 +209,30 @@ impl TraceStats {
 /// What the proxies read from the kernel: where captured connections were going, and which
 /// connections sockets of the node's own network namespace opened. Shared by every proxy task.
 pub struct ProxyMaps {
-    orig_dst: HashMap<MapData, OrigDstKey, SockAddr>,
-    host_connections: std::sync::Mutex<HashMap<MapData, HostConnection, u64>>,
+    orig_dst: MapData,
+    host_connections: MapData,
 }
 
 impl ProxyMaps {
-    /// Where the connection from `port` on the loopback of netns `netns_cookie` was going.
-    pub fn orig_dst(&self, netns_cookie: u64, port: u16) -> Option<SockAddr> {
+    /// Where the connection from `port` on the loopback of netns `netns_cookie` was going. The
+    /// record is used up: a later connection from the same port (or one made straight to the
+    /// capture listener, which the kernel never redirected) finds none.
+    pub fn take_orig_dst(&self, netns_cookie: u64, port: u16) -> Option<SockAddr> {
         let key = OrigDstKey { netns_cookie, port: u32::from(port), _pad: 0 };
-        self.orig_dst.get(&key, 0).ok()
+        sys::take(self.orig_dst.fd().as_fd(), &key).ok().flatten()
     }
 
     /// Whether a socket of the node's own network namespace opened the connection from `src` to
     /// `dst` (a kubelet probe). The record is used up: it answers for one connection only.
     pub fn take_host_connection(&self, src: SocketAddr, dst: SocketAddr) -> bool {
-        let key = HostConnection {
+        let key = ConnectionKey {
             src: kernel_ip(src.ip()),
             dst: kernel_ip(dst.ip()),
             src_port: u32::from(src.port()),
             dst_port: u32::from(dst.port()),
         };
-        // One delete answers and uses the record up at once.
-        self.host_connections.lock().unwrap_or_else(|e| e.into_inner()).remove(&key).is_ok()
+        // One call answers and uses the record up at once.
+        sys::take::<_, u64>(self.host_connections.fd().as_fd(), &key).ok().flatten().is_some()
     }
 }
 
@@ -249,30 +279,18 @@ impl Datapath {
             path: cgroup_root.clone(),
             source,
         })?;
-        // Through bpf_link_create a cgroup attachment always coexists with others (several
-        // agents on one host each attach their own); `Single` only means "no legacy flags".
         for name in CGROUP_SOCK_ADDR_PROGRAMS {
             let program: &mut CgroupSockAddr = program_mut(&mut ebpf, name)?;
             loaded(name, program.load())?;
-            let id = program
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| BpfError::Program { name, source })?;
-            let link = program.take_link(id).map_err(|source| BpfError::Program { name, source })?;
-            let link = FdLink::try_from(link)
-                .map_err(|source| BpfError::Link { path: cgroup_root.clone(), source })?;
-            replace_pin(link, &pin_dir.join("links").join(name))?;
         }
         {
-            let name = SOCK_OPS_PROGRAM;
-            let program: &mut SockOps = program_mut(&mut ebpf, name)?;
-            loaded(name, program.load())?;
-            let id = program
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| BpfError::Program { name, source })?;
-            let link = program.take_link(id).map_err(|source| BpfError::Program { name, source })?;
-            let link = FdLink::try_from(link)
-                .map_err(|source| BpfError::Link { path: cgroup_root.clone(), source })?;
-            replace_pin(link, &pin_dir.join("links").join(name))?;
+            let program: &mut SockOps = program_mut(&mut ebpf, SOCK_OPS_PROGRAM)?;
+            loaded(SOCK_OPS_PROGRAM, program.load())?;
+        }
+        let mut cgroup_links = Vec::new();
+        for name in CGROUP_SOCK_ADDR_PROGRAMS.into_iter().chain([SOCK_OPS_PROGRAM]) {
+            let held = attach_cgroup(&mut ebpf, name, &cgroup, &cgroup_root, &pin_dir)?;
+            cgroup_links.push((name, held));
         }
         {
             let name = SK_LOOKUP_PROGRAM;
@@ -300,9 +318,28 @@ impl Datapath {
         let enrolled = take_map(&mut ebpf, "ENROLLED")?;
         let traced = take_map(&mut ebpf, "TRACED")?;
         let listeners = take_map(&mut ebpf, "INBOUND_LISTENERS")?;
+        let hbone_listeners = take_map(&mut ebpf, "HBONE_LISTENERS")?;
+        // The map pins are the regular entries of the pin directory (links live in subfolders).
+        let mut maps = Vec::new();
+        let entries = fs::read_dir(&pin_dir).map_err(|source| BpfError::Io {
+            what: "listing",
+            path: pin_dir.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_file()) {
+                let path = entry.path();
+                let held = pin::Held::from_pin(&path).map_err(|source| BpfError::Io {
+                    what: "opening pinned map",
+                    path,
+                    source,
+                })?;
+                maps.push(held);
+            }
+        }
         let proxy_maps = ProxyMaps {
-            orig_dst: take_map(&mut ebpf, "ORIG_DST")?,
-            host_connections: std::sync::Mutex::new(take_map(&mut ebpf, "HOST_CONNECTIONS")?),
+            orig_dst: take_map_data(&mut ebpf, "ORIG_DST")?,
+            host_connections: take_map_data(&mut ebpf, "HOST_CONNECTIONS")?,
         };
         let trace = TraceMaps {
             events: take_map(&mut ebpf, "FLOW_EVENTS")?,
@@ -315,7 +352,71 @@ impl Datapath {
             },
         };
         info!(pin_dir = %pin_dir.display(), cgroup = %cgroup_root.display(), "eBPF programs attached");
-        Ok((Self { ebpf, pin_dir, cgroup_root, enrolled, traced, listeners }, proxy_maps, trace))
+        let datapath = Self {
+            ebpf,
+            pin_dir,
+            cgroup_root,
+            enrolled,
+            traced,
+            listeners,
+            hbone_listeners,
+            cgroup_links,
+            netns_links: std::collections::HashMap::new(),
+            maps,
+        };
+        Ok((datapath, proxy_maps, trace))
+    }
+
+    /// Checks every pin and attachment this agent holds and puts back what is missing: a pin
+    /// removed from bpffs is pinned again from the agent's own reference, a detached link is
+    /// attached anew (for a netns, the one `netns_of` gives for its cookie).
+    pub fn verify(
+        &mut self,
+        netns_of: &dyn Fn(u64) -> Option<std::sync::Arc<crate::redirect::netns::Netns>>,
+    ) -> DatapathCheck {
+        let mut check = DatapathCheck::default();
+        for held in &self.maps {
+            record(&mut check, "pinned map", held.path(), held.check(false));
+        }
+        let detached = check_links(&mut check, "cgroup link", self.cgroup_links.iter().map(|(n, h)| (*n, h)));
+        for name in detached {
+            let cgroup = File::open(&self.cgroup_root);
+            let attached = cgroup
+                .map_err(|source| BpfError::Io {
+                    what: "opening cgroup",
+                    path: self.cgroup_root.clone(),
+                    source,
+                })
+                .and_then(|cgroup| {
+                    attach_cgroup(&mut self.ebpf, name, &cgroup, &self.cgroup_root, &self.pin_dir)
+                });
+            match attached {
+                Ok(held) => {
+                    if let Some(slot) = self.cgroup_links.iter_mut().find(|(n, _)| *n == name) {
+                        slot.1 = held;
+                    }
+                    check.repaired.push(format!("cgroup program {name} was detached; attached again"));
+                }
+                Err(e) => check
+                    .broken
+                    .push(format!("cgroup program {name} is detached and re-attaching failed: {e}")),
+            }
+        }
+        let detached = check_links(&mut check, "netns link", self.netns_links.iter().map(|(c, h)| (*c, h)));
+        for cookie in detached {
+            match netns_of(cookie) {
+                Some(netns) => match self.link_netns(&*netns, cookie) {
+                    Ok(()) => check
+                        .repaired
+                        .push(format!("inbound program of netns {cookie} was detached; linked again")),
+                    Err(e) => check.broken.push(format!(
+                        "inbound program of netns {cookie} is detached and re-linking failed: {e}"
+                    )),
+                },
+                None => check.broken.push(format!("inbound program of netns {cookie} is detached")),
+            }
+        }
+        check
     }
 
     /// Starts or stops tracing the sockets of a netns.
@@ -339,19 +440,29 @@ impl Datapath {
         &self.cgroup_root
     }
 
-    /// Steers new inbound TCP connections of the netns `netns` to the listener in
-    /// [`Datapath::set_listener`]; pinned as `netns/<cookie>` so it survives the agent.
+    /// Steers new inbound TCP connections of the netns `netns` to the listeners of
+    /// [`Datapath::set_listener`], dropping them while there is none; pinned as
+    /// `netns/<cookie>` so it survives the agent. A link already held for the netns is replaced
+    /// (the new one is attached before the old one goes).
     pub fn link_netns(&mut self, netns: impl AsFd, cookie: u64) -> Result<(), BpfError> {
         let name = SK_LOOKUP_PROGRAM;
         let program: &mut SkLookup = program_mut(&mut self.ebpf, name)?;
         let id = program.attach(netns).map_err(|source| BpfError::Program { name, source })?;
         let link = program.take_link(id).map_err(|source| BpfError::Program { name, source })?;
-        let link = FdLink::from(link);
-        replace_pin(link, &self.netns_pin(cookie))
+        let path = self.netns_pin(cookie);
+        let held = pin_held(FdLink::from(link), &path)?;
+        self.netns_links.insert(cookie, held);
+        Ok(())
     }
 
-    /// Removes the inbound steering of a netns (its pinned link).
+    /// Whether this agent holds the inbound link of a netns.
+    pub fn holds_netns_link(&self, cookie: u64) -> bool {
+        self.netns_links.contains_key(&cookie)
+    }
+
+    /// Removes the inbound steering of a netns: our reference and its pin.
     pub fn unlink_netns(&mut self, cookie: u64) -> Result<(), BpfError> {
+        self.netns_links.remove(&cookie);
         remove_pin(&self.netns_pin(cookie))
     }
 
@@ -380,17 +491,37 @@ impl Datapath {
         self.enrolled.keys().filter_map(Result::ok).collect()
     }
 
-    /// Registers the inbound listener for a pod address.
-    pub fn set_listener(&mut self, ip: IpAddr, listener: &impl std::os::fd::AsRawFd) -> Result<(), BpfError> {
+    /// Registers the listeners of a pod address: plaintext capture (every port but HBONE's)
+    /// and HBONE.
+    pub fn set_listener(
+        &mut self,
+        ip: IpAddr,
+        inbound: &impl std::os::fd::AsRawFd,
+        hbone: &impl std::os::fd::AsRawFd,
+    ) -> Result<(), BpfError> {
+        self.hbone_listeners
+            .insert(ip, hbone.as_raw_fd(), 0)
+            .map_err(|source| BpfError::Map { map: "HBONE_LISTENERS", source })?;
         self.listeners
-            .insert(ip, listener.as_raw_fd(), 0)
+            .insert(ip, inbound.as_raw_fd(), 0)
             .map_err(|source| BpfError::Map { map: "INBOUND_LISTENERS", source })
     }
 
-    /// Forgets the inbound listener of a pod address.
+    /// Forgets the listeners of a pod address.
     pub fn clear_listener(&mut self, ip: IpAddr) -> Result<(), BpfError> {
         removed(self.listeners.remove(&ip))
-            .map_err(|source| BpfError::Map { map: "INBOUND_LISTENERS", source })
+            .map_err(|source| BpfError::Map { map: "INBOUND_LISTENERS", source })?;
+        removed(self.hbone_listeners.remove(&ip))
+            .map_err(|source| BpfError::Map { map: "HBONE_LISTENERS", source })
+    }
+
+    /// Pod addresses that have both listeners registered (a closed listener leaves by itself).
+    pub fn listening(&self) -> std::collections::HashSet<std::net::IpAddr> {
+        let keys = |map: &SockHash<MapData, IpAddr>| -> std::collections::HashSet<std::net::IpAddr> {
+            map.keys().filter_map(Result::ok).filter_map(|k| kernel_to_ip(&k)).collect()
+        };
+        let hbone = keys(&self.hbone_listeners);
+        keys(&self.listeners).into_iter().filter(|ip| hbone.contains(ip)).collect()
     }
 
     fn netns_pin(&self, cookie: u64) -> PathBuf {
@@ -509,6 +640,14 @@ where
     program.try_into().map_err(|source| BpfError::Program { name, source })
 }
 
+/// A map to use through [`sys`] calls only.
+fn take_map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, BpfError> {
+    match ebpf.take_map(name).ok_or(BpfError::MissingMap(name))? {
+        aya::maps::Map::HashMap(data) | aya::maps::Map::LruHashMap(data) => Ok(data),
+        _ => Err(BpfError::MissingMap(name)),
+    }
+}
+
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
@@ -517,13 +656,78 @@ where
     T::try_from(map).map_err(|source| BpfError::Map { map: name, source })
 }
 
-/// Pins `link` at `path`; an older link pinned there is detached only after the new one is
-/// attached, so there is no moment without the program.
-fn replace_pin(link: FdLink, path: &Path) -> Result<(), BpfError> {
+/// Pins `link` at `path` and returns our own reference to it. An older link pinned there is
+/// detached only after the new one is attached, so there is no moment without the program.
+fn pin_held(link: FdLink, path: &Path) -> Result<pin::Held, BpfError> {
     remove_pin(path)?;
-    link.pin(path).map_err(|source| BpfError::Pin { path: path.to_owned(), source })?;
+    let pinned = link.pin(path).map_err(|source| BpfError::Pin { path: path.to_owned(), source })?;
+    let held = pin::Held::from_pin(path).map_err(|source| BpfError::Io {
+        what: "opening pinned link",
+        path: path.to_owned(),
+        source,
+    });
+    // aya's reference closes here; the pin and ours remain.
+    drop(pinned);
     debug!(pin = %path.display(), "link pinned");
-    Ok(())
+    held
+}
+
+/// Attaches a loaded cgroup program at the cgroup root and pins it under `links/<name>`.
+/// Through bpf_link_create a cgroup attachment always coexists with others (several agents on
+/// one host each attach their own); `Single` only means "no legacy flags".
+fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    cgroup_root: &Path,
+    pin_dir: &Path,
+) -> Result<pin::Held, BpfError> {
+    let link = if name == SOCK_OPS_PROGRAM {
+        let program: &mut SockOps = program_mut(ebpf, name)?;
+        let id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(|source| BpfError::Program { name, source })?;
+        FdLink::try_from(program.take_link(id).map_err(|source| BpfError::Program { name, source })?)
+    } else {
+        let program: &mut CgroupSockAddr = program_mut(ebpf, name)?;
+        let id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(|source| BpfError::Program { name, source })?;
+        FdLink::try_from(program.take_link(id).map_err(|source| BpfError::Program { name, source })?)
+    }
+    .map_err(|source| BpfError::Link { path: cgroup_root.to_owned(), source })?;
+    pin_held(link, &pin_dir.join("links").join(name))
+}
+
+/// Checks held links, recording what was re-pinned or is broken; returns the detached ones.
+fn check_links<'a, K>(
+    check: &mut DatapathCheck,
+    what: &str,
+    links: impl Iterator<Item = (K, &'a pin::Held)>,
+) -> Vec<K> {
+    let mut detached = Vec::new();
+    for (key, held) in links {
+        let result = held.check(true);
+        if result == pin::Check::Detached {
+            detached.push(key);
+        }
+        record(check, what, held.path(), result);
+    }
+    detached
+}
+
+/// Adds what one held object's check found to `check`.
+fn record(check: &mut DatapathCheck, what: &str, path: &Path, result: pin::Check) {
+    match result {
+        pin::Check::Intact | pin::Check::Detached => {}
+        pin::Check::Repinned => {
+            warn!(pin = %path.display(), "{what} pin was removed while the agent runs; pinned again");
+            check.repaired.push(format!("{what} {} was unpinned; pinned again", path.display()));
+        }
+        pin::Check::Unpinnable(e) => {
+            check.broken.push(format!("{what} {} is not pinned and pinning it failed: {e}", path.display()))
+        }
+    }
 }
 
 fn remove_pin(path: &Path) -> Result<(), BpfError> {

@@ -284,7 +284,12 @@ pub async fn status(args: &OperatorArgs) -> Result<String, CliError> {
     let mut t = Table::new(["", ""]);
     t.row(["node", &a.node]);
     t.row(["version", &a.version]);
-    t.row(["ready", if status.ready { "yes" } else { "NO: not every enrolled pod is captured" }]);
+    let not_ready = if status.datapath.broken.is_empty() {
+        "NO: not every enrolled pod is captured".to_owned()
+    } else {
+        format!("NO: {}", status.datapath.broken.join("; "))
+    };
+    t.row(["ready", if status.ready { "yes" } else { &not_ready }]);
     t.row(["source", &a.source]);
     let config = match &status.config.error {
         None => format!("ok (generation {})", status.config.generation),
@@ -294,11 +299,20 @@ pub async fn status(args: &OperatorArgs) -> Result<String, CliError> {
     t.row(["trust domain", &a.trust_domain]);
     t.row(["eBPF pins", &a.pin_dir]);
     t.row(["cgroup root", &a.cgroup_root]);
-    let pods = format!(
-        "{} captured, {} failed, {} not in the mesh",
-        status.pods_captured, status.pods_failed, status.pods_not_enrolled
-    );
+    let mut pods = format!("{} captured, {} failed", status.pods_captured, status.pods_failed);
+    if status.pods_refused > 0 {
+        pods.push_str(&format!(", {} REFUSED (see ambit workloads)", status.pods_refused));
+    }
+    pods.push_str(&format!(", {} not in the mesh", status.pods_not_enrolled));
     t.row(["pods", &pods]);
+    let datapath = match (status.datapath.repairs_total, status.datapath.last_repaired.is_empty()) {
+        (0, _) => "intact".to_owned(),
+        (n, true) => format!("intact ({n} repairs since start)"),
+        (n, false) => {
+            format!("REPAIRED just now: {} ({n} since start)", status.datapath.last_repaired.join("; "))
+        }
+    };
+    t.row(["datapath", &datapath]);
     Ok(t.render_plain())
 }
 

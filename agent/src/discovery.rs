@@ -92,12 +92,21 @@ pub enum Enrollment {
     OptedOut,
     /// `hostNetwork: true` pods are never enrolled.
     HostNetwork,
+    /// The pod has finished (phase `Succeeded` or `Failed`): its address may already belong to
+    /// another pod, so it is neither enrolled nor known by address.
+    Finished,
 }
 
 impl Enrollment {
     /// True for pods the mesh captures.
     pub fn is_enrolled(self) -> bool {
         self == Self::Ambient
+    }
+
+    /// Whether the pod's `status.podIPs` are its own: not for host-network pods (they share the
+    /// node's) nor for finished ones (the address may be reused).
+    pub fn owns_ips(self) -> bool {
+        !matches!(self, Self::HostNetwork | Self::Finished)
     }
 }
 
@@ -108,6 +117,7 @@ impl fmt::Display for Enrollment {
             Self::NotEnrolled => "not enrolled",
             Self::OptedOut => "opted out",
             Self::HostNetwork => "host network",
+            Self::Finished => "finished",
         })
     }
 }
@@ -196,6 +206,9 @@ pub struct Cluster {
     /// AuthorizationPolicies, with the ones that apply to each workload.
     pub authorization: AuthorizationPolicies,
     by_ip: HashMap<IpAddr, ObjectKey>,
+    /// Addresses that two or more running pods claim, with the claimants: such an address has no
+    /// owner (no identity, no traffic) until the conflict is gone.
+    ip_conflicts: HashMap<IpAddr, Vec<ObjectKey>>,
 }
 
 impl Cluster {
@@ -212,14 +225,23 @@ impl Cluster {
         } = objects;
         let mut workloads = BTreeMap::new();
         let mut by_ip = HashMap::new();
+        let mut ip_conflicts: HashMap<IpAddr, Vec<ObjectKey>> = HashMap::new();
         for pod in pods {
             let workload = workload_of(&pod, &namespaces);
-            if !pod.spec.host_network {
+            if workload.enrollment.owns_ips() {
                 for ip in &workload.ips {
-                    by_ip.insert(*ip, workload.key.clone());
+                    if let Some(first) = by_ip.insert(*ip, workload.key.clone()) {
+                        ip_conflicts.entry(*ip).or_insert_with(|| vec![first]).push(workload.key.clone());
+                    }
                 }
             }
             workloads.insert(workload.key.clone(), Arc::new(workload));
+        }
+        // Whichever pod came last must not win: neither gets the address.
+        for (ip, claimants) in &mut ip_conflicts {
+            by_ip.remove(ip);
+            claimants.sort();
+            claimants.dedup();
         }
         let authorization = AuthorizationPolicies::new(
             authorization_policies,
@@ -236,6 +258,7 @@ impl Cluster {
             endpoint_slices,
             peer_authentications: PeerAuthentications::new(peer_authentications),
             by_ip,
+            ip_conflicts,
         }
     }
 
@@ -249,9 +272,15 @@ impl Cluster {
         self.workloads.get(pod)?.named_ports.get(name).copied()
     }
 
-    /// The pod that owns `ip`, if any (host-network pods own no IP of their own).
+    /// The pod that owns `ip`, if any (host-network and finished pods own no IP, and neither of
+    /// two running pods claiming one does).
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.workloads.get(self.by_ip.get(&ip)?)
+    }
+
+    /// The running pods that claim `ip` when there is more than one.
+    pub fn ip_claimants(&self, ip: IpAddr) -> Option<&[ObjectKey]> {
+        self.ip_conflicts.get(&ip).map(Vec::as_slice)
     }
 }
 
@@ -262,8 +291,11 @@ fn workload_of(pod: &Pod, namespaces: &BTreeMap<String, Namespace>) -> Workload 
         .get(&namespace)
         .and_then(|ns| ns.metadata.labels.get(DATAPLANE_MODE_LABEL))
         .map(String::as_str);
+    let finished = matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed"));
     let enrollment = if pod.spec.host_network {
         Enrollment::HostNetwork
+    } else if finished {
+        Enrollment::Finished
     } else if pod_mode == Some("none") {
         Enrollment::OptedOut
     } else if pod_mode == Some("ambient") || ns_mode == Some("ambient") {

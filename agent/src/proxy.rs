@@ -82,6 +82,14 @@ pub enum ProxyError {
     /// A Service without a ready endpoint.
     #[error("Service {0} has no ready endpoint")]
     NoEndpoint(String),
+    /// Two running pods claim the destination address: neither may get the traffic.
+    #[error("refusing {addr}: the address is claimed by several running pods ({pods})")]
+    AmbiguousAddress {
+        /// The destination.
+        addr: SocketAddr,
+        /// The claimants, comma-separated.
+        pods: String,
+    },
     /// The connection is refused by policy.
     #[error("denied: {0}")]
     Denied(String),

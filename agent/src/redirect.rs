@@ -1,15 +1,23 @@
-//! Enrolling pods: for each pod of this node that is in the mesh, enter its network namespace,
-//! open the agent's listeners there, register them with the kernel programs, and start the
-//! proxies; release pods that left the mesh. Driven by [`Redirector::reconcile`] whenever the
-//! cluster snapshot changes.
+//! Enrolling pods: for each pod of this node that is in the mesh, find and check its network
+//! namespace, close it (inbound connections dropped unless the agent's listeners take them,
+//! outbound ones captured), then open the agent's listeners there, register them with the kernel
+//! programs, and start the proxies; release pods that left the mesh. Driven by
+//! [`Redirector::reconcile`] whenever the cluster snapshot changes, and kept honest by
+//! [`Redirector::verify`].
+//!
+//! A pod that should be enrolled is never released because something failed: a failure leaves
+//! its namespace closed (refused traffic), not open. A namespace that cannot be a pod's (the
+//! agent's own, the host's, one already enrolled for another pod) is refused and nothing is
+//! installed for it.
 
 pub mod netns;
 pub mod procfs;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    cell::OnceCell,
+    collections::{BTreeMap, HashMap, HashSet},
     io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     sync::Arc,
 };
@@ -18,11 +26,11 @@ use ambit_common::{Enrolled, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, task::JoinHandle};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use self::netns::Netns;
 use crate::{
-    bpf::{self, BpfError, Datapath},
+    bpf::{self, BpfError, Datapath, DatapathCheck},
     discovery::{Cluster, ObjectKey, Workload},
     identity::{Identities, Identity},
     proxy::{PodContext, PodStats, Proxy},
@@ -58,6 +66,28 @@ pub enum RedirectError {
         /// Why.
         source: io::Error,
     },
+    /// The namespace named for the pod can never be enrolled for it.
+    #[error("pod {pod}: refusing network namespace {path}: {reason}")]
+    RefusedNetns {
+        /// The pod.
+        pod: ObjectKey,
+        /// The path it was found at.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Another running pod claims one of the pod's addresses.
+    #[error(
+        "pod {pod}: address {ip} is also claimed by {others}; neither gets traffic until that is resolved"
+    )]
+    AddressConflict {
+        /// The pod.
+        pod: ObjectKey,
+        /// The address.
+        ip: IpAddr,
+        /// The other claimants.
+        others: String,
+    },
     /// A listener could not be opened inside the pod.
     #[error("pod {pod}: opening listener {addr} in its network namespace: {source}")]
     Listen {
@@ -86,13 +116,51 @@ pub enum RedirectError {
     },
 }
 
-/// A pod the agent captures.
-struct Captured {
+impl RedirectError {
+    /// The namespace itself was refused: nothing is installed for it, and the agent stays ready
+    /// (a pod spec must not be able to hold the node's agent unready).
+    fn is_refusal(&self) -> bool {
+        matches!(self, Self::RefusedNetns { .. })
+    }
+
+    /// The namespace was not found (yet): no state can be installed or released for the pod.
+    fn is_unresolved(&self) -> bool {
+        matches!(self, Self::NoNetns(_) | Self::NoProcess { .. } | Self::NoIp(_) | Self::Netns { .. })
+    }
+}
+
+/// A pod whose network namespace the agent holds closed: inbound connections are dropped unless
+/// its listeners take them, outbound ones are captured.
+struct Held {
     workload: Arc<Workload>,
-    netns_id: (u64, u64),
+    netns: Arc<Netns>,
     cookie: u64,
+    /// Listeners and proxies, once opened.
+    serving: Option<Serving>,
+}
+
+/// The agent's listeners in a pod and the tasks accepting on them.
+struct Serving {
+    /// What they were opened for: another identity or address needs new ones.
+    workload: Arc<Workload>,
     stats: Arc<PodStats>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Serving {
+    /// Stops accepting (the listeners close, and leave the kernel's maps by themselves);
+    /// connections already proxied run to their end.
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(JoinHandle::abort);
+    }
+}
+
+/// Why a pod of this node that should be in the mesh is not served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Failure {
+    message: String,
+    refused: bool,
+    unresolved: bool,
 }
 
 /// Whether the agent captures a pod.
@@ -101,8 +169,10 @@ struct Captured {
 pub enum CaptureState {
     /// In the mesh and captured.
     Captured,
-    /// In the mesh, but capturing it failed (see the error).
+    /// In the mesh, but capturing it failed (see the error); its traffic is refused.
     Failed,
+    /// In the mesh, but the network namespace its spec leads to can never be a pod's.
+    Refused,
     /// Not in the mesh.
     NotCaptured,
 }
@@ -112,6 +182,7 @@ impl std::fmt::Display for CaptureState {
         f.write_str(match self {
             Self::Captured => "captured",
             Self::Failed => "FAILED",
+            Self::Refused => "REFUSED",
             Self::NotCaptured => "-",
         })
     }
@@ -127,7 +198,7 @@ pub struct PodReport {
     pub state: CaptureState,
     /// Why enrolling failed.
     pub error: Option<String>,
-    /// The netns cookie, when captured.
+    /// The netns cookie, when its namespace is held.
     pub netns_cookie: Option<u64>,
     /// Connection counters, when captured; read live when the report is serialised.
     pub stats: Option<Arc<PodStats>>,
@@ -154,9 +225,15 @@ pub struct Redirector {
     proxy: Arc<Proxy>,
     identities: Arc<Identities>,
     tls: Arc<TlsContext>,
-    captured: BTreeMap<ObjectKey, Captured>,
-    failed: BTreeMap<ObjectKey, String>,
+    held: BTreeMap<ObjectKey, Held>,
+    failed: BTreeMap<ObjectKey, Failure>,
     reconciled_once: bool,
+    /// Whether state a previous agent left for pods no longer enrolled here was removed.
+    stale_cleared: bool,
+    /// The last [`Redirector::verify`] round's findings.
+    check: DatapathCheck,
+    /// Repairs made since start.
+    repairs: u64,
 }
 
 impl Redirector {
@@ -177,9 +254,12 @@ impl Redirector {
             proxy,
             identities,
             tls,
-            captured: BTreeMap::new(),
+            held: BTreeMap::new(),
             failed: BTreeMap::new(),
             reconciled_once: false,
+            stale_cleared: false,
+            check: DatapathCheck::default(),
+            repairs: 0,
         }
     }
 
@@ -188,213 +268,197 @@ impl Redirector {
         &self.datapath
     }
 
-    /// True when every pod of this node that should be in the mesh is captured.
+    /// True when every pod of this node that should be in the mesh is captured (refused pods
+    /// aside) and nothing of the datapath is missing.
     pub fn all_captured(&self) -> bool {
-        self.reconciled_once && self.failed.is_empty()
+        self.reconciled_once && self.failed.values().all(|f| f.refused) && self.check.broken.is_empty()
+    }
+
+    /// What the last [`Redirector::verify`] found, and the repairs made since start.
+    pub fn datapath_health(&self) -> (&DatapathCheck, u64) {
+        (&self.check, self.repairs)
     }
 
     /// Brings capture in line with `cluster`.
     pub fn reconcile(&mut self, cluster: &Cluster) {
         let node = self.node.clone();
-        let wanted: BTreeMap<ObjectKey, &Arc<Workload>> = cluster
+        let wanted: BTreeMap<ObjectKey, Arc<Workload>> = cluster
             .workloads_on(&node)
             .filter(|w| w.enrollment.is_enrolled())
-            .map(|w| (w.key.clone(), w))
+            .map(|w| (w.key.clone(), w.clone()))
             .collect();
 
-        let gone: Vec<ObjectKey> = self
-            .captured
-            .iter()
-            .filter(|(key, captured)| wanted.get(*key).is_none_or(|w| !same_capture(&captured.workload, w)))
-            .map(|(key, _)| key.clone())
-            .collect();
+        let gone: Vec<ObjectKey> =
+            self.held.keys().filter(|key| !wanted.contains_key(*key)).cloned().collect();
         for key in gone {
-            if let Some(captured) = self.captured.remove(&key) {
-                self.release(captured);
+            if let Some(held) = self.held.remove(&key) {
+                self.release(held);
             }
         }
 
         let previous_failures = std::mem::take(&mut self.failed);
+        // One walk of /proc per round, and only when a pod needs it.
+        let processes = OnceCell::new();
+        let mut claimed: HashMap<(u64, u64), ObjectKey> =
+            self.held.iter().map(|(key, held)| (held.netns.id(), key.clone())).collect();
         for (key, workload) in &wanted {
-            if let Some(captured) = self.captured.get_mut(key) {
-                // Same pod, same netns and IPs: only labels or metadata changed.
-                captured.workload = Arc::clone(workload);
-                if let Ok(ns) = open_netns(workload)
-                    && ns.id() == captured.netns_id
-                {
-                    continue;
-                }
-                if let Some(captured) = self.captured.remove(key) {
-                    self.release(captured);
-                }
-            }
-            match self.capture(workload) {
-                Ok(captured) => {
-                    info!(pod = %key, cookie = captured.cookie, ips = ?workload.ips, "pod captured");
-                    self.captured.insert(key.clone(), captured);
+            let was_serving = self.held.get(key).is_some_and(|h| h.serving.is_some());
+            match self.enroll(cluster, workload, &mut claimed, &processes) {
+                Ok(()) => {
+                    if !was_serving && let Some(held) = self.held.get(key) {
+                        info!(pod = %key, cookie = held.cookie, ips = ?workload.ips, "pod captured");
+                    }
                 }
                 Err(e) => {
-                    let message = e.to_string();
+                    let failure = Failure {
+                        message: e.to_string(),
+                        refused: e.is_refusal(),
+                        unresolved: e.is_unresolved(),
+                    };
                     // Failed pods are retried every few seconds; say so once per new reason.
-                    if previous_failures.get(key) != Some(&message) {
-                        warn!(pod = %key, error = %message, "pod not captured; will retry");
+                    if previous_failures.get(key) != Some(&failure) {
+                        if failure.refused {
+                            error!(pod = %key, error = %failure.message, "pod refused; nothing was installed for it");
+                        } else {
+                            warn!(pod = %key, error = %failure.message, held = self.held.contains_key(key), "pod not captured; its traffic is refused; will retry");
+                        }
                     }
-                    self.failed.insert(key.clone(), message);
+                    self.failed.insert(key.clone(), failure);
                 }
             }
         }
 
-        if !self.reconciled_once {
-            self.reconciled_once = true;
+        self.reconciled_once = true;
+        // State a previous agent left may belong to a wanted pod whose namespace is not found
+        // yet: removing it would open that pod. Wait until every wanted pod is resolved.
+        if !self.stale_cleared && !self.failed.values().any(|f| f.unresolved) {
+            self.stale_cleared = true;
             self.forget_stale();
         }
-        let in_use: HashSet<Identity> = self
-            .captured
-            .values()
-            .map(|c| {
-                Identity::new(
-                    self.identities.trust_domain(),
-                    &c.workload.key.namespace,
-                    &c.workload.service_account,
-                )
-            })
-            .collect();
+        let in_use: HashSet<Identity> = self.held.values().map(|h| self.identity_of(&h.workload)).collect();
         self.identities.retain(&in_use);
         self.trace_others(cluster);
     }
 
-    /// Removes state that a previous agent of this instance left for pods that are no longer
-    /// enrolled here (their entries would otherwise capture traffic no one serves).
-    fn forget_stale(&mut self) {
-        let live: HashSet<u64> = self.captured.values().map(|c| c.cookie).collect();
-        for cookie in self.datapath.enrolled_netns() {
-            if !live.contains(&cookie) {
-                info!(cookie, "removing stale enrollment left by a previous agent");
-                if let Err(e) = self.datapath.unenroll(cookie) {
-                    warn!(cookie, error = %e, "stale enrollment not removed");
-                }
-            }
-        }
-        for cookie in self.datapath.linked_netns() {
-            if !live.contains(&cookie)
-                && let Err(e) = self.datapath.unlink_netns(cookie)
-            {
-                warn!(cookie, error = %e, "stale inbound link not removed");
-            }
-        }
-        // Traced-only pods are set up after this; drop everything not captured.
-        for cookie in self.datapath.traced_netns() {
-            if !live.contains(&cookie) {
-                let _ = self.datapath.trace_netns(cookie, false);
-            }
-        }
-    }
-
-    /// The traced pods by netns cookie, for flow records.
-    pub fn traced_pods(&self) -> std::collections::HashMap<u64, Arc<Workload>> {
-        self.captured
-            .values()
-            .map(|c| (c.cookie, c.workload.clone()))
-            .chain(self.traced_only.values().map(|(w, cookie)| (*cookie, w.clone())))
-            .collect()
-    }
-
-    /// With `--trace-all`, traces the pods of this node that are not captured.
-    fn trace_others(&mut self, cluster: &Cluster) {
-        let wanted: BTreeMap<ObjectKey, &Arc<Workload>> = if self.tracing == Tracing::AllPods {
-            cluster
-                .workloads_on(&self.node)
-                .filter(|w| !self.captured.contains_key(&w.key))
-                .map(|w| (w.key.clone(), w))
-                .collect()
-        } else {
-            BTreeMap::new()
+    /// Finds, checks, closes and serves one pod's network namespace.
+    fn enroll(
+        &mut self,
+        cluster: &Cluster,
+        workload: &Arc<Workload>,
+        claimed: &mut HashMap<(u64, u64), ObjectKey>,
+        processes: &OnceCell<HashMap<String, u32>>,
+    ) -> Result<(), RedirectError> {
+        let key = &workload.key;
+        let netns = match open_netns(workload, processes) {
+            Ok(netns) => netns,
+            // Its namespace is already held: it stays closed (and served) as it is.
+            Err(e) if e.is_unresolved() && self.held.contains_key(key) => return Ok(()),
+            Err(e) => return Err(e),
         };
-        let gone: Vec<ObjectKey> = self
-            .traced_only
-            .iter()
-            .filter(|(k, (w, _))| wanted.get(*k).is_none_or(|now| now.netns != w.netns))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in gone {
-            if let Some((_, cookie)) = self.traced_only.remove(&key) {
-                let _ = self.datapath.trace_netns(cookie, false);
-            }
+        let refuse = |reason: String| RedirectError::RefusedNetns {
+            pod: key.clone(),
+            path: netns.path().display().to_string(),
+            reason,
+        };
+        if let Some(reason) = netns.not_a_pod() {
+            return Err(refuse(reason.to_owned()));
         }
-        for (key, workload) in wanted {
-            if self.traced_only.contains_key(&key) {
-                continue;
-            }
-            // The cookie of a namespace is read from a socket created inside it.
-            let cookie = open_netns(workload).and_then(|ns| {
-                ns.run(|| Socket::new(Domain::IPV4, Type::STREAM, None))
-                    .and_then(|s| s)
-                    .and_then(|s| bpf::netns_cookie(&s))
-                    .map_err(|source| RedirectError::Netns {
-                        pod: key.clone(),
-                        path: ns.path().display().to_string(),
-                        source,
-                    })
-            });
-            match cookie.and_then(|cookie| {
-                self.datapath
-                    .trace_netns(cookie, true)
-                    .map(|()| cookie)
-                    .map_err(|source| RedirectError::Bpf { pod: key.clone(), source: Box::new(source) })
-            }) {
-                Ok(cookie) => {
-                    self.traced_only.insert(key, (workload.clone(), cookie));
-                }
-                Err(e) => warn!(error = %e, "pod not traced"),
-            }
+        if let Some(other) = claimed.get(&netns.id()).filter(|other| *other != key) {
+            return Err(refuse(format!("it is already enrolled for pod {other}")));
         }
-    }
-
-    /// The pods of this node that present each identity, for `ambit certs`.
-    pub fn pods_by_identity(&self) -> std::collections::HashMap<Identity, Vec<String>> {
-        let mut map: std::collections::HashMap<Identity, Vec<String>> = std::collections::HashMap::new();
-        for c in self.captured.values() {
-            let id = Identity::new(
-                self.identities.trust_domain(),
-                &c.workload.key.namespace,
-                &c.workload.service_account,
-            );
-            map.entry(id).or_default().push(c.workload.key.to_string());
-        }
-        map
-    }
-
-    /// Reports of every pod of this node.
-    pub fn reports(&self, cluster: &Cluster) -> Vec<PodReport> {
-        cluster
-            .workloads_on(&self.node)
-            .map(|w| {
-                let captured = self.captured.get(&w.key);
-                let error = self.failed.get(&w.key).cloned();
-                PodReport {
-                    workload: (**w).clone(),
-                    state: if captured.is_some() {
-                        CaptureState::Captured
-                    } else if error.is_some() {
-                        CaptureState::Failed
-                    } else {
-                        CaptureState::NotCaptured
-                    },
-                    error,
-                    netns_cookie: captured.map(|c| c.cookie),
-                    stats: captured.map(|c| c.stats.clone()),
-                }
-            })
-            .collect()
-    }
-
-    fn capture(&mut self, workload: &Arc<Workload>) -> Result<Captured, RedirectError> {
-        let pod = workload.key.clone();
         if workload.ips.is_empty() {
-            return Err(RedirectError::NoIp(pod));
+            return Err(RedirectError::NoIp(key.clone()));
         }
-        let identity =
-            Identity::new(self.identities.trust_domain(), &workload.key.namespace, &workload.service_account);
+        claimed.insert(netns.id(), key.clone());
+        // A new sandbox: the old namespace is no longer this pod's.
+        if self.held.get(key).is_some_and(|h| h.netns.id() != netns.id())
+            && let Some(old) = self.held.remove(key)
+        {
+            self.release(old);
+        }
+        let bpf_err = |source: BpfError| RedirectError::Bpf { pod: key.clone(), source: Box::new(source) };
+        if !self.held.contains_key(key) {
+            let cookie = netns
+                .run(|| Socket::new(Domain::IPV4, Type::DGRAM, None).and_then(|s| bpf::netns_cookie(&s)))
+                .and_then(|r| r)
+                .map_err(|source| RedirectError::Netns {
+                    pod: key.clone(),
+                    path: netns.path().display().to_string(),
+                    source,
+                })?;
+            self.held.insert(
+                key.clone(),
+                Held { workload: workload.clone(), netns: Arc::new(netns), cookie, serving: None },
+            );
+        }
+        let Some(held) = self.held.get_mut(key) else { return Ok(()) };
+        held.workload = workload.clone();
+        let (cookie, netns) = (held.cookie, held.netns.clone());
+        // Closed first: from here on, inbound connections the agent does not take are dropped.
+        if !self.datapath.holds_netns_link(cookie) {
+            self.datapath.link_netns(&*netns, cookie).map_err(bpf_err)?;
+        }
+        let served = self.serve(cluster, workload);
+        // Outbound capture whether or not the listeners opened: without them the app's
+        // connections are refused, never sent around the agent.
+        let mut enrolled = Enrolled::default();
+        for ip in &workload.ips {
+            match ip {
+                IpAddr::V4(v4) => enrolled.ipv4 = u32::from_ne_bytes(v4.octets()),
+                IpAddr::V6(v6) => enrolled.ipv6 = bpf::kernel_ip((*v6).into()).addr,
+            }
+        }
+        self.datapath.enroll(cookie, enrolled).map_err(bpf_err)?;
+        if self.tracing != Tracing::Off
+            && let Err(e) = self.datapath.trace_netns(cookie, true)
+        {
+            warn!(pod = %key, error = %e, "connections of this pod will not be traced");
+        }
+        served
+    }
+
+    /// Opens the agent's listeners in a held pod and starts its proxies, unless the ones open
+    /// already fit.
+    fn serve(&mut self, cluster: &Cluster, workload: &Arc<Workload>) -> Result<(), RedirectError> {
+        let key = &workload.key;
+        let Some(held) = self.held.get_mut(key) else { return Ok(()) };
+        let conflict = workload.ips.iter().find_map(|ip| Some((*ip, cluster.ip_claimants(*ip)?)));
+        if let Some((ip, claimants)) = conflict {
+            let others: Vec<String> =
+                claimants.iter().filter(|k| *k != key).map(ToString::to_string).collect();
+            let released = held.serving.take().map(|s| s.workload.ips.clone()).unwrap_or_default();
+            for old in released {
+                let _ = self.datapath.clear_listener(bpf::kernel_ip(old));
+            }
+            return Err(RedirectError::AddressConflict { pod: key.clone(), ip, others: others.join(", ") });
+        }
+        if held.serving.as_ref().is_some_and(|s| same_serving(&s.workload, workload)) {
+            return Ok(());
+        }
+        let (netns, cookie) = (held.netns.clone(), held.cookie);
+        // The listeners open for another identity or address stop before new ones start.
+        let old = held.serving.take();
+        let old_ips = old.as_ref().map(|s| s.workload.ips.clone()).unwrap_or_default();
+        drop(old);
+        let serving = self.open_listeners(workload, netns, cookie)?;
+        for ip in old_ips.iter().filter(|ip| !workload.ips.contains(ip)) {
+            let _ = self.datapath.clear_listener(bpf::kernel_ip(*ip));
+        }
+        if let Some(held) = self.held.get_mut(key) {
+            held.serving = Some(serving);
+        }
+        Ok(())
+    }
+
+    /// The listeners and proxies of one pod, registered with the kernel programs.
+    fn open_listeners(
+        &mut self,
+        workload: &Arc<Workload>,
+        netns: Arc<Netns>,
+        cookie: u64,
+    ) -> Result<Serving, RedirectError> {
+        let pod = workload.key.clone();
+        let identity = self.identity_of(workload);
         // Issue the certificate now, so the first connection does not wait for it.
         self.identities
             .svid(&identity)
@@ -403,7 +467,6 @@ impl Redirector {
             .tls
             .server_config(identity.clone())
             .map_err(|e| RedirectError::Identity { pod: pod.clone(), reason: e.to_string() })?;
-        let netns = Arc::new(open_netns(workload)?);
 
         let has_v4 = workload.ips.iter().any(|ip| ip.is_ipv4());
         let has_v6 = workload.ips.iter().any(|ip| ip.is_ipv6());
@@ -436,25 +499,17 @@ impl Redirector {
             outbound_addrs.iter().map(|a| Ok((*a, listen(*a)?))).collect::<Result<_, _>>()?;
         let inbound = listen(inbound_addr)?;
         let hbone = listen(hbone_addr)?;
-        let cookie = bpf::netns_cookie(&inbound).map_err(|source| RedirectError::Listen {
-            pod: pod.clone(),
-            addr: inbound_addr,
-            source,
-        })?;
 
-        // Order matters: the inbound listener is registered before steering starts, and
-        // outbound capture starts last, once its listener is accepting.
         let bpf_err = |source: BpfError| RedirectError::Bpf { pod: pod.clone(), source: Box::new(source) };
         for ip in &workload.ips {
-            self.datapath.set_listener(bpf::kernel_ip(*ip), &inbound).map_err(bpf_err)?;
+            self.datapath.set_listener(bpf::kernel_ip(*ip), &inbound, &hbone).map_err(bpf_err)?;
         }
-        self.datapath.link_netns(&*netns, cookie).map_err(bpf_err)?;
 
         let stats = Arc::new(PodStats::default());
         let context = Arc::new(PodContext {
             workload: workload.clone(),
             identity,
-            netns: netns.clone(),
+            netns,
             cookie,
             stats: stats.clone(),
             server_tls,
@@ -466,37 +521,192 @@ impl Redirector {
                 source,
             })
         };
-        let mut tasks = Vec::new();
+        let mut serving = Serving { workload: workload.clone(), stats, tasks: Vec::new() };
         for socket in outbound {
             let listener = to_tokio(socket)?;
-            tasks.push(tokio::spawn(self.proxy.clone().serve_outbound(context.clone(), listener)));
+            serving.tasks.push(tokio::spawn(self.proxy.clone().serve_outbound(context.clone(), listener)));
         }
         let listener = to_tokio((inbound_addr, inbound))?;
-        tasks.push(tokio::spawn(self.proxy.clone().serve_inbound(context.clone(), listener)));
+        serving.tasks.push(tokio::spawn(self.proxy.clone().serve_inbound(context.clone(), listener)));
         let listener = to_tokio((hbone_addr, hbone))?;
-        tasks.push(tokio::spawn(self.proxy.clone().serve_hbone(context.clone(), listener)));
-
-        let mut enrolled = Enrolled::default();
-        for ip in &workload.ips {
-            match ip {
-                std::net::IpAddr::V4(v4) => enrolled.ipv4 = u32::from_ne_bytes(v4.octets()),
-                std::net::IpAddr::V6(v6) => enrolled.ipv6 = bpf::kernel_ip((*v6).into()).addr,
-            }
-        }
-        if let Err(e) = self.datapath.enroll(cookie, enrolled) {
-            tasks.iter().for_each(JoinHandle::abort);
-            return Err(bpf_err(e));
-        }
-        if self.tracing != Tracing::Off
-            && let Err(e) = self.datapath.trace_netns(cookie, true)
-        {
-            warn!(pod = %pod, error = %e, "connections of this pod will not be traced");
-        }
-        Ok(Captured { workload: workload.clone(), netns_id: netns.id(), cookie, stats, tasks })
+        serving.tasks.push(tokio::spawn(self.proxy.clone().serve_hbone(context, listener)));
+        Ok(serving)
     }
 
-    fn release(&mut self, captured: Captured) {
-        let Captured { workload, cookie, tasks, .. } = captured;
+    /// Checks that the kernel still holds what the agent put there (pins, links, enrollment
+    /// entries, listeners) and puts back what is missing. Run every few seconds.
+    pub fn verify(&mut self, cluster: &Cluster) -> &DatapathCheck {
+        let netns: HashMap<u64, Arc<Netns>> =
+            self.held.values().map(|h| (h.cookie, h.netns.clone())).collect();
+        let mut check = self.datapath.verify(&|cookie| netns.get(&cookie).cloned());
+        let enrolled: HashSet<u64> = self.datapath.enrolled_netns().into_iter().collect();
+        let listening = self.datapath.listening();
+        let mut reserve = Vec::new();
+        for (key, held) in &mut self.held {
+            if !enrolled.contains(&held.cookie) {
+                check.repaired.push(format!("pod {key}: outbound capture entry was missing; restored"));
+            }
+            let lost = held.serving.as_ref().is_some_and(|s| {
+                s.tasks.iter().any(JoinHandle::is_finished)
+                    || s.workload.ips.iter().any(|ip| !listening.contains(ip))
+            });
+            if lost {
+                held.serving = None;
+                check.repaired.push(format!("pod {key}: its listeners were gone; opened again"));
+                reserve.push(key.clone());
+            } else if !enrolled.contains(&held.cookie) {
+                reserve.push(key.clone());
+            }
+        }
+        for key in reserve {
+            let Some(workload) = self.held.get(&key).map(|h| h.workload.clone()) else { continue };
+            let mut claimed = HashMap::new();
+            if let Err(e) = self.enroll(cluster, &workload, &mut claimed, &OnceCell::new()) {
+                check.broken.push(e.to_string());
+            }
+        }
+        for repair in &check.repaired {
+            warn!(repair = %repair, "datapath repaired");
+        }
+        self.repairs += check.repaired.len() as u64;
+        self.check = check;
+        &self.check
+    }
+
+    fn identity_of(&self, workload: &Workload) -> Identity {
+        Identity::new(self.identities.trust_domain(), &workload.key.namespace, &workload.service_account)
+    }
+
+    /// Removes state that a previous agent of this instance left for pods that are no longer
+    /// enrolled here (their entries would otherwise capture traffic no one serves).
+    fn forget_stale(&mut self) {
+        let live: HashSet<u64> = self.held.values().map(|h| h.cookie).collect();
+        for cookie in self.datapath.enrolled_netns() {
+            if !live.contains(&cookie) {
+                info!(cookie, "removing stale enrollment left by a previous agent");
+                if let Err(e) = self.datapath.unenroll(cookie) {
+                    warn!(cookie, error = %e, "stale enrollment not removed");
+                }
+            }
+        }
+        for cookie in self.datapath.linked_netns() {
+            if !live.contains(&cookie)
+                && let Err(e) = self.datapath.unlink_netns(cookie)
+            {
+                warn!(cookie, error = %e, "stale inbound link not removed");
+            }
+        }
+        // Traced-only pods are set up after this; drop everything not captured.
+        for cookie in self.datapath.traced_netns() {
+            if !live.contains(&cookie) {
+                let _ = self.datapath.trace_netns(cookie, false);
+            }
+        }
+    }
+
+    /// The traced pods by netns cookie, for flow records.
+    pub fn traced_pods(&self) -> std::collections::HashMap<u64, Arc<Workload>> {
+        self.held
+            .values()
+            .map(|h| (h.cookie, h.workload.clone()))
+            .chain(self.traced_only.values().map(|(w, cookie)| (*cookie, w.clone())))
+            .collect()
+    }
+
+    /// With `--trace-all`, traces the pods of this node that are not captured.
+    fn trace_others(&mut self, cluster: &Cluster) {
+        let wanted: BTreeMap<ObjectKey, &Arc<Workload>> = if self.tracing == Tracing::AllPods {
+            cluster
+                .workloads_on(&self.node)
+                .filter(|w| !self.held.contains_key(&w.key) && !self.failed.contains_key(&w.key))
+                .map(|w| (w.key.clone(), w))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
+        let gone: Vec<ObjectKey> = self
+            .traced_only
+            .iter()
+            .filter(|(k, (w, _))| wanted.get(*k).is_none_or(|now| now.netns != w.netns))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in gone {
+            if let Some((_, cookie)) = self.traced_only.remove(&key) {
+                let _ = self.datapath.trace_netns(cookie, false);
+            }
+        }
+        let processes = OnceCell::new();
+        for (key, workload) in wanted {
+            if self.traced_only.contains_key(&key) {
+                continue;
+            }
+            // The cookie of a namespace is read from a socket created inside it.
+            let cookie = open_netns(workload, &processes).and_then(|ns| {
+                if let Some(reason) = ns.not_a_pod() {
+                    return Err(RedirectError::RefusedNetns {
+                        pod: key.clone(),
+                        path: ns.path().display().to_string(),
+                        reason: reason.to_owned(),
+                    });
+                }
+                ns.run(|| Socket::new(Domain::IPV4, Type::STREAM, None))
+                    .and_then(|s| s)
+                    .and_then(|s| bpf::netns_cookie(&s))
+                    .map_err(|source| RedirectError::Netns {
+                        pod: key.clone(),
+                        path: ns.path().display().to_string(),
+                        source,
+                    })
+            });
+            match cookie.and_then(|cookie| {
+                self.datapath
+                    .trace_netns(cookie, true)
+                    .map(|()| cookie)
+                    .map_err(|source| RedirectError::Bpf { pod: key.clone(), source: Box::new(source) })
+            }) {
+                Ok(cookie) => {
+                    self.traced_only.insert(key, (workload.clone(), cookie));
+                }
+                Err(e) => warn!(error = %e, "pod not traced"),
+            }
+        }
+    }
+
+    /// The pods of this node that present each identity, for `ambit certs`.
+    pub fn pods_by_identity(&self) -> std::collections::HashMap<Identity, Vec<String>> {
+        let mut map: std::collections::HashMap<Identity, Vec<String>> = std::collections::HashMap::new();
+        for held in self.held.values().filter(|h| h.serving.is_some()) {
+            map.entry(self.identity_of(&held.workload)).or_default().push(held.workload.key.to_string());
+        }
+        map
+    }
+
+    /// Reports of every pod of this node.
+    pub fn reports(&self, cluster: &Cluster) -> Vec<PodReport> {
+        cluster
+            .workloads_on(&self.node)
+            .map(|w| {
+                let held = self.held.get(&w.key);
+                let serving = held.and_then(|h| h.serving.as_ref());
+                let failure = self.failed.get(&w.key);
+                PodReport {
+                    workload: (**w).clone(),
+                    state: match (serving, failure) {
+                        (_, Some(f)) if f.refused => CaptureState::Refused,
+                        (_, Some(_)) => CaptureState::Failed,
+                        (Some(_), None) => CaptureState::Captured,
+                        (None, None) => CaptureState::NotCaptured,
+                    },
+                    error: failure.map(|f| f.message.clone()),
+                    netns_cookie: held.map(|h| h.cookie),
+                    stats: serving.map(|s| s.stats.clone()),
+                }
+            })
+            .collect()
+    }
+
+    fn release(&mut self, held: Held) {
+        let Held { workload, cookie, serving, .. } = held;
         // Reverse order of capture: stop capturing outbound first, then inbound.
         if let Err(e) = self.datapath.unenroll(cookie) {
             warn!(pod = %workload.key, error = %e, "releasing outbound capture");
@@ -505,42 +715,51 @@ impl Redirector {
         if let Err(e) = self.datapath.unlink_netns(cookie) {
             warn!(pod = %workload.key, error = %e, "releasing inbound capture");
         }
+        // Another pod may hold one of the addresses by now (released pods go first).
         for ip in &workload.ips {
             if let Err(e) = self.datapath.clear_listener(bpf::kernel_ip(*ip)) {
                 warn!(pod = %workload.key, error = %e, "releasing inbound listener");
             }
         }
-        // Stops accepting; connections already proxied run to their end.
-        tasks.iter().for_each(JoinHandle::abort);
+        drop(serving);
         info!(pod = %workload.key, "pod released");
     }
 }
 
-/// Two views of a pod need the same capture when they share netns path and IPs.
-fn same_capture(a: &Workload, b: &Workload) -> bool {
-    a.netns == b.netns && a.ips == b.ips && a.uid == b.uid && a.service_account == b.service_account
+/// Two views of a pod can share its listeners when they have the same addresses and identity.
+fn same_serving(a: &Workload, b: &Workload) -> bool {
+    a.ips == b.ips && a.uid == b.uid && a.service_account == b.service_account && a.key == b.key
 }
 
-fn open_netns(workload: &Workload) -> Result<Netns, RedirectError> {
-    let path = match &workload.netns {
-        Some(path) => path.clone(),
-        // No annotation: find it as in a cluster, through the pod's cgroup.
+/// The pod's network namespace: from the local file's annotation, or (in a cluster, where pod
+/// specs cannot name it) from a process in the pod's cgroup, checked again once it is open.
+fn open_netns(
+    workload: &Workload,
+    processes: &OnceCell<HashMap<String, u32>>,
+) -> Result<Netns, RedirectError> {
+    let pod = || workload.key.clone();
+    let proc_root = Path::new("/proc");
+    let (path, discovered) = match &workload.netns {
+        Some(path) => (path.clone(), false),
         None => {
             if workload.uid.is_empty() {
-                return Err(RedirectError::NoNetns(workload.key.clone()));
+                return Err(RedirectError::NoNetns(pod()));
             }
-            let proc_root = Path::new("/proc");
-            let processes = procfs::pod_processes(proc_root);
-            procfs::netns_of_pod(proc_root, &processes, &workload.uid).ok_or_else(|| {
-                RedirectError::NoProcess { pod: workload.key.clone(), uid: workload.uid.clone() }
-            })?
+            let processes = processes.get_or_init(|| procfs::pod_processes(proc_root));
+            let path = procfs::netns_of_pod(proc_root, processes, &workload.uid)
+                .ok_or_else(|| RedirectError::NoProcess { pod: pod(), uid: workload.uid.clone() })?;
+            (path, true)
         }
     };
-    Netns::open(&path).map_err(|source| RedirectError::Netns {
-        pod: workload.key.clone(),
+    let netns = Netns::open(&path).map_err(|source| RedirectError::Netns {
+        pod: pod(),
         path: path.display().to_string(),
         source,
-    })
+    })?;
+    if discovered && !procfs::still_in_pod(&path, &workload.uid) {
+        return Err(RedirectError::NoProcess { pod: pod(), uid: workload.uid.clone() });
+    }
+    Ok(netns)
 }
 
 /// A listening socket for one of the agent's ports inside a pod: created while the thread is

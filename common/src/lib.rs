@@ -55,12 +55,12 @@ pub struct OrigDstKey {
     pub _pad: u32,
 }
 
-/// Key of the `HOST_CONNECTIONS` map: a TCP connection opened by a socket of the node's own
-/// network namespace (a host-network process, such as the kubelet probing a pod), as that socket
-/// sees it. Ports in host byte order.
+/// A TCP connection as the socket that opened it sees it, ports in host byte order. Key of
+/// `HOST_CONNECTIONS` (opened by a socket of the node's own network namespace, such as the
+/// kubelet probing a pod) and `LOCAL_CONNECTIONS` (opened inside a pod to the pod's own address).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct HostConnection {
+pub struct ConnectionKey {
     /// The host socket's address.
     pub src: IpAddr,
     /// The address it connected to.
@@ -85,7 +85,7 @@ pub struct Enrolled {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{Enrolled, FlowEvent, HostConnection, IpAddr, OrigDstKey, SockAddr};
+    use super::{ConnectionKey, Enrolled, FlowEvent, IpAddr, OrigDstKey, SockAddr};
 
     // SAFETY: all these types are `#[repr(C)]`, made only of integers, and have no padding, so
     // every byte pattern is a valid value and no byte is uninitialised.
@@ -97,7 +97,7 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for Enrolled {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for HostConnection {}
+    unsafe impl aya::Pod for ConnectionKey {}
     // SAFETY: as above (field sizes chosen so that no padding is left).
     unsafe impl aya::Pod for FlowEvent {}
 }

@@ -1,9 +1,12 @@
 //! Inbound capture: new TCP connections to an enrolled pod go to the agent's inbound listener.
 
-use ambit_common::{AF_INET, AF_INET6, HBONE_PORT, IpAddr};
+use ambit_common::{AF_INET, AF_INET6, ConnectionKey, HBONE_PORT, IpAddr};
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 
-use crate::{maps::INBOUND_LISTENERS, read_words};
+use crate::{
+    maps::{HBONE_LISTENERS, INBOUND_LISTENERS, LOCAL_CONNECTIONS},
+    read_words,
+};
 
 const SK_DROP: u32 = 0;
 const SK_PASS: u32 = 1;
@@ -16,13 +19,9 @@ const LOOPBACK_IFINDEX: u32 = 1;
 pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     // SAFETY: the kernel hands a valid `bpf_sk_lookup`; the verifier checks every access.
     let lookup = unsafe { &*ctx.lookup };
-    if lookup.protocol != IPPROTO_TCP
-        // Connections to 127.0.0.1 or ::1 inside the pod (including to the agent's outbound
-        // listener) are the pod's own business.
-        || lookup.ingress_ifindex == LOOPBACK_IFINDEX
-        // HBONE goes to the agent's own listener on 15008 by the normal lookup.
-        || lookup.local_port == u32::from(HBONE_PORT)
-    {
+    // Connections to 127.0.0.1 or ::1 inside the pod (including to the agent's outbound
+    // listener) are the pod's own business.
+    if lookup.protocol != IPPROTO_TCP || lookup.ingress_ifindex == LOOPBACK_IFINDEX {
         return SK_PASS;
     }
     let (local, remote) = match lookup.family {
@@ -36,13 +35,22 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
         ),
         _ => return SK_PASS,
     };
-    // From the pod's own address to itself: the agent delivering to the app (or the app talking
-    // to itself). Such packets cannot come from outside: the kernel drops packets that arrive
-    // with one of its own addresses as source (`accept_local` is off by default).
+    // From the pod's own address to itself: the agent delivering to the app, or the app talking
+    // to itself, which a socket of this netns opened and `sock_ops` remembered. Anything else
+    // with that source came from outside (an IPv6 packet spoofing the pod's address): drop it.
     if local == remote {
-        return SK_PASS;
+        let key = ConnectionKey {
+            src: remote,
+            dst: local,
+            src_port: u32::from(u16::from_be(lookup.remote_port)),
+            dst_port: lookup.local_port,
+        };
+        // SAFETY: a lookup in our own map.
+        return if unsafe { LOCAL_CONNECTIONS.get(&key) }.is_some() { SK_PASS } else { SK_DROP };
     }
-    match INBOUND_LISTENERS.redirect_sk_lookup(&ctx, local, 0) {
+    let listeners =
+        if lookup.local_port == u32::from(HBONE_PORT) { &HBONE_LISTENERS } else { &INBOUND_LISTENERS };
+    match listeners.redirect_sk_lookup(&ctx, local, 0) {
         Ok(()) => SK_PASS,
         // No live listener for this pod: refuse rather than let traffic reach the app
         // without the agent (fail closed).

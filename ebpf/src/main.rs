@@ -7,11 +7,13 @@
 //!   connections to the agent's inbound listener and drops them when that listener is gone.
 //! - `probes`: connections opened from the node's own network namespace (kubelet probes), which
 //!   the agent exempts from STRICT.
+//! - `local`: connections inside a pod to its own address, which `sk_lookup` lets through.
 //! - `trace`: connection open/close events with TCP statistics, resets, and drop reasons.
 #![no_std]
 #![no_main]
 
 mod inbound;
+mod local;
 mod maps;
 mod outbound;
 mod probes;

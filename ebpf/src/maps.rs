@@ -2,7 +2,7 @@
 //! instance directory, so that they outlive the agent process and a restarted agent re-opens
 //! the same state (enforcement never lapses).
 
-use ambit_common::{Enrolled, HostConnection, IpAddr, OrigDstKey, SockAddr};
+use ambit_common::{ConnectionKey, Enrolled, IpAddr, OrigDstKey, SockAddr};
 use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, SockHash},
@@ -26,9 +26,21 @@ pub(crate) static ORIG_DST: LruHashMap<OrigDstKey, SockAddr> = LruHashMap::pinne
 /// agent lets exactly these past STRICT (kubelet probes). Written and removed by `sock_ops`; the
 /// agent removes an entry once it has seen its connection.
 #[map]
-pub(crate) static HOST_CONNECTIONS: LruHashMap<HostConnection, u64> = LruHashMap::pinned(16_384, 0);
+pub(crate) static HOST_CONNECTIONS: LruHashMap<ConnectionKey, u64> = LruHashMap::pinned(16_384, 0);
 
 /// The agent's inbound listener of each enrolled pod, by pod IP. A closed listener leaves the
 /// map by itself, which is what makes a dead agent fail closed.
 #[map]
 pub(crate) static INBOUND_LISTENERS: SockHash<IpAddr> = SockHash::pinned(16_384, 0);
+
+/// The agent's HBONE listener of each enrolled pod, by pod IP: port 15008 is steered too, so
+/// that an application holding that port in a pod whose capture failed never receives it.
+#[map]
+pub(crate) static HBONE_LISTENERS: SockHash<IpAddr> = SockHash::pinned(16_384, 0);
+
+/// Connections opened inside an enrolled pod to the pod's own address (the agent delivering to
+/// the app, or the app reaching itself), while they are open: `sk_lookup` passes exactly these
+/// and drops any other packet claiming the pod's own address as its source (IPv6 does not drop
+/// such packets by itself). Written and removed by `sock_ops`.
+#[map]
+pub(crate) static LOCAL_CONNECTIONS: LruHashMap<ConnectionKey, u64> = LruHashMap::pinned(16_384, 0);

@@ -3,7 +3,7 @@
 //! A packet forwarded through the node (kube-proxy's NodePort or LoadBalancer DNAT, even
 //! masqueraded to the node's address) has no socket there and is never remembered.
 
-use ambit_common::HostConnection;
+use ambit_common::ConnectionKey;
 use aya_ebpf::{
     EbpfContext as _, Global,
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -41,7 +41,7 @@ pub(crate) fn forget(ctx: &SockOpsContext) {
 }
 
 #[inline(always)]
-fn key(ctx: &SockOpsContext) -> HostConnection {
+fn key(ctx: &SockOpsContext) -> ConnectionKey {
     let (src, src_port, dst, dst_port) = sock_ops_endpoints(ctx);
-    HostConnection { src, dst, src_port, dst_port }
+    ConnectionKey { src, dst, src_port, dst_port }
 }

@@ -19,7 +19,7 @@ use aya_ebpf::{
     programs::{SockOpsContext, TracePointContext},
 };
 
-use crate::{outbound::remember_established, probes, sock_ops_endpoints};
+use crate::{local, outbound::remember_established, probes, sock_ops_endpoints};
 
 const TCP_CONNECT_CB: u32 = 3;
 const ACTIVE_ESTABLISHED_CB: u32 = 4;
@@ -83,8 +83,9 @@ pub fn sock_events(ctx: SockOpsContext) -> u32 {
     let orig = if op == ACTIVE_ESTABLISHED_CB { remember_established(&ctx) } else { None };
     match op {
         TCP_CONNECT_CB => {
-            // Ask for state callbacks from the start, so failed attempts report too.
-            if traced(&ctx) {
+            // Ask for state callbacks from the start, so failed attempts report too, and so
+            // that a remembered local connection is forgotten at close.
+            if local::remember(&ctx) | traced(&ctx) {
                 let _ = ctx.set_cb_flags(STATE_CB_FLAG);
             } else if probes::from_host(&ctx) {
                 probes::remember(&ctx);
@@ -101,6 +102,7 @@ pub fn sock_events(ctx: SockOpsContext) -> u32 {
         // Other programs (another agent on the host, another tool) may have asked for state
         // callbacks on sockets we do not trace: check again.
         STATE_CB if ctx.arg(1) == tcp_state::CLOSE => {
+            local::forget(&ctx);
             if traced(&ctx) {
                 emit_sock(&ctx, FLOW_CLOSE, false, None);
             } else if probes::from_host(&ctx) {

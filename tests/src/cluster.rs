@@ -257,16 +257,17 @@ impl Cluster {
             self.add_netns(&netns)?;
             self.plug(&netns, &format!("p{i}"), ip)?;
             let uid = pod_uid(&self.run, i);
+            // Named as kubelet names pod cgroups, so that cluster mode finds every pod's
+            // namespace through its processes ([`Cluster::start_pod_processes`]).
             let cgroup = match spec.discovered {
-                None => self.cgroup.join(&spec.name),
+                None | Some(CgroupDriver::Cgroupfs) => {
+                    self.cgroup.join("kubepods/besteffort").join(format!("pod{uid}")).join(&spec.name)
+                }
                 Some(CgroupDriver::Systemd) => self
                     .cgroup
                     .join("kubepods.slice/kubepods-burstable.slice")
                     .join(format!("kubepods-burstable-pod{}.slice", uid.replace('-', "_")))
                     .join(format!("cri-containerd-{}.scope", spec.name)),
-                Some(CgroupDriver::Cgroupfs) => {
-                    self.cgroup.join("kubepods/besteffort").join(format!("pod{uid}")).join(&spec.name)
-                }
             };
             std::fs::create_dir_all(&cgroup)?;
             self.pods.push(Pod { name: spec.name.clone(), spec: Mutex::new(spec), netns, ip, cgroup, uid });
@@ -419,6 +420,19 @@ impl Cluster {
         self.spawn_agent_from(node, Source::Kubernetes(&kubeconfig), extra)
     }
 
+    /// Starts one long-lived process in every pod (in its netns and kubelet-style cgroup), as a
+    /// pod's containers would be: what cluster mode finds pods' namespaces by. Stopped when the
+    /// returned guard is dropped.
+    pub fn start_pod_processes(&self) -> io::Result<PodProcesses> {
+        let mut processes = PodProcesses(Vec::new());
+        for pod in &self.pods {
+            let mut sleep = Command::new("sleep");
+            sleep.arg("600");
+            processes.0.push(PodHandle { pod }.spawn(sleep)?);
+        }
+        Ok(processes)
+    }
+
     /// Starts a mock Kubernetes API server reachable from every node at `127.0.0.1:6443`.
     pub fn mock_api(&self) -> io::Result<MockApi> {
         let netns: Vec<PathBuf> = self.nodes.iter().map(|n| sys::netns_path(&n.netns)).collect();
@@ -511,6 +525,18 @@ impl Drop for Cluster {
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The processes of [`Cluster::start_pod_processes`]; killed when dropped.
+pub struct PodProcesses(Vec<Child>);
+
+impl Drop for PodProcesses {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{io::ErrorKind, net::SocketAddr, time::Duration};
 
-use ambit_tests::{Agent, CgroupDriver, Cluster, MockApi, PodSpec, wait_until};
+use ambit_tests::{Agent, CgroupDriver, Cluster, MockApi, PodProcesses, PodSpec, wait_until};
 use serde_json::json;
 
 const HTTP: u16 = 8080;
@@ -15,21 +15,13 @@ const RESYNC: Duration = Duration::from_secs(15);
 /// STRICT in shop; backend accepts only frontend-sa, db only backend-sa.
 const POLICIES: &str = include_str!("../../examples/shop/policies.yaml");
 
-/// Two nodes, the shop on them, and the pods' processes (two are found through their cgroups,
-/// as on a real node, not through the harness's annotation).
+/// Two nodes, the shop on them, and the pods' processes: in a cluster every pod's namespace is
+/// found through its processes' cgroups, as on a real node. (The harness still writes its
+/// `ambit.io/netns` annotations into the objects: cluster mode must ignore them.)
 struct Shop {
     cluster: Cluster,
     api: MockApi,
-    processes: Vec<std::process::Child>,
-}
-
-impl Drop for Shop {
-    fn drop(&mut self) {
-        for p in &mut self.processes {
-            let _ = p.kill();
-            let _ = p.wait();
-        }
-    }
+    _processes: PodProcesses,
 }
 
 fn shop() -> Shop {
@@ -54,18 +46,11 @@ fn shop() -> Shop {
         .pod(PodSpec::new("legacy", "outsider", "a"))
         .build()
         .expect("cluster");
-    let processes = ["frontend", "backend"]
-        .into_iter()
-        .map(|pod| {
-            let mut sleep = std::process::Command::new("sleep");
-            sleep.arg("300");
-            cluster.pod(pod).spawn(sleep).expect("process in the pod")
-        })
-        .collect();
+    let processes = cluster.start_pod_processes().expect("pod processes");
     cluster.set_extra_yaml(POLICIES);
     let api = cluster.mock_api().expect("mock API server");
     api.sync_yaml(&cluster.manifest()).expect("objects");
-    Shop { cluster, api, processes }
+    Shop { cluster, api, _processes: processes }
 }
 
 /// Connects, sends, reads the echo: `Ok` when it came back.
@@ -183,6 +168,7 @@ fn labelling_a_namespace_enrolls_its_pods_and_unlabelling_releases_them() {
         .pod(PodSpec::new("web", "server", "a"))
         .build()
         .expect("cluster");
+    let _processes = cluster.start_pod_processes().expect("pod processes");
     let api = cluster.mock_api().expect("mock API server");
     api.sync_yaml(&cluster.manifest()).expect("objects");
     let agent = cluster.start_kube_agent("a").expect("agent");
@@ -233,9 +219,7 @@ fn recorded_api_objects_enroll_a_new_pod_and_route_its_service() {
         .pod(PodSpec::new("bookinfo", "ratings", "worker-1").service_account("bookinfo-ratings"))
         .build()
         .expect("cluster");
-    let mut sleep = std::process::Command::new("sleep");
-    sleep.arg("300");
-    let mut process = cluster.pod(NAME).spawn(sleep).expect("process in the pod");
+    let _processes = cluster.start_pod_processes().expect("pod processes");
     let api = cluster.mock_api().expect("mock API server");
     // Everything but the reviews pod, which the "scheduler" adds once the agent runs.
     let manifest = cluster.manifest();
@@ -276,8 +260,6 @@ fn recorded_api_objects_enroll_a_new_pod_and_route_its_service() {
     );
     assert_eq!(record["dst.identity"], "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews", "{record}");
     assert!(attempt(&cluster, "ratings", vip).is_err(), "reviews-viewer admits only productpage");
-    let _ = process.kill();
-    let _ = process.wait();
 }
 
 #[test]
@@ -288,6 +270,7 @@ fn an_agent_started_before_the_api_server_waits_unready_then_catches_up() {
         .pod(PodSpec::new("shop", "client", "a"))
         .build()
         .expect("cluster");
+    let _processes = cluster.start_pod_processes().expect("pod processes");
     // Nothing answers yet: the API server is down.
     let agent = cluster.spawn_kube_agent("a", &[]).expect("agent");
     wait_until(STEP, "agent serving its admin API", || agent.readiness().ok().flatten().is_some());
@@ -333,6 +316,7 @@ fn without_istio_crds_the_agent_still_serves_and_says_why_no_policy_applies() {
         .pod(PodSpec::new("shop", "server", "a"))
         .build()
         .expect("cluster");
+    let _processes = cluster.start_pod_processes().expect("pod processes");
     let api = cluster.mock_api().expect("mock API server");
     api.serve_istio(None);
     api.sync_yaml(&cluster.manifest()).expect("objects");

@@ -194,10 +194,18 @@ fn trace_filters_and_formats() {
             .and_then(|mut s| echo_roundtrip(&mut s, b"x"));
     }
     wait_record(&cluster, "b", "db denial", |r| r["verdict"] == "denied");
+    // The denial is recorded by the agent at once, the allowed connection when the kernel
+    // reports its close: wait for both.
+    wait_record(&cluster, "b", "backend's flow", |r| {
+        r["dst"]["pod"] == "shop/backend" && r["event"] == "close"
+    });
     let denied = trace(&cluster, "b", &["--verdict", "denied"]);
     assert!(!denied.is_empty() && denied.iter().all(|r| r["verdict"] == "denied"));
     let to_backend = trace(&cluster, "b", &["--to", "shop/backend"]);
-    assert!(!to_backend.is_empty() && to_backend.iter().all(|r| r["dst"]["pod"] == "shop/backend"));
+    assert!(
+        !to_backend.is_empty() && to_backend.iter().all(|r| r["dst"]["pod"] == "shop/backend"),
+        "{to_backend:?}"
+    );
     assert!(trace(&cluster, "b", &["--port", "9999"]).is_empty());
     let out = cluster.node("b").ambit(&["trace", "--verdict", "denied"]).expect("compact");
     let text = String::from_utf8_lossy(&out.stdout);

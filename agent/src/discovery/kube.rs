@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use super::{
-    Cluster, DiscoveryError, ObjectKey, Objects,
+    Cluster, DiscoveryError, NETNS_ANNOTATION, ObjectKey, Objects,
     local::{SourceStatus, unix_now},
     objects::{EndpointSlice, Namespace, Pod, Service},
 };
@@ -366,7 +366,14 @@ fn admit(
     };
     let decoded = match kind {
         Kind::Namespace => decode(&value).map(|ns| Some(Stored::Namespace(ns))),
-        Kind::Pod => decode::<Pod>(&value).and_then(|pod| pod.validate().map(|()| Some(Stored::Pod(pod)))),
+        Kind::Pod => decode::<Pod>(&value).and_then(|mut pod| {
+            // Whoever may create a pod must not choose the namespace the agent enters: in a
+            // cluster the netns is found only through the pod's own processes.
+            if pod.metadata.annotations.remove(NETNS_ANNOTATION).is_some() {
+                warn!(pod = %key, annotation = NETNS_ANNOTATION, "ignoring the annotation: only a local cluster file may name a pod's network namespace");
+            }
+            pod.validate().map(|()| Some(Stored::Pod(pod)))
+        }),
         Kind::Service => decode(&value).map(|svc| Some(Stored::Service(svc))),
         Kind::EndpointSlice => decode(&value).map(|slice| Some(Stored::EndpointSlice(slice))),
         Kind::PeerAuthentication => decode::<PeerAuthentication>(&value)

@@ -377,6 +377,33 @@ metadata: {name: ignored}
         assert!(cluster.workload_by_ip("192.0.2.1".parse().expect("ip")).is_none());
     }
 
+    /// A finished pod keeps its podIP in the API while the address is reused: it must neither be
+    /// enrolled nor own the address, in whichever order the two pods are listed.
+    #[test]
+    fn finished_pods_own_no_address_and_two_running_claimants_share_none() {
+        let pod = |name: &str, phase: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{istio.io/dataplane-mode: ambient}}}}\nspec: {{nodeName: node-a}}\nstatus: {{phase: {phase}, podIP: {ip}}}\n---\n"
+            )
+        };
+        let key = |name: &str| ObjectKey { namespace: "shop".into(), name: name.into() };
+        for phase in ["Succeeded", "Failed"] {
+            let (done, running) = (pod("done", phase, "10.0.0.5"), pod("web", "Running", "10.0.0.5"));
+            for text in [format!("{done}{running}"), format!("{running}{done}")] {
+                let cluster = parse_str(&text).expect("valid");
+                assert_eq!(cluster.workloads[&key("done")].enrollment, Enrollment::Finished);
+                let owner = cluster.workload_by_ip("10.0.0.5".parse().expect("ip")).expect("owned");
+                assert_eq!(owner.key, key("web"), "{phase}: the running pod owns the address");
+                assert!(cluster.ip_claimants("10.0.0.5".parse().expect("ip")).is_none());
+            }
+        }
+        let text = format!("{}{}", pod("one", "Running", "10.0.0.6"), pod("two", "Pending", "10.0.0.6"));
+        let cluster = parse_str(&text).expect("valid");
+        let ip = "10.0.0.6".parse().expect("ip");
+        assert!(cluster.workload_by_ip(ip).is_none(), "neither claimant owns it");
+        assert_eq!(cluster.ip_claimants(ip), Some(&[key("one"), key("two")][..]));
+    }
+
     #[test]
     fn syntax_errors_name_file_and_line() {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n   bad: [\n";

@@ -35,6 +35,14 @@ pub enum CheckError {
     /// A Service without a virtual address: its pods are reached by their own addresses.
     #[error("Service {0} is headless (no ClusterIP): check one of its pods by name")]
     Headless(String),
+    /// Several running pods claim the address; the agents refuse traffic to it.
+    #[error("{ip} is claimed by several running pods ({pods}): the agents refuse connections to it")]
+    AmbiguousAddress {
+        /// The address.
+        ip: IpAddr,
+        /// The claimants, comma-separated.
+        pods: String,
+    },
 }
 
 /// One end of the connection.
@@ -98,6 +106,11 @@ pub fn check(
         }
         Destination::Ip(ip) => (None, *ip, None),
     };
+    // The datapath refuses such an address, whichever way it was named.
+    if let Some(claimants) = cluster.ip_claimants(dst_ip) {
+        let pods = claimants.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        return Err(CheckError::AmbiguousAddress { ip: dst_ip, pods });
+    }
     let end = |w: Option<&Workload>, ip, id: &Option<Identity>| End {
         pod: w.map(|w| w.key.to_string()),
         ip,

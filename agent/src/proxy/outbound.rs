@@ -44,7 +44,7 @@ impl Proxy {
     ) -> Result<(), ProxyError> {
         let dst = self
             .maps
-            .orig_dst(pod.cookie, peer.port())
+            .take_orig_dst(pod.cookie, peer.port())
             .and_then(from_kernel)
             .ok_or(ProxyError::NoOriginalDestination(peer.port()))?;
         let cluster = self.cluster();
@@ -75,6 +75,19 @@ impl Proxy {
             None => dst,
         };
         record.dst_addr = Some(dst);
+        if let Some(claimants) = cluster.ip_claimants(dst.ip()) {
+            let pods = claimants.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            let e = ProxyError::AmbiguousAddress { addr: dst, pods };
+            let note = Note {
+                security: "plaintext",
+                verdict: "error",
+                reason: Some(e.to_string()),
+                ..Note::default()
+            };
+            self.settings.flows.note(pod.cookie, peer.port(), note);
+            reset(client);
+            return Err(e);
+        }
         let dst_workload = cluster.workload_by_ip(dst.ip()).cloned();
         record.dst_workload = dst_workload.clone();
 

@@ -26,6 +26,8 @@ pub struct Netns {
 }
 
 static HOST: OnceLock<Netns> = OnceLock::new();
+/// The network namespace of PID 1 (the node's, when the agent runs with `hostPID`), if readable.
+static INIT: OnceLock<Option<(u64, u64)>> = OnceLock::new();
 
 impl Netns {
     /// Opens the namespace at `path` (`/var/run/netns/NAME`, `/proc/PID/ns/net`, ...).
@@ -47,7 +49,24 @@ impl Netns {
     pub fn init_host() -> io::Result<()> {
         let host = Self::open(Path::new("/proc/thread-self/ns/net"))?;
         let _ = HOST.set(host);
+        let _ = INIT.set(Self::open(Path::new("/proc/1/ns/net")).ok().map(|ns| ns.id()));
         Ok(())
+    }
+
+    /// Why this namespace can never be a pod's: it is the agent's own (the node's, for a
+    /// host-network agent) or PID 1's. Enrolling either would capture the node's own traffic.
+    pub fn not_a_pod(&self) -> Option<&'static str> {
+        // The initial network namespace has this fixed inode on current kernels, below the
+        // range dynamic namespaces are numbered from: also recognised when PID 1's namespace
+        // cannot be read (no hostPID, or a sandbox that hides PID 1).
+        const INIT_NET_INODE: u64 = 0xEFFF_FFF9;
+        if HOST.get().is_some_and(|host| host.id() == self.id()) {
+            Some("it is the agent's own network namespace")
+        } else if INIT.get().copied().flatten() == Some(self.id()) || self.inode.1 == INIT_NET_INODE {
+            Some("it is the host's network namespace (that of PID 1)")
+        } else {
+            None
+        }
     }
 
     /// Where it was opened from.
@@ -126,5 +145,30 @@ mod tests {
         Netns::init_host().expect("host netns");
         let ns = Netns::open(Path::new("/proc/self/ns/net")).expect("own netns");
         assert_eq!(ns.run(|| 7).expect("run"), 7);
+    }
+
+    /// The paths a hostile pod spec would name: the agent's own namespace, PID 1's, by any of
+    /// their procfs names. (Checked here, without enrolling them end to end: a regression would
+    /// capture the test machine's own traffic.)
+    #[test]
+    fn the_agents_and_the_hosts_namespaces_are_never_a_pod() {
+        Netns::init_host().expect("host netns");
+        for path in ["/proc/self/ns/net", "/proc/thread-self/ns/net", "/proc/1/ns/net"] {
+            // PID 1's namespace may be unreadable (a sandbox hiding PID 1): then it cannot be
+            // named by a pod spec either.
+            let Ok(ns) = Netns::open(Path::new(path)) else { continue };
+            assert!(ns.not_a_pod().is_some(), "{path} must be refused");
+        }
+        let own = format!("/proc/{}/ns/net", std::process::id());
+        assert!(Netns::open(Path::new(&own)).expect("own pid").not_a_pod().is_some());
+        // The control: a namespace of its own is a pod's.
+        let pod = std::thread::spawn(|| {
+            // SAFETY: unshare only changes this new thread's network namespace.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "{}", io::Error::last_os_error());
+            Netns::open(Path::new("/proc/thread-self/ns/net")).expect("new netns").not_a_pod()
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(pod, None);
     }
 }

@@ -54,6 +54,19 @@ pub fn netns_of_pod(proc_root: &Path, processes: &HashMap<String, u32>, uid: &st
     Some(proc_root.join(pid.to_string()).join("ns/net"))
 }
 
+/// Whether the process behind a netns path of [`netns_of_pod`] is (still) in a cgroup of the pod
+/// `uid`. Called after the namespace is open: a pid reused since the walk belongs to another
+/// process, whose namespace must not be taken for the pod's.
+pub fn still_in_pod(netns_path: &Path, uid: &str) -> bool {
+    let Some(process) = netns_path.parent().and_then(Path::parent) else { return false };
+    let uid = uid.replace('_', "-");
+    std::fs::read_to_string(process.join("cgroup")).is_ok_and(|cgroups| {
+        cgroups.lines().any(|line| {
+            line.splitn(3, ':').nth(2).and_then(pod_uid_of_cgroup).as_deref() == Some(uid.as_str())
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
