@@ -309,7 +309,13 @@ pub async fn status(args: &OperatorArgs) -> Result<String, CliError> {
         (0, _) => "intact".to_owned(),
         (n, true) => format!("intact ({n} repairs since start)"),
         (n, false) => {
-            format!("REPAIRED just now: {} ({n} since start)", status.datapath.last_repaired.join("; "))
+            let last = &status.datapath.last_repaired;
+            let more = if last.len() > 1 {
+                format!(" and {} more, see -o json", last.len() - 1)
+            } else {
+                String::new()
+            };
+            format!("REPAIRED just now: {}{more} ({n} repairs since start)", last[0])
         }
     };
     t.row(["datapath", &datapath]);

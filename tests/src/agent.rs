@@ -161,6 +161,17 @@ impl Agent {
         pod["state"].as_str().map(str::to_owned)
     }
 
+    /// The full `/workloads` entry of a pod of this node.
+    pub fn pod_report(&self, pod: &str) -> Option<Value> {
+        let pods = self.admin_json("/workloads")?;
+        pods.as_array()?.iter().find(|p| p["name"] == pod).cloned()
+    }
+
+    /// How many file descriptors the agent process holds.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map(|d| d.count()).unwrap_or(0)
+    }
+
     /// Stops the agent process (SIGSTOP) until [`Agent::resume`]: it does nothing meanwhile.
     pub fn pause(&self) {
         // SAFETY: signalling our own child.

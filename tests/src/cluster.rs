@@ -475,6 +475,11 @@ impl Cluster {
         format!("{}-{node}", self.run.trim_start_matches("ambit-"))
     }
 
+    /// Where a node's agent pins its kernel objects.
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        Path::new(sys::BPF_DIR).join(self.instance(node))
+    }
+
     /// The agent logs, for failure reports.
     pub fn agent_logs(&self) -> String {
         let mut out = String::new();
@@ -579,6 +584,12 @@ impl NodeHandle<'_> {
     /// Runs `f` inside the node's network namespace (for HTTP to its agent).
     pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
         sys::in_netns(&sys::netns_path(&self.node.netns), f)
+    }
+
+    /// Starts an echo server on `port` in the node's own network namespace (a host-network
+    /// service).
+    pub fn echo_server(&self, port: u16) -> io::Result<EchoServer> {
+        EchoServer::start(self.in_netns(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))??)
     }
 
     /// Connects from the node's own network namespace, as a host-network process (the kubelet).

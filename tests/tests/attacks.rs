@@ -1,0 +1,305 @@
+//! End to end: the attacks of SECURITY.md, as a hostile tenant (pod specs, floods, spoofed
+//! packets) and a careless operator (pins removed, ports taken, restarts) would make them. Each
+//! test first shows the setup is real (a control that would fail if the attack could not work
+//! or the mechanism were not live), then that the attack is refused and named, and that the
+//! node's own traffic and every other pod are unaffected.
+
+use std::{
+    io::ErrorKind,
+    net::{SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use ambit_tests::{Agent, Cluster, PodSpec, echo_roundtrip, wait_until};
+
+const HTTP: u16 = 8080;
+const STEP: Duration = Duration::from_secs(5);
+const STRICT: &str = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n---\n";
+
+fn roundtrip(cluster: &Cluster, from: &str, to: SocketAddr) -> Result<(), ErrorKind> {
+    cluster.pod(from).attempt(to)
+}
+
+fn state(agent: &Agent, pod: &str) -> (String, String) {
+    let report = agent.pod_report(pod).unwrap_or_default();
+    (report["state"].as_str().unwrap_or("").to_owned(), report["error"].as_str().unwrap_or("").to_owned())
+}
+
+/// A pod spec names the agent's own network namespace, or another pod's. Before, the agent
+/// "captured" the node itself (all of its inbound TCP dropped, its outbound proxied under the
+/// pod's identity) or steered another pod's traffic. Now both pods are refused by name and
+/// nothing is installed for them.
+#[test]
+fn a_pod_spec_cannot_choose_the_namespace_the_agent_enters() {
+    let cluster = Cluster::builder()
+        .node("a")
+        .namespace("shop", true)
+        .namespace("other", false)
+        .pod(PodSpec::new("shop", "client", "a"))
+        .pod(PodSpec::new("shop", "server", "a"))
+        .pod(PodSpec::new("shop", "hostile", "a"))
+        .pod(PodSpec::new("shop", "thief", "a"))
+        .pod(PodSpec::new("other", "plain", "a"))
+        .build()
+        .expect("cluster");
+    let server_netns = cluster.pod("server").netns_path().display().to_string();
+    cluster.edit_pod("hostile", |p| p.netns_override = Some("/proc/self/ns/net".into()));
+    cluster.edit_pod("thief", |p| p.netns_override = Some(server_netns.clone()));
+    cluster.write_manifest().expect("write");
+    let agent = cluster.start_agent("a").expect("ready: refused pods do not hold the node unready");
+    let _server = cluster.pod("server").echo_server(HTTP).expect("server");
+    let plain = cluster.pod("plain").echo_server(HTTP).expect("plain");
+
+    let (hostile, why) = state(&agent, "hostile");
+    assert_eq!(hostile, "refused", "{why}");
+    assert!(why.contains("/proc/self/ns/net") && why.contains("agent's own network namespace"), "{why}");
+    let (thief, why) = state(&agent, "thief");
+    assert_eq!(thief, "refused", "{why}");
+    assert!(why.contains("already enrolled for pod shop/server"), "{why}");
+    assert!(agent.pod_report("hostile").is_some_and(|r| r["netns_cookie"].is_null()), "nothing held");
+    let out = cluster.node("a").ambit(&["workloads"]).expect("ambit workloads");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.lines().any(|l| l.contains("hostile") && l.contains("REFUSED")), "{table}");
+    let status = agent.admin_json("/status").expect("status");
+    assert_eq!(status["pods_refused"], 2, "{status}");
+
+    // The node's own traffic is its own: a host service takes connections from pods, and the
+    // node's connections leave unproxied, from the node's address.
+    let node_service = cluster.node("a").echo_server(9999).expect("host service");
+    let node_addr = SocketAddr::new(cluster.node("a").ip(), 9999);
+    assert_eq!(roundtrip(&cluster, "plain", node_addr), Ok(()), "inbound TCP to the node");
+    assert_eq!(node_service.peers().len(), 1);
+    let mut s = cluster.node("a").connect(cluster.pod("plain").addr(HTTP), STEP).expect("node outbound");
+    assert_eq!(echo_roundtrip(&mut s, b"node").expect("echo"), b"node");
+    assert_eq!(plain.peers()[0].ip(), cluster.node("a").ip(), "the node's connection was not proxied");
+    // The real server keeps its own traffic, over mTLS with its own identity.
+    assert_eq!(roundtrip(&cluster, "client", cluster.pod("server").addr(HTTP)), Ok(()));
+    let record = agent
+        .wait_for_event(STEP, |e| e["target"] == "access" && e["direction"] == "inbound")
+        .expect("inbound record");
+    assert_eq!(record["dst.workload"], "server", "{record}");
+    assert_eq!(record["dst.identity"], "spiffe://cluster.local/ns/shop/sa/default", "{record}");
+
+    // The control: the annotation is live in local mode. Pointed at its own namespace, the
+    // thief is captured like any pod.
+    let own = cluster.pod("thief").netns_path().display().to_string();
+    cluster.edit_pod("thief", |p| p.netns_override = Some(own));
+    cluster.write_manifest().expect("write");
+    wait_until(STEP, "thief captured in its own netns", || state(&agent, "thief").0 == "captured");
+}
+
+/// In a cluster, whoever may create a pod must not choose the namespace at all: the
+/// annotation is ignored, and the pod is found through its own processes.
+#[test]
+fn in_a_cluster_the_netns_annotation_is_ignored() {
+    let cluster = Cluster::builder()
+        .node("a")
+        .namespace("shop", true)
+        .pod(PodSpec::new("shop", "client", "a"))
+        .pod(PodSpec::new("shop", "server", "a"))
+        .pod(PodSpec::new("shop", "hostile", "a"))
+        .build()
+        .expect("cluster");
+    let server_netns = cluster.pod("server").netns_path().display().to_string();
+    cluster.edit_pod("hostile", |p| p.netns_override = Some(server_netns));
+    let _processes = cluster.start_pod_processes().expect("pod processes");
+    let api = cluster.mock_api().expect("mock API");
+    api.sync_yaml(&cluster.manifest()).expect("objects");
+    let agent = cluster.start_kube_agent("a").expect("agent");
+    // Each pod is held in the namespace of its own processes.
+    let cookie = |pod: &str| agent.pod_report(pod).map(|r| r["netns_cookie"].clone()).unwrap_or_default();
+    wait_until(STEP, "all captured", || {
+        ["client", "server", "hostile"].iter().all(|p| state(&agent, p).0 == "captured")
+    });
+    assert_ne!(cookie("hostile"), cookie("server"), "the hostile pod got its own namespace");
+    agent
+        .wait_for_event(STEP, |e| {
+            e["pod"] == "shop/hostile"
+                && e["message"].as_str().is_some_and(|m| m.contains("ignoring the annotation"))
+        })
+        .expect("the ignored annotation is logged");
+    let _server = cluster.pod("server").echo_server(HTTP).expect("server");
+    assert_eq!(roundtrip(&cluster, "client", cluster.pod("server").addr(HTTP)), Ok(()));
+    let record = agent
+        .wait_for_event(STEP, |e| e["target"] == "access" && e["direction"] == "inbound")
+        .expect("inbound record");
+    assert_eq!(record["dst.workload"], "server", "{record}");
+}
+
+/// A careless operator (or a cleanup script) removes ambit's pins while the agent runs. Before,
+/// that detached the programs: plaintext reached a STRICT app and the client's traffic left
+/// unencrypted while readiness said 200. Now the agent holds its own references, enforcement
+/// never lapses, and the pins are back within seconds.
+#[test]
+fn removed_pins_do_not_open_anything_and_come_back() {
+    let cluster = Cluster::builder().client_server().build().expect("cluster");
+    cluster.set_extra_yaml(STRICT);
+    cluster.write_manifest().expect("write");
+    let mut a = cluster.start_agent("a").expect("agent a");
+    let b = cluster.start_agent("b").expect("agent b");
+    let server = cluster.pod("server").echo_server(HTTP).expect("server");
+    let dst = cluster.pod("server").addr(HTTP);
+    assert_eq!(roundtrip(&cluster, "client", dst), Ok(()));
+    assert!(roundtrip(&cluster, "outsider", dst).is_err(), "STRICT refuses plaintext");
+    let seen = server.peers().len();
+
+    let pins = |node: &str| -> Vec<std::path::PathBuf> {
+        let dir = cluster.pin_dir(node);
+        let mut all = Vec::new();
+        for sub in ["links", "netns", "."] {
+            for entry in std::fs::read_dir(dir.join(sub)).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_file()) {
+                    all.push(entry.path());
+                }
+            }
+        }
+        all
+    };
+    let before = (pins("a").len(), pins("b").len());
+    assert!(before.0 > 5 && before.1 > 5, "links and maps are pinned: {before:?}");
+    for path in pins("a").into_iter().chain(pins("b")) {
+        std::fs::remove_file(&path).expect("remove pin");
+    }
+    // Still enforced at once: plaintext refused, the client's connection through mTLS.
+    assert!(roundtrip(&cluster, "outsider", dst).is_err(), "STRICT still refuses plaintext");
+    assert_eq!(server.peers().len(), seen, "no plaintext reached the app");
+    assert_eq!(roundtrip(&cluster, "client", dst), Ok(()));
+    let record = a
+        .wait_for_event(STEP, |e| e["target"] == "access" && e["direction"] == "outbound")
+        .expect("outbound record");
+    assert_eq!(record["security"], "mutual_tls", "{record}");
+    // Back within seconds, said in status and metrics, and readiness never dropped.
+    wait_until(STEP, "pins back", || pins("a").len() == before.0 && pins("b").len() == before.1);
+    wait_until(STEP, "repairs reported", || {
+        a.admin_json("/status").is_some_and(|s| s["datapath"]["repairs_total"].as_u64() >= Some(5))
+    });
+    assert_eq!(a.readiness().expect("readiness"), Some(200));
+    let metrics = a.http_get(15020, "/metrics").expect("metrics").expect("answer").1;
+    assert!(metrics.lines().any(|l| l.starts_with("ambit_datapath_repairs_total ") && !l.ends_with(" 0")));
+    let out = cluster.node("a").ambit(&["status"]).expect("ambit status");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("repairs since start"), "{:?}", out);
+
+    // The control, that these are the files that matter: with no agent holding them, a pin is
+    // the only reference. Agent a gone and its connect4 pin removed, the client's connections
+    // are no longer captured.
+    a.kill();
+    let connect4 = cluster.pin_dir("a").join("links/capture_connect4");
+    assert!(connect4.exists(), "re-pinned by the agent");
+    std::fs::remove_file(&connect4).expect("remove");
+    let plain = cluster.pod("plain").echo_server(HTTP).expect("plain");
+    assert_eq!(roundtrip(&cluster, "client", cluster.pod("plain").addr(HTTP)), Ok(()));
+    assert_eq!(
+        plain.peers()[0].ip(),
+        cluster.pod("client").ip(),
+        "without agent and pin, the client's connection went direct: the pin was the last reference"
+    );
+    drop(b);
+}
+
+/// A careless operator (or an app) holds the agent's ports in a STRICT pod, and the agent
+/// restarts. Before, its listener failed and the first reconcile unlinked the inbound program
+/// a previous agent left enforcing: plaintext reached the app. Now the pod is failed, named,
+/// and closed; and a pod whose namespace cannot be found keeps what was enforcing.
+#[test]
+fn a_pod_whose_capture_fails_stays_closed() {
+    let cluster = Cluster::builder().client_server().build().expect("cluster");
+    cluster.set_extra_yaml(STRICT);
+    cluster.write_manifest().expect("write");
+    let _a = cluster.start_agent("a").expect("agent a");
+    let mut b = cluster.start_agent("b").expect("agent b");
+    let server = cluster.pod("server").echo_server(HTTP).expect("server");
+    let dst = cluster.pod("server").addr(HTTP);
+    assert_eq!(roundtrip(&cluster, "client", dst), Ok(()));
+    assert!(roundtrip(&cluster, "outsider", dst).is_err(), "the control: STRICT refuses plaintext");
+
+    // Agent b goes away; an app takes the inbound and HBONE ports in the server's netns.
+    b.kill();
+    let squat_inbound = cluster.pod("server").echo_server(15006).expect("app on 15006");
+    let squat_hbone = cluster.pod("server").echo_server(15008).expect("app on 15008");
+    let b = cluster.spawn_agent("b", &[]).expect("agent b again");
+    wait_until(STEP, "server reported failed", || state(&b, "server").0 == "failed");
+    let (_, why) = state(&b, "server");
+    assert!(why.contains("opening listener") && why.contains("15006"), "{why}");
+    assert_eq!(b.readiness().expect("readiness"), Some(503), "not ready while a pod is not served");
+    let started = Instant::now();
+    for port in [HTTP, 15006, 15008] {
+        let to = cluster.pod("server").addr(port);
+        assert!(roundtrip(&cluster, "outsider", to).is_err(), "plaintext to {to} refused");
+        assert!(roundtrip(&cluster, "client", to).is_err(), "{to}: nothing serves the pod");
+    }
+    assert!(started.elapsed() < Duration::from_secs(6), "refused fast: {:?}", started.elapsed());
+    let total = server.peers().len() + squat_inbound.peers().len() + squat_hbone.peers().len();
+    assert_eq!(total, 1, "only the first, allowed connection ever reached an app in the pod");
+    // The pod's own outbound traffic is captured too, into nothing: refused, never direct.
+    let _plain = cluster.pod("plain").echo_server(HTTP).expect("plain");
+    assert!(roundtrip(&cluster, "server", cluster.pod("plain").addr(HTTP)).is_err());
+    // Retried every few seconds without issuing a certificate each time.
+    std::thread::sleep(Duration::from_secs(5));
+    let issued = b
+        .log_events()
+        .iter()
+        .filter(|e| {
+            e["message"] == "certificate issued"
+                && e["identity"].as_str().is_some_and(|i| i.ends_with("/sa/server-sa"))
+        })
+        .count();
+    assert!(issued <= 1, "issued {issued} certificates for a pod that keeps failing");
+
+    // The ports are free again: captured at the next retry, and served.
+    drop((squat_inbound, squat_hbone));
+    wait_until(Duration::from_secs(8), "server captured", || state(&b, "server").0 == "captured");
+    assert_eq!(roundtrip(&cluster, "client", dst), Ok(()));
+    assert!(roundtrip(&cluster, "outsider", dst).is_err());
+    assert_eq!(b.readiness().expect("readiness"), Some(200));
+
+    // A namespace that cannot be found (late, or a procfs miss) after a restart: what the
+    // previous agent left stays in force until it is found.
+    let mut b = b;
+    b.kill();
+    let real = cluster.pod("server").netns_path().display().to_string();
+    cluster.edit_pod("server", |p| p.netns_override = Some("/var/run/netns/not-yet".into()));
+    cluster.write_manifest().expect("write");
+    let b = cluster.spawn_agent("b", &[]).expect("agent b, third");
+    wait_until(STEP, "server failed", || state(&b, "server").0 == "failed");
+    assert!(roundtrip(&cluster, "outsider", dst).is_err(), "still closed");
+    assert_eq!(server.peers().len(), 2, "no plaintext reached the app");
+    cluster.edit_pod("server", |p| p.netns_override = Some(real));
+    cluster.write_manifest().expect("write");
+    wait_until(STEP, "server captured", || state(&b, "server").0 == "captured");
+    assert_eq!(roundtrip(&cluster, "client", dst), Ok(()));
+}
+
+/// A connection made straight to the capture listener (or a later one from the same client
+/// port) must not inherit where an earlier connection was going.
+#[test]
+fn an_original_destination_serves_one_connection() {
+    let cluster = Cluster::builder().client_server().build().expect("cluster");
+    let a = cluster.start_agent("a").expect("agent a");
+    let _b = cluster.start_agent("b").expect("agent b");
+    let server = cluster.pod("server").echo_server(HTTP).expect("server");
+    let dst = cluster.pod("server").addr(HTTP);
+    const PORT: u16 = 40_123;
+    let bound_connect = |to: SocketAddr| -> std::io::Result<TcpStream> {
+        cluster.pod("client").in_netns(|| -> std::io::Result<TcpStream> {
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&SocketAddr::from(([0, 0, 0, 0], PORT)).into())?;
+            socket.connect_timeout(&to.into(), STEP)?;
+            Ok(socket.into())
+        })?
+    };
+    // The control: a captured connection from that port reaches the server through the mesh.
+    let mut first = bound_connect(dst).expect("captured connection");
+    assert_eq!(echo_roundtrip(&mut first, b"first").expect("echo"), b"first");
+    let _ = socket2::SockRef::from(&first).set_linger(Some(Duration::ZERO));
+    drop(first);
+    a.wait_for_event(STEP, |e| e["target"] == "access" && e["dst.addr"] == dst.to_string()).expect("proxied");
+    // Straight to the outbound listener from the same port: nothing recorded for it.
+    let seen = server.peers().len();
+    let direct = bound_connect("127.0.0.1:15001".parse().expect("addr")).and_then(|mut s| {
+        s.set_read_timeout(Some(STEP))?;
+        echo_roundtrip(&mut s, b"again")
+    });
+    assert!(direct.is_err(), "a stale destination was reused: {direct:?}");
+    assert_eq!(server.peers().len(), seen, "the server saw nothing");
+}
