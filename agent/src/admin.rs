@@ -1,7 +1,7 @@
 //! The agent's HTTP endpoints: the admin API the CLI talks to (loopback only), readiness for
 //! the kubelet, and Prometheus metrics.
 
-use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
@@ -9,9 +9,13 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, header, servi
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, sync::watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
-use crate::{discovery::local::SourceStatus, redirect::PodReport};
+use crate::{
+    discovery::local::SourceStatus,
+    listener::{self, Admission, Limits},
+    redirect::PodReport,
+};
 
 /// Errors of the HTTP endpoints.
 #[derive(Debug, thiserror::Error)]
@@ -303,7 +307,7 @@ pub async fn bind_admin(addr: SocketAddr, state: AdminState) -> Result<impl Futu
     if !addr.ip().is_loopback() {
         return Err(AdminError::NotLoopback(addr));
     }
-    bind("admin", addr, move |req| admin_route(&state, req)).await
+    bind("admin", addr, ADMIN, move |req| admin_route(&state, req)).await
 }
 
 /// Serves `/healthz/ready` on `addr`: 200 when ready, 503 otherwise.
@@ -311,7 +315,7 @@ pub async fn bind_readiness(
     addr: SocketAddr,
     state: AdminState,
 ) -> Result<impl Future<Output = ()>, AdminError> {
-    bind("readiness", addr, move |req| match (req.method(), req.uri().path()) {
+    bind("readiness", addr, NODE_PORT, move |req| match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz/ready") => {
             if *state.ready.borrow() {
                 text(StatusCode::OK, "ready\n".into())
@@ -332,7 +336,7 @@ pub async fn bind_metrics(
     addr: SocketAddr,
     state: AdminState,
 ) -> Result<impl Future<Output = ()>, AdminError> {
-    bind("metrics", addr, move |req| match (req.method(), req.uri().path()) {
+    bind("metrics", addr, NODE_PORT, move |req| match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => text(StatusCode::OK, state.metrics()),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     })
@@ -511,9 +515,33 @@ fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Respo
     response
 }
 
+/// How one HTTP endpoint bounds its clients.
+#[derive(Clone, Copy)]
+struct Bounds {
+    limits: Limits,
+    /// The longest a connection may live; `None` for the admin API, which streams `ambit
+    /// trace --follow` for as long as the operator watches.
+    lifetime: Option<Duration>,
+}
+
+/// The node ports (15020, 15021) answer anyone who can reach the node: Prometheus and the
+/// kubelet need a few connections each, a pod must not be able to hold them all.
+const NODE_PORT: Bounds = Bounds {
+    limits: Limits { open: 256, per_peer: 16, keep_free: 0 },
+    lifetime: Some(Duration::from_secs(30)),
+};
+/// The admin API is on loopback: every client has the same address.
+const ADMIN: Bounds = Bounds { limits: Limits { open: 64, per_peer: 64, keep_free: 0 }, lifetime: None };
+/// Headers (and the wait for the next request on a kept-alive connection) must arrive within
+/// this long.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests are GETs with a query string: a few KiB is plenty.
+const MAX_BUF: usize = 16 * 1024;
+
 async fn bind<F>(
     what: &'static str,
     addr: SocketAddr,
+    bounds: Bounds,
     route: F,
 ) -> Result<impl Future<Output = ()>, AdminError>
 where
@@ -523,26 +551,27 @@ where
     let local = listener.local_addr().unwrap_or(addr);
     info!(endpoint = what, addr = %local, "listening");
     let route = Arc::new(route);
+    let admission = Admission::new(what, bounds.limits);
     Ok(async move {
         loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(endpoint = what, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+            let (stream, peer, permit) = listener::accept(&listener, &admission).await;
             let route = route.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = service_fn(move |req| {
                     let response = route(&req);
                     async move { Ok::<_, Infallible>(response) }
                 });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .max_buf_size(MAX_BUF)
+                    .serve_connection(TokioIo::new(stream), service);
+                let served = match bounds.lifetime {
+                    Some(limit) => tokio::time::timeout(limit, connection).await.unwrap_or(Ok(())),
+                    None => connection.await,
+                };
+                if let Err(e) = served {
                     debug!(endpoint = what, %peer, error = %e, "http connection ended with an error");
                 }
             });

@@ -90,6 +90,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         return Err(AgentError::NotRoot(uid));
     }
     raise_fd_limit();
+    // The descriptor given up at the open-files limit to refuse a connection fast.
+    crate::listener::reserve_spare();
     // The source of truth: the local file, or the Kubernetes API.
     let (source, cluster, source_name, source_file) = match args.local.clone() {
         Some(file) => {

@@ -11,7 +11,8 @@
 //! - [`policy`]: Istio PeerAuthentication compiled for per-connection decisions;
 //! - [`proxy`]: the outbound and inbound proxies (plaintext and HBONE);
 //! - [`telemetry`]: logs and connection records;
-//! - [`admin`]: the HTTP endpoints (admin API, readiness, metrics);
+//! - [`admin`]: the HTTP endpoints (admin API, readiness, metrics); `listener`: accepting
+//!   connections under limits, for all of them and the pods' listeners;
 //! - [`cli`]: the command line; [`agent`]: `ambit agent` itself.
 
 pub mod admin;
@@ -20,6 +21,7 @@ pub mod bpf;
 pub mod cli;
 pub mod discovery;
 pub mod identity;
+mod listener;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;

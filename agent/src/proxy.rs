@@ -36,14 +36,23 @@ use crate::{
     bpf::ProxyMaps,
     discovery::{Cluster, Workload},
     identity::{Identities, Identity},
+    listener::{self, Admission, Limits},
     redirect::netns::Netns,
     tls::TlsContext,
 };
 
 /// How long the agent waits for a destination to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause after a failed `accept()` (e.g. out of file descriptors) before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Descriptors the data plane leaves free for the agent's endpoints and its own work: the
+/// node ports and the admin API hold at most 576 together, the rest is for pins, namespaces
+/// and new listeners.
+const KEEP_FREE: u64 = 1024;
+/// A pod's own applications (outbound) and plaintext clients (inbound) are bounded by the
+/// agent's descriptors only: a per-peer cap would break a legitimately busy client.
+const DATA_PLANE: Limits = Limits { open: usize::MAX, per_peer: usize::MAX, keep_free: KEEP_FREE };
+/// HBONE connections are pooled (a handful per pair of identities), so one peer address holding
+/// hundreds is an attack, not a workload.
+const HBONE: Limits = Limits { open: 16_384, per_peer: 512, keep_free: KEEP_FREE };
 
 /// Errors of one proxied connection.
 #[derive(Debug, thiserror::Error)]
@@ -238,24 +247,23 @@ impl Proxy {
     }
 }
 
-/// Accepts connections on one of a pod's listeners until aborted, handing each to `handle`. An
-/// accept error (e.g. out of file descriptors) is logged and retried after a pause: a listener
-/// must never die while its pod is captured, or the pod would lose its traffic.
-async fn accept_loop<F, Fut>(pod: &PodContext, listener: TcpListener, what: &'static str, mut handle: F)
+/// Accepts connections on one of a pod's listeners until aborted, handing each to `handle`
+/// with its place under `limits`. Accept errors (e.g. out of file descriptors) back off and are
+/// retried: a listener must never die while its pod is captured, or the pod would lose its
+/// traffic.
+async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, limits: Limits, mut handle: F)
 where
     F: FnMut(TcpStream, SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let admission = Admission::new(what, limits);
     loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(handle(stream, peer));
-            }
-            Err(e) => {
-                tracing::warn!(pod = %pod.workload.key, listener = what, error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
+        let (stream, peer, permit) = listener::accept(&listener, &admission).await;
+        let connection = handle(stream, peer);
+        tokio::spawn(async move {
+            let _permit = permit;
+            connection.await;
+        });
     }
 }
 
@@ -280,6 +288,10 @@ pub async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, P
         })
         .and_then(|r| r)
         .map_err(ProxyError::Socket)?;
+    // The data plane never eats into the descriptors kept for the agent's endpoints.
+    if listener::in_reserve(std::os::fd::AsRawFd::as_raw_fd(&socket) as u64, KEEP_FREE) {
+        return Err(ProxyError::Socket(io::Error::from_raw_os_error(libc::EMFILE)));
+    }
     socket.set_tcp_nodelay(true).map_err(ProxyError::Socket)?;
     let socket = TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
@@ -287,10 +299,4 @@ pub async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, P
         Ok(Err(source)) => Err(ProxyError::Connect { addr: dst, source }),
         Err(_) => Err(ProxyError::ConnectTimeout(dst)),
     }
-}
-
-/// Closes a socket with a reset instead of a FIN: a refused client learns at once.
-fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
-    drop(stream);
 }

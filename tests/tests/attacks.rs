@@ -303,3 +303,163 @@ fn an_original_destination_serves_one_connection() {
     assert!(direct.is_err(), "a stale destination was reused: {direct:?}");
     assert_eq!(server.peers().len(), seen, "the server saw nothing");
 }
+
+/// One pod floods a destination with connections its policy denies. Before, each 401 made the
+/// source agent dial a fresh TLS connection, retry there (two denials logged) and keep that
+/// connection for 5 minutes: 3,500 denials exhausted a 3,000-descriptor agent. Now denials
+/// share the pooled connection, each is logged once, and descriptors stay flat.
+#[test]
+fn a_flood_of_denied_connections_costs_no_descriptors() {
+    let cluster = Cluster::builder().shop().build().expect("cluster");
+    cluster.set_extra_yaml(include_str!("../../examples/shop/policies.yaml"));
+    cluster.write_manifest().expect("write");
+    let a = cluster.start_agent("a").expect("agent a");
+    let b = cluster.start_agent("b").expect("agent b");
+    let db_app = cluster.pod("db").echo_server(HTTP).expect("db");
+    let db = cluster.pod("db").addr(HTTP);
+    // The control: the policy is live (backend allowed, frontend denied).
+    assert_eq!(roundtrip(&cluster, "backend", db), Ok(()));
+    assert!(roundtrip(&cluster, "frontend", db).is_err());
+    std::thread::sleep(Duration::from_millis(300));
+    let before = (a.open_fds(), b.open_fds());
+    let mut capture = cluster.capture().expect("tcpdump");
+
+    const THREADS: usize = 8;
+    const EACH: usize = 125;
+    let refused: usize = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..THREADS)
+            .map(|_| {
+                scope.spawn(|| (0..EACH).filter(|_| roundtrip(&cluster, "frontend", db).is_err()).count())
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap_or(0)).sum()
+    });
+    assert_eq!(refused, THREADS * EACH, "every flood connection was denied");
+    assert_eq!(db_app.peers().len(), 1, "only backend's connection reached db");
+    capture.finish().expect("capture");
+    let dials = capture
+        .count(&format!(
+            "dst host {} and tcp dst port 15008 and tcp[tcpflags] & tcp-syn != 0 and tcp[tcpflags] & tcp-ack == 0",
+            db.ip()
+        ))
+        .expect("tcpdump -r");
+    assert!(dials <= 2, "{dials} TLS connections dialed for {refused} denials");
+    std::thread::sleep(Duration::from_secs(1));
+    let after = (a.open_fds(), b.open_fds());
+    assert!(after.0 <= before.0 + 16 && after.1 <= before.1 + 16, "descriptors {before:?} -> {after:?}");
+    let denials = b
+        .access_records()
+        .iter()
+        .filter(|r| r["authz.verdict"] == "denied" && r["dst.workload"] == "db")
+        .count();
+    assert_eq!(denials, THREADS * EACH + 1, "one denial record per connection");
+    // Legitimate traffic was never affected.
+    assert_eq!(roundtrip(&cluster, "backend", db), Ok(()));
+}
+
+/// A pod opens thousands of idle connections to the node's metrics and readiness ports.
+/// Before, none was ever closed and at the descriptor limit probes and mesh traffic failed.
+/// Now one peer holds a few at most, those are closed after the header timeout, and readiness
+/// and the mesh keep working throughout.
+#[test]
+fn idle_connections_to_node_ports_are_bounded_and_closed() {
+    let cluster = Cluster::builder().client_server().build().expect("cluster");
+    let _a = cluster.start_agent("a").expect("agent a");
+    let b = cluster.start_agent("b").expect("agent b");
+    let _server = cluster.pod("server").echo_server(HTTP).expect("server");
+    let before = b.open_fds();
+    let node_b = cluster.node("b").ip();
+    // 1,000 each to 15020 and 15021, from a pod on the other node.
+    let idle: Vec<TcpStream> = cluster
+        .pod("outsider")
+        .in_netns(|| {
+            (0..2000)
+                .filter_map(|i| {
+                    let port = if i % 2 == 0 { 15020 } else { 15021 };
+                    TcpStream::connect_timeout(&SocketAddr::new(node_b, port), STEP).ok()
+                })
+                .collect()
+        })
+        .expect("netns");
+    assert!(!idle.is_empty(), "the control: the node ports are reachable from a pod");
+    std::thread::sleep(Duration::from_millis(300));
+    let held = b.open_fds().saturating_sub(before);
+    assert!(held <= 40, "the agent holds {held} descriptors for one idle peer");
+    // Meanwhile: readiness, metrics and the mesh work.
+    let started = Instant::now();
+    assert_eq!(b.readiness().expect("readiness"), Some(200));
+    assert!(b.http_get(15020, "/metrics").expect("metrics").is_some_and(|(s, _)| s == 200));
+    assert!(started.elapsed() < Duration::from_secs(1), "answered at once: {:?}", started.elapsed());
+    assert_eq!(roundtrip(&cluster, "client", cluster.pod("server").addr(HTTP)), Ok(()));
+    // After the header timeout every idle connection is closed by the agent.
+    std::thread::sleep(Duration::from_secs(7));
+    let open = idle
+        .iter()
+        .filter(|s| {
+            let _ = s.set_nonblocking(true);
+            let mut byte = [0u8; 1];
+            matches!(std::io::Read::read(&mut &**s, &mut byte), Err(e) if e.kind() == ErrorKind::WouldBlock)
+        })
+        .count();
+    assert_eq!(open, 0, "{open} of {} idle connections still open", idle.len());
+    assert!(b.open_fds() <= before + 8, "descriptors back: {before} -> {}", b.open_fds());
+}
+
+/// At the open-files limit a new connection waits in the backlog while `accept` fails: before,
+/// its client hung for its whole timeout and the agent logged every retry. Now it is refused
+/// at once, and everything works again when the pressure goes.
+#[test]
+fn at_the_descriptor_limit_new_connections_fail_fast() {
+    let cluster = Cluster::builder().client_server().build().expect("cluster");
+    let _a = cluster.start_agent("a").expect("agent a");
+    let b = cluster.start_agent("b").expect("agent b");
+    let _server = cluster.pod("server").echo_server(HTTP).expect("server");
+    let dst = cluster.pod("server").addr(HTTP);
+    assert_eq!(roundtrip(&cluster, "client", dst), Ok(()));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut original = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: prlimit on our own child, reading into a valid struct.
+    let rc = unsafe { libc::prlimit(b.pid() as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut original) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let limit = |soft: u64| {
+        let new = libc::rlimit { rlim_cur: soft, rlim_max: original.rlim_max };
+        // SAFETY: as above, setting only.
+        let rc = unsafe { libc::prlimit(b.pid() as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    };
+    limit(b.open_fds() as u64 + 100);
+    // Plaintext connections into the server hold two descriptors each at the agent (PERMISSIVE).
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        let Ok(mut s) = cluster.pod("outsider").connect(dst, STEP) else { break };
+        if echo_roundtrip(&mut s, b"hold").is_err() {
+            break;
+        }
+        held.push(s);
+    }
+    assert!(
+        !held.is_empty() && held.len() < 200,
+        "the control: connections were taken until the limit ({} held)",
+        held.len()
+    );
+    // A new data-plane connection now is refused at once, not left hanging (the kernel
+    // completes the handshake; the agent resets it); readiness and metrics answer from the
+    // reserve the data plane leaves them.
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert!(roundtrip(&cluster, "outsider", dst).is_err(), "no room for another connection");
+        assert!(started.elapsed() < Duration::from_secs(1), "refused at once: {:?}", started.elapsed());
+    }
+    let started = Instant::now();
+    let _ = roundtrip(&cluster, "client", dst);
+    assert!(started.elapsed() < Duration::from_secs(2), "a mesh connection: {:?}", started.elapsed());
+    assert_eq!(b.readiness().expect("readiness"), Some(200));
+    assert!(b.http_get(15020, "/metrics").expect("metrics").is_some_and(|(s, _)| s == 200));
+    // Pressure gone: everything works again.
+    drop(held);
+    limit(original.rlim_cur);
+    wait_until(STEP, "readiness back", || b.readiness().ok().flatten() == Some(200));
+    assert_eq!(roundtrip(&cluster, "client", dst), Ok(()));
+    let warnings = b.log_events().iter().filter(|e| e["message"] == "accept failed; backing off").count();
+    assert!(warnings <= 10, "{warnings} accept warnings: one per burst, not one per attempt");
+}

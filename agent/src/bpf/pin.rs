@@ -51,11 +51,14 @@ impl Held {
         if link {
             match sys::link_state(self.fd.as_fd()) {
                 Ok(state) if !state.attached => return Check::Detached,
-                Ok(state) => {
-                    if sys::pinned_link_id(&self.path).is_ok_and(|id| id == state.id) {
-                        return Check::Intact;
-                    }
-                }
+                Ok(state) => match sys::pinned_link_id(&self.path) {
+                    Ok(id) if id == state.id => return Check::Intact,
+                    // Gone, or another link there: ours goes back.
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    // Not readable now (out of descriptors, say): leave the pin as it is.
+                    Err(e) => return Check::Unpinnable(format!("reading the pin: {e}")),
+                },
                 Err(e) => return Check::Unpinnable(format!("reading link info: {e}")),
             }
         } else if self.path.exists() {

@@ -37,6 +37,10 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pooled connections per key at most: room for this many × [`MAX_STREAMS`] concurrent
+/// streams between one pair of identities and one address, and a bound on the descriptors a
+/// single client can make the agent hold.
+pub const MAX_CONNECTIONS_PER_KEY: usize = 32;
 
 /// Which pooled connection a stream may use.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -66,6 +70,9 @@ pub struct Pool {
     identities: Arc<Identities>,
     epoch: Instant,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Pooled>>>>,
+    /// One dial at a time per key: a burst of new streams waits for the connection one of them
+    /// opens instead of each opening its own.
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// An open CONNECT stream.
@@ -103,7 +110,13 @@ impl Pooled {
 impl Pool {
     /// An empty pool.
     pub fn new(tls: Arc<TlsContext>, identities: Arc<Identities>) -> Self {
-        Self { tls, identities, epoch: Instant::now(), conns: Mutex::new(HashMap::new()) }
+        Self {
+            tls,
+            identities,
+            epoch: Instant::now(),
+            conns: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Opens a CONNECT stream to `authority` (the original destination) through the pool entry
@@ -119,23 +132,44 @@ impl Pool {
             .uri(authority.to_string())
             .body(())
             .map_err(|e| ProxyError::Hbone(format!("building CONNECT {authority}: {e}")))?;
-        if let Some((sender, slot)) = self.reusable(key)
-            && let Ok(mut sender) = sender.ready().await
-        {
-            match open(&mut sender, request.clone(), slot).await {
-                Ok(tunnel) => return Ok(tunnel),
-                // The destination's answer (401, 503...) would be the same on a new connection.
-                Err(Failure::Answered(e)) => return Err(e),
-                Err(Failure::Transport(e)) => {
-                    debug!(error = %e, "pooled HBONE connection failed; opening another")
-                }
-            }
+        if let Some(tunnel) = self.on_pooled(key, &request).await? {
+            return Ok(tunnel);
+        }
+        let gate =
+            self.dialing.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().clone();
+        let _turn = gate.lock().await;
+        // Whoever dialed while we waited may have made room.
+        if let Some(tunnel) = self.on_pooled(key, &request).await? {
+            return Ok(tunnel);
+        }
+        let open_now = self.conns.lock().unwrap_or_else(|e| e.into_inner()).get(key).map_or(0, Vec::len);
+        if open_now >= MAX_CONNECTIONS_PER_KEY {
+            return Err(ProxyError::Hbone(format!(
+                "{open_now} HBONE connections to {} are open with every stream in use (limit {MAX_CONNECTIONS_PER_KEY} × {MAX_STREAMS})",
+                key.addr
+            )));
         }
         let pooled = self.dial(netns, key).await?;
         let slot =
             pooled.claim().ok_or_else(|| ProxyError::Hbone("new HBONE connection closed at once".into()))?;
         let mut sender = pooled.sender.clone().ready().await.map_err(|e| ProxyError::Hbone(e.to_string()))?;
         open(&mut sender, request, slot).await.map_err(Failure::into_error)
+    }
+
+    /// Opens the stream on a pooled connection with room, if there is one. `Ok(None)`: none, or
+    /// it failed as a connection (GOAWAY, closed), so another connection may work. An answer
+    /// from the destination (401, 503...) is final: it would be the same on a new connection.
+    async fn on_pooled(&self, key: &PoolKey, request: &Request<()>) -> Result<Option<Tunnel>, ProxyError> {
+        let Some((sender, slot)) = self.reusable(key) else { return Ok(None) };
+        let Ok(mut sender) = sender.ready().await else { return Ok(None) };
+        match open(&mut sender, request.clone(), slot).await {
+            Ok(tunnel) => Ok(Some(tunnel)),
+            Err(Failure::Answered(e)) => Err(e),
+            Err(Failure::Transport(e)) => {
+                debug!(error = %e, "pooled HBONE connection failed; opening another");
+                Ok(None)
+            }
+        }
     }
 
     /// A sender of a live pooled connection with room for another stream, and the stream's slot.
@@ -217,6 +251,9 @@ impl Pool {
             });
         }
         conns.retain(|_, list| !list.is_empty());
+        drop(conns);
+        // A gate nobody holds or waits on.
+        self.dialing.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, gate| Arc::strong_count(gate) > 1);
     }
 
     fn now_ms(&self) -> u64 {

@@ -7,30 +7,41 @@ use ambit_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use bytes::Bytes;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, info_span, warn};
 
 use super::{
-    PodContext, Proxy, ProxyError, accept_loop, connect_from, count,
+    DATA_PLANE, HBONE, PodContext, Proxy, ProxyError, accept_loop, connect_from, count,
     hbone::{CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW},
-    relay, reset,
+    relay,
 };
 use crate::{
     identity::Identity,
+    listener::reset,
     policy::{ConnectionInput, InboundDecision, Verdict},
     telemetry::flows::{FlowRecord, Note},
     telemetry::{ConnectionRecord, Direction, Security},
     tls::spiffe_id_of,
 };
 
-/// How long a client may take to complete the TLS handshake.
+/// How long a client may take to complete the TLS handshake, and then to start HTTP/2.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Handshakes in progress per pod at most.
+const MAX_PENDING_HANDSHAKES: usize = 128;
+/// A CONNECT carries a few short headers; h2's default would accept 16 MiB.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+/// A connection with no stream is closed after this long: twice as long as the client side
+/// keeps an idle pooled connection ([`super::hbone::IDLE_TIMEOUT`]).
+const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 impl Proxy {
     /// Accepts plaintext connections `sk_lookup` steered to the pod, until aborted.
     pub async fn serve_inbound(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
-        accept_loop(&pod.clone(), listener, "inbound", |client, peer| {
+        accept_loop(listener, "inbound", DATA_PLANE, |client, peer| {
             pod.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let span = info_span!("inbound", pod = %pod.workload.key, src = %peer);
             self.clone().inbound_plaintext(pod.clone(), client, peer).instrument(span)
@@ -118,9 +129,13 @@ impl Proxy {
     /// Accepts HBONE connections to the pod, until aborted.
     pub async fn serve_hbone(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
         let acceptor = TlsAcceptor::from(pod.server_tls.clone());
-        accept_loop(&pod.clone(), listener, "hbone", |tcp, peer| {
+        let handshakes = Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES));
+        accept_loop(listener, "hbone", HBONE, |tcp, peer| {
             let span = info_span!("hbone", pod = %pod.workload.key, peer = %peer);
-            self.clone().hbone_connection(pod.clone(), acceptor.clone(), tcp, peer).instrument(span)
+            let handshake = handshakes.clone().try_acquire_owned().ok();
+            self.clone()
+                .hbone_connection(pod.clone(), acceptor.clone(), tcp, peer, handshake)
+                .instrument(span)
         })
         .await;
     }
@@ -131,7 +146,15 @@ impl Proxy {
         acceptor: TlsAcceptor,
         tcp: TcpStream,
         peer: SocketAddr,
+        handshake: Option<OwnedSemaphorePermit>,
     ) {
+        // Handshakes cost CPU and memory before the peer proved anything: bounded, and one
+        // over the bound is refused at once rather than queued.
+        let Some(handshake) = handshake else {
+            debug!(%peer, "too many HBONE handshakes in progress; refused");
+            reset(tcp);
+            return;
+        };
         let Ok(local) = tcp.local_addr() else { return };
         let _ = tcp.set_nodelay(true);
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -152,35 +175,59 @@ impl Proxy {
                 Some(Ok(id)) => id,
                 _ => return,
             };
-        let mut connection = match h2::server::Builder::new()
+        let handshaken = h2::server::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
             .max_concurrent_streams(MAX_STREAMS as u32)
+            .max_header_list_size(MAX_HEADER_LIST)
             .max_send_buffer_size(relay::MAX_CHUNK)
-            .handshake::<_, Bytes>(tls)
-            .await
-        {
-            Ok(connection) => connection,
-            Err(e) => {
+            .handshake::<_, Bytes>(tls);
+        // A client that completes TLS must speak HTTP/2 at once.
+        let mut connection = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshaken).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => {
                 debug!(%peer, error = %e, "HTTP/2 handshake failed");
                 return;
             }
+            Err(_) => {
+                warn!(pod = %pod.workload.key, %peer, "no HTTP/2 preface after the TLS handshake; closed");
+                return;
+            }
         };
+        drop(handshake);
         let peer_identity = Arc::new(peer_identity);
-        while let Some(stream) = connection.accept().await {
-            match stream {
-                Ok((request, respond)) => {
+        let streams = Arc::new(());
+        loop {
+            // No stream open: the connection may idle only so long (longer than the client
+            // side keeps an idle pooled connection, so that it is the client that closes).
+            let next = if Arc::strong_count(&streams) == 1 {
+                match tokio::time::timeout(IDLE_TIMEOUT, connection.accept()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        debug!(%peer, "idle HBONE connection closed");
+                        connection.graceful_shutdown();
+                        break;
+                    }
+                }
+            } else {
+                connection.accept().await
+            };
+            match next {
+                Some(Ok((request, respond))) => {
                     let this = self.clone();
-                    let (pod, id) = (pod.clone(), peer_identity.clone());
-                    let stream =
-                        async move { this.hbone_stream(pod, request, respond, peer, local, id).await };
+                    let (pod, id, open) = (pod.clone(), peer_identity.clone(), streams.clone());
+                    let stream = async move {
+                        this.hbone_stream(pod, request, respond, peer, local, id).await;
+                        drop(open);
+                    };
                     tokio::spawn(stream.in_current_span());
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     debug!(%peer, error = %e, "HBONE connection error");
                     break;
                 }
+                None => break,
             }
         }
         // Keep driving the connection until its last stream is done.

@@ -6,10 +6,13 @@ use ambit_common::HBONE_PORT;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument as _, info_span};
 
-use super::{PodContext, Proxy, ProxyError, accept_loop, connect_from, count, hbone::PoolKey, relay, reset};
+use super::{
+    DATA_PLANE, PodContext, Proxy, ProxyError, accept_loop, connect_from, count, hbone::PoolKey, relay,
+};
 use crate::{
     bpf::from_kernel,
     identity::Identity,
+    listener::reset,
     telemetry::flows::Note,
     telemetry::{ConnectionRecord, Direction, Security},
 };
@@ -17,7 +20,7 @@ use crate::{
 impl Proxy {
     /// Accepts the pod's captured outbound connections until aborted.
     pub async fn serve_outbound(self: Arc<Self>, pod: Arc<PodContext>, listener: TcpListener) {
-        accept_loop(&pod.clone(), listener, "outbound", |client, peer| {
+        accept_loop(listener, "outbound", DATA_PLANE, |client, peer| {
             pod.stats.outbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let span = info_span!("outbound", pod = %pod.workload.key, client_port = peer.port());
             self.clone().outbound(pod.clone(), client, peer).instrument(span)
