@@ -29,10 +29,18 @@ pub(crate) fn sock_ops_endpoints(
     // SAFETY: the context is valid for the whole program.
     let ops = unsafe { &*ctx.ops };
     let (local, remote) = if ops.family == AF_INET6 {
-        (
-            IpAddr { family: AF_INET6, addr: read_words(&ops.local_ip6) },
-            IpAddr { family: AF_INET6, addr: read_words(&ops.remote_ip6) },
-        )
+        let (local, remote) = (read_words(&ops.local_ip6), read_words(&ops.remote_ip6));
+        // An IPv6 socket talking IPv4 (`::ffff:a.b.c.d`): its packets are IPv4, and so must its
+        // keys be, to meet what sk_lookup and the agent see.
+        let mapped = |a: [u32; 4]| a[0] == 0 && a[1] == 0 && a[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+        if mapped(local) && mapped(remote) {
+            (
+                IpAddr { family: AF_INET, addr: [local[3], 0, 0, 0] },
+                IpAddr { family: AF_INET, addr: [remote[3], 0, 0, 0] },
+            )
+        } else {
+            (IpAddr { family: AF_INET6, addr: local }, IpAddr { family: AF_INET6, addr: remote })
+        }
     } else {
         (
             IpAddr { family: AF_INET, addr: [ops.local_ip4, 0, 0, 0] },

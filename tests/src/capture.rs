@@ -20,16 +20,17 @@ pub struct Capture {
 }
 
 impl Capture {
-    pub(crate) fn start(fabric_netns: &Path, file: PathBuf) -> io::Result<Self> {
+    /// Captures TCP on interface `iface` of the network namespace at `netns`.
+    pub(crate) fn start(netns: &Path, iface: &str, file: PathBuf) -> io::Result<Self> {
         let mut command = Command::new("tcpdump");
         command
-            .args(["-i", "br0", "--immediate-mode", "-U", "-s", "0", "-n", "-w"])
+            .args(["-i", iface, "--immediate-mode", "-U", "-s", "0", "-n", "-w"])
             .arg(&file)
             .arg("tcp")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let netns = fabric_netns.to_owned();
+        let netns = netns.to_owned();
         // SAFETY: only setns and prctl between fork and exec.
         unsafe {
             command.pre_exec(move || {
@@ -39,7 +40,7 @@ impl Capture {
             });
         }
         let mut child = command.spawn()?;
-        // tcpdump says "listening on br0" once the capture is armed.
+        // tcpdump says "listening on <iface>" once the capture is armed.
         let stderr = child.stderr.take().ok_or_else(|| io::Error::other("no tcpdump stderr"))?;
         let mut lines = BufReader::new(stderr).lines();
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -3,7 +3,7 @@
 use std::{
     fmt::Write as _,
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Output},
@@ -43,6 +43,8 @@ pub struct PodSpec {
     /// No annotation: the agent must find the netns from the pod's cgroup, which is named as
     /// kubelet names it with this driver.
     pub discovered: Option<CgroupDriver>,
+    /// Dual stack: an IPv6 address (`fd00:90::1:<n>`) besides the IPv4 one, in `podIPs` too.
+    pub ipv6: bool,
 }
 
 /// Kubelet's cgroup naming styles.
@@ -66,7 +68,14 @@ impl PodSpec {
             ports: Vec::new(),
             netns_override: None,
             discovered: None,
+            ipv6: false,
         }
+    }
+
+    /// Gives the pod an IPv6 address as well (dual stack).
+    pub fn ipv6(mut self) -> Self {
+        self.ipv6 = true;
+        self
     }
 
     /// Leaves the netns to be discovered through a kubelet-style cgroup (see [`CgroupDriver`]).
@@ -214,6 +223,7 @@ struct Pod {
     name: String,
     netns: String,
     ip: Ipv4Addr,
+    ipv6: Option<Ipv6Addr>,
     cgroup: PathBuf,
     uid: String,
 }
@@ -256,6 +266,11 @@ impl Cluster {
             let ip = Ipv4Addr::new(10, 90, 1, 2 + i as u8);
             self.add_netns(&netns)?;
             self.plug(&netns, &format!("p{i}"), ip)?;
+            let ipv6 = spec.ipv6.then(|| Ipv6Addr::new(0xfd00, 0x90, 0, 0, 0, 0, 1, 2 + i as u16));
+            if let Some(v6) = ipv6 {
+                // nodad: usable at once, without duplicate address detection's delay.
+                sys::ip(&["-n", &netns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+            }
             let uid = pod_uid(&self.run, i);
             // Named as kubelet names pod cgroups, so that cluster mode finds every pod's
             // namespace through its processes ([`Cluster::start_pod_processes`]).
@@ -270,7 +285,15 @@ impl Cluster {
                     .join(format!("cri-containerd-{}.scope", spec.name)),
             };
             std::fs::create_dir_all(&cgroup)?;
-            self.pods.push(Pod { name: spec.name.clone(), spec: Mutex::new(spec), netns, ip, cgroup, uid });
+            self.pods.push(Pod {
+                name: spec.name.clone(),
+                spec: Mutex::new(spec),
+                netns,
+                ip,
+                ipv6,
+                cgroup,
+                uid,
+            });
         }
         Ok(())
     }
@@ -375,7 +398,11 @@ impl Cluster {
                     let _ = writeln!(out, "    - name: {name}\n      containerPort: {port}");
                 }
             }
-            let _ = write!(out, "status:\n  phase: Running\n  podIP: {}\n---\n", pod.ip);
+            let _ = write!(out, "status:\n  phase: Running\n  podIP: {}\n", pod.ip);
+            if let Some(v6) = pod.ipv6 {
+                let _ = write!(out, "  podIPs: [{{ip: {}}}, {{ip: \"{v6}\"}}]\n", pod.ip);
+            }
+            out.push_str("---\n");
         }
         out.push_str(&self.extra_yaml.lock().unwrap_or_else(|e| e.into_inner()));
         out
@@ -461,7 +488,18 @@ impl Cluster {
     /// Starts a packet capture (tcpdump) on the bridge every pod and node is attached to.
     pub fn capture(&self) -> io::Result<crate::Capture> {
         let n = RUNS.fetch_add(1, Ordering::Relaxed);
-        crate::Capture::start(&sys::netns_path(&self.fabric), self.dir.join(format!("capture-{n}.pcap")))
+        crate::Capture::start(
+            &sys::netns_path(&self.fabric),
+            "br0",
+            self.dir.join(format!("capture-{n}.pcap")),
+        )
+    }
+
+    /// Starts a packet capture on interface `iface` inside a pod (e.g. its loopback, where the
+    /// pod's traffic to itself goes).
+    pub fn capture_in_pod(&self, pod: &str, iface: &str) -> io::Result<crate::Capture> {
+        let n = RUNS.fetch_add(1, Ordering::Relaxed);
+        crate::Capture::start(&self.pod(pod).netns_path(), iface, self.dir.join(format!("capture-{n}.pcap")))
     }
 
     /// The CA directory all agents of the cluster share (one trust domain).
@@ -647,6 +685,11 @@ impl PodHandle<'_> {
         self.pod.ip.into()
     }
 
+    /// The pod's IPv6 address, for a dual-stack pod.
+    pub fn ipv6(&self) -> Option<Ipv6Addr> {
+        self.pod.ipv6
+    }
+
     /// `ip:port` of the pod.
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.ip(), port)
@@ -686,6 +729,11 @@ impl PodHandle<'_> {
     /// Listens on `0.0.0.0:port` inside the pod.
     pub fn listen(&self, port: u16) -> io::Result<TcpListener> {
         self.in_netns(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))?
+    }
+
+    /// Starts an echo server on `[::]:port` (IPv6 and IPv4) inside the pod.
+    pub fn echo_server_v6(&self, port: u16) -> io::Result<EchoServer> {
+        EchoServer::start(self.in_netns(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)))??)
     }
 
     /// Starts an echo server on `port` inside the pod.

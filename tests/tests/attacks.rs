@@ -463,3 +463,160 @@ fn at_the_descriptor_limit_new_connections_fail_fast() {
     let warnings = b.log_events().iter().filter(|e| e["message"] == "accept failed; backing off").count();
     assert!(warnings <= 10, "{warnings} accept warnings: one per burst, not one per attempt");
 }
+
+/// A finished pod keeps its podIP in the API while the address goes to a new pod. Before, such
+/// a pod listed after the running one took its address (connections to it went plaintext or
+/// were refused) and, enrolled, held readiness at 503. And two running pods claiming one IP
+/// steered each other's traffic. Now a finished pod owns nothing, and two claimants are both
+/// closed and named until the conflict is gone.
+#[test]
+fn finished_pods_own_no_address_and_two_claimants_get_no_traffic() {
+    let cluster = Cluster::builder().client_server().build().expect("cluster");
+    let server_ip = cluster.pod("server").ip();
+    let pod_doc = |name: &str, phase: &str, netns: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, annotations: {{ambit.io/netns: {netns}}}}}\nspec: {{nodeName: b, serviceAccountName: {name}-sa}}\nstatus: {{phase: {phase}, podIP: {server_ip}}}\n---\n"
+        )
+    };
+    let ghost = pod_doc("ghost", "Succeeded", "/var/run/netns/long-gone");
+    cluster.set_extra_yaml(&format!("{STRICT}{ghost}"));
+    cluster.write_manifest().expect("write");
+    let a = cluster.start_agent("a").expect("agent a");
+    let b = cluster.start_agent("b").expect("agent b: a finished pod does not hold readiness");
+    let server = cluster.pod("server").echo_server(HTTP).expect("server");
+    let dst = cluster.pod("server").addr(HTTP);
+    assert_eq!(roundtrip(&cluster, "client", dst), Ok(()));
+    let record = a
+        .wait_for_event(STEP, |e| e["target"] == "access" && e["direction"] == "outbound")
+        .expect("outbound record");
+    assert_eq!(record["security"], "mutual_tls", "{record}");
+    assert_eq!(record["dst.identity"], "spiffe://cluster.local/ns/shop/sa/server-sa", "{record}");
+    assert!(roundtrip(&cluster, "outsider", dst).is_err(), "STRICT: the running server owns the address");
+    let ghost_report = b.pod_report("ghost").expect("ghost listed");
+    assert_eq!(ghost_report["enrollment"], "finished", "{ghost_report}");
+    assert_eq!(ghost_report["state"], "not-captured", "{ghost_report}");
+
+    // A running twin claims the server's address (from another namespace's sandbox).
+    let plain_netns = cluster.pod("plain").netns_path().display().to_string();
+    let twin = pod_doc("twin", "Running", &plain_netns);
+    let generation = (a.generation(), b.generation());
+    cluster.set_extra_yaml(&format!("{STRICT}{ghost}{twin}"));
+    cluster.write_manifest().expect("write");
+    a.wait_generation_after(generation.0, STEP).expect("a reloaded");
+    b.wait_generation_after(generation.1, STEP).expect("b reloaded");
+    wait_until(STEP, "both claimants failed", || {
+        state(&b, "server").0 == "failed" && state(&b, "twin").0 == "failed"
+    });
+    let (_, why) = state(&b, "server");
+    assert!(why.contains(&server_ip.to_string()) && why.contains("shop/twin"), "{why}");
+    let seen = server.peers().len();
+    assert!(roundtrip(&cluster, "client", dst).is_err(), "no mesh traffic to a disputed address");
+    assert!(roundtrip(&cluster, "outsider", dst).is_err(), "no plaintext either");
+    assert_eq!(server.peers().len(), seen, "the server got nothing meanwhile");
+    a.wait_for_event(STEP, |e| {
+        e["target"] == "access"
+            && e["error"].as_str().is_some_and(|m| m.contains("claimed by several running pods"))
+    })
+    .expect("the refusal names the conflict");
+    assert_eq!(b.readiness().expect("readiness"), Some(503));
+
+    // The twin goes: the server is captured again and reachable.
+    cluster.set_extra_yaml(&format!("{STRICT}{ghost}"));
+    cluster.write_manifest().expect("write");
+    wait_until(STEP, "server captured again", || state(&b, "server").0 == "captured");
+    assert_eq!(roundtrip(&cluster, "client", dst), Ok(()));
+}
+
+/// An IPv6 TCP SYN forged with an enrolled pod's own address as its source and destination.
+/// IPv4 drops such a packet by itself; IPv6 does not, and before, sk_lookup let "the pod
+/// talking to itself" through: the forged SYN reached the app's listener past every policy.
+/// Now only own-address connections that a socket of the pod opened pass.
+#[test]
+fn an_ipv6_syn_spoofing_the_pods_own_address_never_reaches_the_app() {
+    let cluster = Cluster::builder()
+        .node("a")
+        .namespace("shop", true)
+        .namespace("other", false)
+        .pod(PodSpec::new("shop", "server", "a").ipv6())
+        .pod(PodSpec::new("other", "attacker", "a").ipv6())
+        .pod(PodSpec::new("other", "plain", "a").ipv6())
+        .build()
+        .expect("cluster");
+    cluster.set_extra_yaml(STRICT);
+    cluster.write_manifest().expect("write");
+    let _agent = cluster.start_agent("a").expect("agent");
+    let _server = cluster.pod("server").echo_server_v6(HTTP).expect("server");
+    let _plain = cluster.pod("plain").echo_server_v6(HTTP).expect("plain");
+    let v6 = |pod: &str| cluster.pod(pod).ipv6().expect("dual stack");
+
+    // The app may still reach itself over IPv6 (a connection its own socket opened).
+    let own = SocketAddr::new(v6("server").into(), HTTP);
+    assert_eq!(roundtrip(&cluster, "server", own), Ok(()), "the pod reaches its own IPv6 address");
+
+    let syn_acks = |pod: &str| {
+        let target = v6(pod);
+        // A real connection first: the attacker reaches the pod over IPv6 (and has its link
+        // address), whatever the pod answers.
+        let _ = cluster.pod("attacker").connect(SocketAddr::new(target.into(), HTTP), STEP);
+        let mut capture = cluster.capture_in_pod(pod, "lo").expect("tcpdump on the pod's loopback");
+        cluster
+            .pod("attacker")
+            .in_netns(|| send_forged_syn(target, target, 40_000, HTTP))
+            .expect("netns")
+            .expect("forged SYN sent");
+        capture.finish().expect("capture");
+        // A SYN-ACK from the app's port: the forged SYN reached a listener. (IPv6 header of 40
+        // bytes, then TCP: flags at byte 13.)
+        capture.count(&format!("ip6 and src port {HTTP} and ip6[53] & 0x12 == 0x12")).expect("tcpdump -r")
+    };
+    // The control: the same packet to a pod outside the mesh reaches its listener.
+    assert!(syn_acks("plain") >= 1, "the forged SYN would reach a listener");
+    assert_eq!(syn_acks("server"), 0, "the forged SYN reached the enrolled pod's listener");
+}
+
+/// Sends one TCP SYN from `src`:`sport` to `dst`:`dport` on a raw IPv6 socket whose header we
+/// write ourselves (IPPROTO_RAW), so that the source can be any address.
+fn send_forged_syn(
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    sport: u16,
+    dport: u16,
+) -> std::io::Result<()> {
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    tcp[12] = 5 << 4; // data offset: 5 words
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64_240u16.to_be_bytes());
+    // Checksum over the IPv6 pseudo-header and the segment.
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for pair in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&src.octets());
+    add(&dst.octets());
+    add(&(tcp.len() as u32).to_be_bytes());
+    add(&[0, 0, 0, 6]);
+    add(&tcp);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    tcp[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let mut packet = vec![0x60, 0, 0, 0];
+    packet.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+    packet.extend_from_slice(&[6, 64]); // next header TCP, hop limit
+    packet.extend_from_slice(&src.octets());
+    packet.extend_from_slice(&dst.octets());
+    packet.extend_from_slice(&tcp);
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+    )?;
+    let to = socket2::SockAddr::from(SocketAddr::new(dst.into(), 0));
+    socket.send_to(&packet, &to)?;
+    Ok(())
+}
