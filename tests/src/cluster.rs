@@ -400,7 +400,7 @@ impl Cluster {
             }
             let _ = write!(out, "status:\n  phase: Running\n  podIP: {}\n", pod.ip);
             if let Some(v6) = pod.ipv6 {
-                let _ = write!(out, "  podIPs: [{{ip: {}}}, {{ip: \"{v6}\"}}]\n", pod.ip);
+                let _ = writeln!(out, "  podIPs: [{{ip: {}}}, {{ip: \"{v6}\"}}]", pod.ip);
             }
             out.push_str("---\n");
         }
