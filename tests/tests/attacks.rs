@@ -620,3 +620,50 @@ fn send_forged_syn(
     socket.send_to(&packet, &to)?;
     Ok(())
 }
+
+/// A link detached under the running agent (`bpftool link detach`, which needs root on the
+/// node) is attached again within seconds. Until then the namespace is open: root on a node is
+/// outside what ambit can defend (SECURITY.md), so this shows the repair, not a guarantee.
+#[test]
+fn a_detached_link_is_attached_again() {
+    let cluster = Cluster::builder().client_server().build().expect("cluster");
+    cluster.set_extra_yaml(STRICT);
+    cluster.write_manifest().expect("write");
+    let _a = cluster.start_agent("a").expect("agent a");
+    let b = cluster.start_agent("b").expect("agent b");
+    let _server = cluster.pod("server").echo_server(HTTP).expect("server");
+    let dst = cluster.pod("server").addr(HTTP);
+    assert!(roundtrip(&cluster, "outsider", dst).is_err(), "STRICT refuses plaintext");
+    let cookie = b.pod_report("server").and_then(|r| r["netns_cookie"].as_u64()).expect("cookie");
+    detach_link(&cluster.pin_dir("b").join("netns").join(cookie.to_string())).expect("detach");
+    // The control: the detach took effect (the inbound program no longer runs).
+    assert_eq!(roundtrip(&cluster, "outsider", dst), Ok(()), "detached: plaintext reaches the app");
+    b.wait_for_event(STEP, |e| {
+        e["repair"].as_str().is_some_and(|r| r.contains("was detached; linked again"))
+    })
+    .expect("the agent re-links it");
+    assert!(roundtrip(&cluster, "outsider", dst).is_err(), "enforced again");
+    assert_eq!(roundtrip(&cluster, "client", dst), Ok(()));
+}
+
+/// `BPF_LINK_DETACH` on the link pinned at `pin`, as `bpftool link detach` does.
+fn detach_link(pin: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    let mut get = [0u64; 3];
+    get[0] = path.as_ptr() as u64;
+    // SAFETY: a valid attribute buffer for BPF_OBJ_GET.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, get.as_mut_ptr(), 24usize) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut detach = [0u32; 2];
+    detach[0] = fd as u32;
+    // SAFETY: a valid attribute buffer for BPF_LINK_DETACH.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, detach.as_mut_ptr(), 8usize) };
+    // SAFETY: closing the descriptor we opened.
+    unsafe { libc::close(fd as i32) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
