@@ -127,6 +127,12 @@ impl RedirectError {
     fn is_unresolved(&self) -> bool {
         matches!(self, Self::NoNetns(_) | Self::NoProcess { .. } | Self::NoIp(_) | Self::Netns { .. })
     }
+
+    /// The pod may have state a previous agent left (it had an address, its namespace is just
+    /// not found now): that state must not be taken for stale.
+    fn may_own_stale_state(&self) -> bool {
+        self.is_unresolved() && !matches!(self, Self::NoIp(_))
+    }
 }
 
 /// A pod whose network namespace the agent holds closed: inbound connections are dropped unless
@@ -160,7 +166,8 @@ impl Drop for Serving {
 struct Failure {
     message: String,
     refused: bool,
-    unresolved: bool,
+    /// Its namespace was not found, but state a previous agent left may be its.
+    may_own_stale_state: bool,
 }
 
 /// Whether the agent captures a pod.
@@ -313,7 +320,7 @@ impl Redirector {
                     let failure = Failure {
                         message: e.to_string(),
                         refused: e.is_refusal(),
-                        unresolved: e.is_unresolved(),
+                        may_own_stale_state: e.may_own_stale_state(),
                     };
                     // Failed pods are retried every few seconds; say so once per new reason.
                     if previous_failures.get(key) != Some(&failure) {
@@ -331,7 +338,7 @@ impl Redirector {
         self.reconciled_once = true;
         // State a previous agent left may belong to a wanted pod whose namespace is not found
         // yet: removing it would open that pod. Wait until every wanted pod is resolved.
-        if !self.stale_cleared && !self.failed.values().any(|f| f.unresolved) {
+        if !self.stale_cleared && !self.failed.values().any(|f| f.may_own_stale_state) {
             self.stale_cleared = true;
             self.forget_stale();
         }
