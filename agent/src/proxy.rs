@@ -259,12 +259,23 @@ where
     let admission = Admission::new(what, limits);
     loop {
         let (stream, peer, permit) = listener::accept(&listener, &admission).await;
-        let connection = handle(stream, peer);
+        let connection = handle(stream, canonical(peer));
         tokio::spawn(async move {
             let _permit = permit;
             connection.await;
         });
     }
+}
+
+/// An address as the rest of the agent knows it: IPv4 on a dual-stack socket shows up as
+/// `::ffff:a.b.c.d`, which no policy, map key or CONNECT authority names.
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// The local address of an accepted socket (the original destination, under `sk_lookup`).
+fn local_of(stream: &TcpStream) -> io::Result<SocketAddr> {
+    stream.local_addr().map(canonical)
 }
 
 /// Counts a finished connection into the pod's stats.

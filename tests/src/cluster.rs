@@ -43,8 +43,19 @@ pub struct PodSpec {
     /// No annotation: the agent must find the netns from the pod's cgroup, which is named as
     /// kubelet names it with this driver.
     pub discovered: Option<CgroupDriver>,
-    /// Dual stack: an IPv6 address (`fd00:90::1:<n>`) besides the IPv4 one, in `podIPs` too.
-    pub ipv6: bool,
+    /// The pod's address families.
+    pub family: Family,
+}
+
+/// Which addresses a pod gets: IPv4 `10.90.1.<n>`, IPv6 `fd00:90::1:<n>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// IPv4 only (the default).
+    V4,
+    /// Both, IPv4 first in `podIPs`.
+    Dual,
+    /// IPv6 only.
+    V6,
 }
 
 /// Kubelet's cgroup naming styles.
@@ -68,13 +79,19 @@ impl PodSpec {
             ports: Vec::new(),
             netns_override: None,
             discovered: None,
-            ipv6: false,
+            family: Family::V4,
         }
     }
 
     /// Gives the pod an IPv6 address as well (dual stack).
     pub fn ipv6(mut self) -> Self {
-        self.ipv6 = true;
+        self.family = Family::Dual;
+        self
+    }
+
+    /// Gives the pod an IPv6 address only.
+    pub fn ipv6_only(mut self) -> Self {
+        self.family = Family::V6;
         self
     }
 
@@ -214,6 +231,7 @@ struct Node {
     name: String,
     netns: String,
     ip: Ipv4Addr,
+    ipv6: Ipv6Addr,
 }
 
 /// A pod of the cluster.
@@ -222,10 +240,21 @@ struct Pod {
     spec: Mutex<PodSpec>,
     name: String,
     netns: String,
-    ip: Ipv4Addr,
+    ip: Option<Ipv4Addr>,
     ipv6: Option<Ipv6Addr>,
     cgroup: PathBuf,
     uid: String,
+}
+
+impl Pod {
+    /// `status.podIP`: IPv4 unless the pod has none.
+    fn primary(&self) -> IpAddr {
+        match (self.ip, self.ipv6) {
+            (Some(v4), _) => v4.into(),
+            (None, Some(v6)) => v6.into(),
+            (None, None) => IpAddr::from([0, 0, 0, 0]),
+        }
+    }
 }
 
 /// A simulated cluster; dropping it removes everything it created.
@@ -257,20 +286,18 @@ impl Cluster {
         for (i, name) in nodes.iter().enumerate() {
             let netns = format!("{}-node-{name}", self.run);
             let ip = Ipv4Addr::new(10, 90, 0, 1 + i as u8);
+            let ipv6 = Ipv6Addr::new(0xfd00, 0x90, 0, 0, 0, 0, 0xff, 1 + i as u16);
             self.add_netns(&netns)?;
-            self.plug(&netns, &format!("n{i}"), ip)?;
-            self.nodes.push(Node { name: name.clone(), netns, ip });
+            self.plug(&netns, &format!("n{i}"), Some(ip), Some(ipv6))?;
+            self.nodes.push(Node { name: name.clone(), netns, ip, ipv6 });
         }
         for (i, spec) in pods.into_iter().enumerate() {
             let netns = format!("{}-{}", self.run, spec.name);
             let ip = Ipv4Addr::new(10, 90, 1, 2 + i as u8);
+            let ipv6 =
+                (spec.family != Family::V4).then(|| Ipv6Addr::new(0xfd00, 0x90, 0, 0, 0, 0, 1, 2 + i as u16));
             self.add_netns(&netns)?;
-            self.plug(&netns, &format!("p{i}"), ip)?;
-            let ipv6 = spec.ipv6.then(|| Ipv6Addr::new(0xfd00, 0x90, 0, 0, 0, 0, 1, 2 + i as u16));
-            if let Some(v6) = ipv6 {
-                // nodad: usable at once, without duplicate address detection's delay.
-                sys::ip(&["-n", &netns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
-            }
+            self.plug(&netns, &format!("p{i}"), (spec.family != Family::V6).then_some(ip), ipv6)?;
             let uid = pod_uid(&self.run, i);
             // Named as kubelet names pod cgroups, so that cluster mode finds every pod's
             // namespace through its processes ([`Cluster::start_pod_processes`]).
@@ -285,6 +312,7 @@ impl Cluster {
                     .join(format!("cri-containerd-{}.scope", spec.name)),
             };
             std::fs::create_dir_all(&cgroup)?;
+            let ip = (spec.family != Family::V6).then_some(ip);
             self.pods.push(Pod {
                 name: spec.name.clone(),
                 spec: Mutex::new(spec),
@@ -305,13 +333,19 @@ impl Cluster {
     }
 
     /// Connects `netns` to the bridge with a veth pair (`eth0` inside, `port` on the bridge).
-    fn plug(&self, netns: &str, port: &str, ip: Ipv4Addr) -> io::Result<()> {
+    fn plug(&self, netns: &str, port: &str, ip: Option<Ipv4Addr>, ipv6: Option<Ipv6Addr>) -> io::Result<()> {
         let fabric = self.fabric.as_str();
         sys::ip(&[
             "link", "add", "eth0", "netns", netns, "type", "veth", "peer", "name", port, "netns", fabric,
         ])?;
         sys::ip(&["-n", fabric, "link", "set", port, "master", "br0", "up"])?;
-        sys::ip(&["-n", netns, "addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
+        if let Some(ip) = ip {
+            sys::ip(&["-n", netns, "addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
+        }
+        if let Some(v6) = ipv6 {
+            // nodad: usable at once, without duplicate address detection's delay.
+            sys::ip(&["-n", netns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        }
         sys::ip(&["-n", netns, "link", "set", "eth0", "up"])
     }
 
@@ -398,9 +432,9 @@ impl Cluster {
                     let _ = writeln!(out, "    - name: {name}\n      containerPort: {port}");
                 }
             }
-            let _ = write!(out, "status:\n  phase: Running\n  podIP: {}\n", pod.ip);
-            if let Some(v6) = pod.ipv6 {
-                let _ = writeln!(out, "  podIPs: [{{ip: {}}}, {{ip: \"{v6}\"}}]", pod.ip);
+            let _ = write!(out, "status:\n  phase: Running\n  podIP: \"{}\"\n", pod.primary());
+            if let (Some(v4), Some(v6)) = (pod.ip, pod.ipv6) {
+                let _ = writeln!(out, "  podIPs: [{{ip: {v4}}}, {{ip: \"{v6}\"}}]");
             }
             out.push_str("---\n");
         }
@@ -601,6 +635,11 @@ impl NodeHandle<'_> {
         self.node.ip.into()
     }
 
+    /// The node's IPv6 address on the cluster network.
+    pub fn ipv6(&self) -> Ipv6Addr {
+        self.node.ipv6
+    }
+
     /// Runs `ambit ARGS` on this node (in its network namespace, where the agent's admin API
     /// is), with a time limit.
     pub fn ambit(&self, args: &[&str]) -> io::Result<Output> {
@@ -682,7 +721,7 @@ impl PodHandle<'_> {
 
     /// The pod's IP.
     pub fn ip(&self) -> IpAddr {
-        self.pod.ip.into()
+        self.pod.primary()
     }
 
     /// The pod's IPv6 address, for a dual-stack pod.

@@ -18,7 +18,9 @@ mod sys;
 pub use agent::{Agent, AgentOutput};
 pub use apps::{EchoServer, SinkServer, echo_roundtrip};
 pub use capture::{Capture, contains};
-pub use cluster::{CgroupDriver, Cluster, ClusterBuilder, NodeHandle, PodHandle, PodProcesses, PodSpec};
+pub use cluster::{
+    CgroupDriver, Cluster, ClusterBuilder, Family, NodeHandle, PodHandle, PodProcesses, PodSpec,
+};
 pub use kubeapi::MockApi;
 pub use sys::ambit_binary;
 

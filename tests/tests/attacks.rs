@@ -520,9 +520,12 @@ fn finished_pods_own_no_address_and_two_claimants_get_no_traffic() {
     .expect("the refusal names the conflict");
     assert_eq!(b.readiness().expect("readiness"), Some(503));
 
-    // The twin goes: the server is captured again and reachable.
+    // The twin goes: the server is captured again and reachable (once both agents know).
+    let generation = (a.generation(), b.generation());
     cluster.set_extra_yaml(&format!("{STRICT}{ghost}"));
     cluster.write_manifest().expect("write");
+    a.wait_generation_after(generation.0, STEP).expect("a reloaded");
+    b.wait_generation_after(generation.1, STEP).expect("b reloaded");
     wait_until(STEP, "server captured again", || state(&b, "server").0 == "captured");
     assert_eq!(roundtrip(&cluster, "client", dst), Ok(()));
 }

@@ -17,7 +17,7 @@ use tracing::{Instrument as _, debug, info_span, warn};
 use super::{
     DATA_PLANE, HBONE, PodContext, Proxy, ProxyError, accept_loop, connect_from, count,
     hbone::{CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW},
-    relay,
+    local_of, relay,
 };
 use crate::{
     identity::Identity,
@@ -59,7 +59,7 @@ impl Proxy {
         record.dst_identity = Some(pod.identity.clone());
         let result = async {
             // With sk_lookup the accepted socket keeps the address the client asked for.
-            let dst = client.local_addr().map_err(ProxyError::Relay)?;
+            let dst = local_of(&client).map_err(ProxyError::Relay)?;
             record.dst_addr = Some(dst);
             if is_reserved(dst.port()) {
                 return Err(ProxyError::ReservedPort(dst.port()));
@@ -155,7 +155,7 @@ impl Proxy {
             reset(tcp);
             return;
         };
-        let Ok(local) = tcp.local_addr() else { return };
+        let Ok(local) = local_of(&tcp) else { return };
         let _ = tcp.set_nodelay(true);
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
