@@ -51,6 +51,14 @@ pub enum AgentError {
     /// An endpoint could not be served.
     #[error(transparent)]
     Admin(#[from] AdminError),
+    /// A long-lived task ended while the agent ran.
+    #[error("the {task} ended: {reason}")]
+    TaskEnded {
+        /// Which.
+        task: &'static str,
+        /// How: returned, or the panic message.
+        reason: String,
+    },
     /// Something else at start.
     #[error("{what}: {source}")]
     Io {
@@ -173,9 +181,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let admin = admin::bind_admin(args.admin_addr, state.clone()).await?;
     let readiness = admin::bind_readiness(args.readiness_addr, state.clone()).await?;
     let metrics_server = admin::bind_metrics(args.metrics_addr, state).await?;
-    tokio::spawn(admin);
-    tokio::spawn(readiness);
-    tokio::spawn(metrics_server);
+    // Every long-lived task is owned here: if one ends (a bug: they retry their own errors),
+    // the agent says which and exits non-zero, and the kubelet restarts it while the pinned
+    // programs keep enforcing.
+    let mut tasks = Tasks::default();
+    tasks.spawn("admin API", admin);
+    tasks.spawn("readiness endpoint", readiness);
+    tasks.spawn("metrics endpoint", metrics_server);
 
     let settings = Settings {
         root_namespace: args.root_namespace.clone(),
@@ -190,23 +202,23 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     match source {
         Source::Local(file) => {
             synced_tx.send_replace(true);
-            tokio::spawn(discovery::local::watch(file, args.root_namespace.clone(), cluster_tx, source_tx));
+            tasks.spawn(
+                "cluster file watcher",
+                discovery::local::watch(file, args.root_namespace.clone(), cluster_tx, source_tx),
+            );
         }
         Source::Kubernetes(client) => {
-            tokio::spawn(discovery::kube::watch(
-                client,
-                args.root_namespace.clone(),
-                cluster_tx,
-                source_tx,
-                synced_tx,
-            ));
+            tasks.spawn(
+                "Kubernetes watchers",
+                discovery::kube::watch(client, args.root_namespace.clone(), cluster_tx, source_tx, synced_tx),
+            );
         }
     }
     if tracing != Tracing::Off {
-        tokio::spawn(flows::read_events(flows.clone(), events));
+        tasks.spawn("flow reader", flows::read_events(flows.clone(), events));
     }
     let pool_owner = proxy.clone();
-    tokio::spawn(async move {
+    tasks.spawn("HBONE pool sweeper", async move {
         let mut sweep = tokio::time::interval(std::time::Duration::from_secs(30));
         loop {
             sweep.tick().await;
@@ -262,10 +274,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             }
             changed = changes.changed() => {
                 if changed.is_err() {
-                    error!("the source of truth stopped; exiting");
-                    return Ok(());
+                    return Err(AgentError::TaskEnded { task: "source of truth", reason: "it stopped publishing".into() });
                 }
                 Wake::Changed
+            }
+            (task, reason) = tasks.ended() => {
+                error!(task, %reason, "a task the agent depends on ended; exiting so that it is restarted (enrolled pods stay closed meanwhile)");
+                return Err(AgentError::TaskEnded { task, reason });
             }
             _ = retry.tick(), if !redirector.all_captured() => Wake::Retry,
             _ = verify.tick() => Wake::Verify,
@@ -275,6 +290,43 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     info!("shutting down; enrolled pods stay captured (fail closed) until the next agent starts");
     Ok(())
+}
+
+/// The agent's long-lived tasks, by name.
+#[derive(Default)]
+struct Tasks {
+    set: tokio::task::JoinSet<()>,
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+}
+
+impl Tasks {
+    fn spawn(&mut self, name: &'static str, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = self.set.spawn(task);
+        self.names.insert(handle.id(), name);
+    }
+
+    /// Waits until a task ends; its name and how. Pending forever while all run.
+    async fn ended(&mut self) -> (&'static str, String) {
+        match self.set.join_next_with_id().await {
+            Some(Ok((id, ()))) => (self.names.get(&id).copied().unwrap_or("task"), "it returned".into()),
+            Some(Err(e)) => {
+                let name = self.names.get(&e.id()).copied().unwrap_or("task");
+                let reason = if e.is_panic() {
+                    let panic = e.into_panic();
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    format!("it panicked: {message}")
+                } else {
+                    "it was cancelled".into()
+                };
+                (name, reason)
+            }
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// Why the main loop woke.
@@ -318,4 +370,22 @@ fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::
 pub fn init_host_netns() -> Result<(), AgentError> {
     Netns::init_host()
         .map_err(|source| AgentError::Io { what: "opening the agent's own network namespace", source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_ended_task_is_named_with_how_it_ended() {
+        let mut tasks = Tasks::default();
+        tasks.spawn("server", std::future::pending());
+        tasks.spawn("reader", async { panic!("ring buffer vanished") });
+        let (name, reason) = tasks.ended().await;
+        assert_eq!(name, "reader");
+        assert_eq!(reason, "it panicked: ring buffer vanished");
+        tasks.spawn("watcher", async {});
+        let (name, reason) = tasks.ended().await;
+        assert_eq!((name, reason.as_str()), ("watcher", "it returned"));
+    }
 }

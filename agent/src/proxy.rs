@@ -278,6 +278,18 @@ fn local_of(stream: &TcpStream) -> io::Result<SocketAddr> {
     stream.local_addr().map(canonical)
 }
 
+/// Keepalive on a connection between agents: the kernel probes an idle peer, and gives up on
+/// unacknowledged data, so that a node that vanished without a word is noticed in seconds.
+fn keep_alive(stream: &TcpStream) {
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(10))
+        .with_interval(Duration::from_secs(3))
+        .with_retries(3);
+    let _ = socket.set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_user_timeout(Some(Duration::from_secs(10)));
+}
+
 /// Counts a finished connection into the pod's stats.
 fn count(pod: &PodContext, sent: u64, received: u64, failed: bool) {
     pod.stats.bytes_sent.fetch_add(sent, Relaxed);
@@ -290,6 +302,11 @@ fn count(pod: &PodContext, sent: u64, received: u64, failed: bool) {
 /// Opens a connection to `dst` from inside the pod's network namespace, so the wire shows the
 /// pod's own address, marked so that the connect hooks leave it alone.
 pub async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, ProxyError> {
+    connect_within(netns, dst, CONNECT_TIMEOUT).await
+}
+
+/// [`connect_from`] with a time limit of its own.
+async fn connect_within(netns: &Netns, dst: SocketAddr, limit: Duration) -> Result<TcpStream, ProxyError> {
     let socket = netns
         .run(|| -> io::Result<Socket> {
             let socket =
@@ -305,7 +322,7 @@ pub async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, P
     }
     socket.set_tcp_nodelay(true).map_err(ProxyError::Socket)?;
     let socket = TcpSocket::from_std_stream(socket.into());
-    match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst)).await {
+    match tokio::time::timeout(limit, socket.connect(dst)).await {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(source)) => Err(ProxyError::Connect { addr: dst, source }),
         Err(_) => Err(ProxyError::ConnectTimeout(dst)),

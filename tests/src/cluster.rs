@@ -785,6 +785,14 @@ impl PodHandle<'_> {
         crate::SinkServer::start(self.listen(port)?)
     }
 
+    /// Takes the pod's network interface down or up: down, the pod is silently gone from the
+    /// network (no reset, no answer), as a node that vanished.
+    pub fn set_link(&self, up: bool) -> io::Result<()> {
+        let netns = self.netns_path();
+        let name = netns.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        sys::ip(&["-n", &name, "link", "set", "eth0", if up { "up" } else { "down" }])
+    }
+
     /// Sets a network sysctl of the pod's namespace, e.g. `ipv4/tcp_tw_reuse`.
     pub fn sysctl(&self, key: &str, value: &str) -> io::Result<()> {
         let path = Path::new("/proc/sys/net").join(key);

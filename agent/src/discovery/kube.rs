@@ -16,7 +16,10 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::{mpsc, watch};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
 use tracing::{error, info, warn};
 
 use super::{
@@ -128,8 +131,9 @@ fn key_of(object: &DynamicObject) -> ObjectKey {
     }
 }
 
-/// Watches the API server until the process ends, publishing snapshots on `tx`; `synced`
-/// turns true once every kind has been listed.
+/// Watches the API server, publishing snapshots on `tx`; `synced` turns true once every kind
+/// has been listed. Returns only if a watcher ended (they retry errors themselves, so that is a
+/// bug the agent must not hide): the caller exits and the kubelet restarts it.
 pub async fn watch(
     client: Client,
     root_namespace: String,
@@ -141,20 +145,43 @@ pub async fn watch(
     let (changes_tx, mut changes) = mpsc::channel(1024);
     let expected: Vec<Kind> =
         Kind::ALL.into_iter().filter(|k| istio_version.is_some() || !k.is_istio()).collect();
+    let mut watchers = JoinSet::new();
     for &kind in &expected {
         let api: Api<DynamicObject> =
             Api::all_with(client.clone(), &kind.resource(istio_version.unwrap_or("v1")));
-        tokio::spawn(watch_kind(api, kind, changes_tx.clone()));
+        watchers.spawn(watch_kind(api, kind, changes_tx.clone()));
     }
-    if istio_version.is_none() {
-        // CRDs installed after the agent started must still take effect, without a restart.
-        tokio::spawn(await_istio(client.clone(), changes_tx.clone()));
-    }
-    drop(changes_tx);
+    // CRDs installed after the agent started must still take effect, without a restart.
+    let mut awaiting = istio_version.is_none().then(|| tokio::spawn(await_istio(client.clone())));
 
     let mut store = Store::default();
     let mut listed: Vec<Kind> = Vec::new();
-    while let Some(change) = changes.recv().await {
+    loop {
+        let change = tokio::select! {
+            change = changes.recv() => change,
+            Some(ended) = watchers.join_next() => {
+                let why = ended.err().map_or_else(|| "its stream ended".to_owned(), |e| e.to_string());
+                error!(reason = %why, "a Kubernetes watcher ended");
+                return;
+            }
+            version = async {
+                match awaiting.as_mut() {
+                    Some(probe) => probe.await,
+                    None => std::future::pending().await,
+                }
+            }, if awaiting.is_some() => {
+                awaiting = None;
+                let Ok(version) = version else {
+                    error!("the Istio CRD probe ended");
+                    return;
+                };
+                for kind in Kind::ALL.into_iter().filter(|k| k.is_istio()) {
+                    watchers.spawn(watch_kind(Api::all_with(client.clone(), &kind.resource(version)), kind, changes_tx.clone()));
+                }
+                continue;
+            }
+        };
+        let Some(change) = change else { break };
         let mut dirty = store.apply(change, &mut listed);
         // Gather whatever else arrives shortly: one snapshot per burst.
         let deadline = tokio::time::Instant::now() + DEBOUNCE;
@@ -209,8 +236,8 @@ async fn istio_version(client: &Client) -> Option<&'static str> {
     }
 }
 
-/// Without Istio's CRDs, asks again now and then; once they are served, watches their kinds too.
-async fn await_istio(client: Client, tx: mpsc::Sender<Change>) {
+/// Without Istio's CRDs, asks again now and then; returns the version once it is served.
+async fn await_istio(client: Client) -> &'static str {
     warn!(
         "no security.istio.io CRDs: no PeerAuthentication or AuthorizationPolicy applies until they are installed (daemonset/crds.yaml)"
     );
@@ -218,14 +245,7 @@ async fn await_istio(client: Client, tx: mpsc::Sender<Change>) {
         tokio::time::sleep(CRD_RECHECK).await;
         if let Some(version) = istio_version(&client).await {
             info!(version, "security.istio.io now served; watching its policies");
-            for kind in Kind::ALL.into_iter().filter(|k| k.is_istio()) {
-                tokio::spawn(watch_kind(
-                    Api::all_with(client.clone(), &kind.resource(version)),
-                    kind,
-                    tx.clone(),
-                ));
-            }
-            return;
+            return version;
         }
     }
 }

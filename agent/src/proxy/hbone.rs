@@ -18,7 +18,7 @@ use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
-use super::{ProxyError, connect_from};
+use super::{ProxyError, connect_within, keep_alive};
 use crate::{
     identity::{Identities, Identity},
     redirect::netns::Netns,
@@ -37,6 +37,19 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the TCP connect to a peer's HBONE port may take: peers are other nodes of the
+/// cluster, a second is plenty; more means the node is gone.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// An idle pooled connection is pinged this often, and a CONNECT unanswered for
+/// [`SLOW_ANSWER`] triggers a ping at once.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+/// How long a ping may go unanswered before the connection is taken for dead.
+const PING_TIMEOUT: Duration = Duration::from_millis(1500);
+/// A CONNECT answer this late makes the pool check the connection is alive.
+const SLOW_ANSWER: Duration = Duration::from_millis(300);
+/// How long a CONNECT answer may take in all: longer than the destination agent's own connect
+/// to its application (10 s).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pooled connections per key at most: room for this many × [`MAX_STREAMS`] concurrent
 /// streams between one pair of identities and one address, and a bound on the descriptors a
 /// single client can make the agent hold.
@@ -58,6 +71,8 @@ struct Pooled {
     /// Serial of the source certificate the connection was opened with.
     serial: String,
     closed: Arc<AtomicBool>,
+    /// Asks the connection's keepalive to ping now.
+    probe: Arc<tokio::sync::Notify>,
     /// Streams open on this connection.
     active: AtomicUsize,
     /// Milliseconds since the pool's epoch when a stream last started.
@@ -153,7 +168,7 @@ impl Pool {
         let slot =
             pooled.claim().ok_or_else(|| ProxyError::Hbone("new HBONE connection closed at once".into()))?;
         let mut sender = pooled.sender.clone().ready().await.map_err(|e| ProxyError::Hbone(e.to_string()))?;
-        open(&mut sender, request, slot).await.map_err(Failure::into_error)
+        open(&mut sender, request, slot, &pooled.probe).await.map_err(Failure::into_error)
     }
 
     /// Opens the stream on a pooled connection with room, if there is one. `Ok(None)`: none, or
@@ -162,7 +177,8 @@ impl Pool {
     async fn on_pooled(&self, key: &PoolKey, request: &Request<()>) -> Result<Option<Tunnel>, ProxyError> {
         let Some((sender, slot)) = self.reusable(key) else { return Ok(None) };
         let Ok(mut sender) = sender.ready().await else { return Ok(None) };
-        match open(&mut sender, request.clone(), slot).await {
+        let probe = slot.0.probe.clone();
+        match open(&mut sender, request.clone(), slot, &probe).await {
             Ok(tunnel) => Ok(Some(tunnel)),
             Err(Failure::Answered(e)) => Err(e),
             Err(Failure::Transport(e)) => {
@@ -195,7 +211,8 @@ impl Pool {
             .map_err(|e| ProxyError::Identity { identity: key.src.to_string(), reason: e.to_string() })?
             .serial
             .clone();
-        let tcp = connect_from(netns, key.addr).await?;
+        let tcp = connect_within(netns, key.addr, DIAL_TIMEOUT).await?;
+        keep_alive(&tcp);
         // No SNI: the server name is only an address, which rustls does not send.
         let name = ServerName::IpAddress(key.addr.ip().into());
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(config).connect(name, tcp))
@@ -205,7 +222,7 @@ impl Pool {
                 addr: key.addr,
                 reason: crate::telemetry::error_chain(&e),
             })?;
-        let (sender, connection) = h2::client::Builder::new()
+        let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
@@ -214,20 +231,25 @@ impl Pool {
             .await
             .map_err(|e| ProxyError::Hbone(format!("HTTP/2 handshake with {}: {e}", key.addr)))?;
         let closed = Arc::new(AtomicBool::new(false));
+        let probe = Arc::new(tokio::sync::Notify::new());
         let pooled = Arc::new(Pooled {
             sender,
             serial,
             closed: closed.clone(),
+            probe: probe.clone(),
             active: AtomicUsize::new(0),
             last_used: AtomicU64::new(self.now_ms()),
         });
         let addr = key.addr;
-        tokio::spawn(async move {
+        let ping_pong = connection.ping_pong();
+        let driver = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 debug!(%addr, error = %e, "pooled HBONE connection ended");
             }
-            closed.store(true, Relaxed);
         });
+        if let Some(ping_pong) = ping_pong {
+            tokio::spawn(keepalive(addr, ping_pong, probe, closed, driver));
+        }
         debug!(src = %key.src, dst = %key.dst, %addr, "new pooled HBONE connection");
         self.conns
             .lock()
@@ -277,15 +299,68 @@ impl Failure {
     }
 }
 
-/// Sends the CONNECT request and waits for the answer.
+/// Keeps a pooled connection honest: pings it every [`KEEPALIVE`] and whenever `probe` asks,
+/// and when a ping goes unanswered for [`PING_TIMEOUT`] takes it out of the pool and drops it,
+/// so that its streams fail now and the next one dials afresh.
+async fn keepalive(
+    addr: SocketAddr,
+    mut ping_pong: h2::PingPong,
+    probe: Arc<tokio::sync::Notify>,
+    closed: Arc<AtomicBool>,
+    mut driver: tokio::task::JoinHandle<()>,
+) {
+    loop {
+        tokio::select! {
+            _ = &mut driver => break,
+            () = tokio::time::sleep(KEEPALIVE) => {}
+            () = probe.notified() => {}
+        }
+        if ping_pong.send_ping(h2::Ping::opaque()).is_err() {
+            break;
+        }
+        let pong = std::future::poll_fn(|cx| ping_pong.poll_pong(cx));
+        match tokio::time::timeout(PING_TIMEOUT, pong).await {
+            Ok(Ok(_)) => continue,
+            Ok(Err(_)) => break,
+            Err(_) => {
+                warn!(%addr, timeout = ?PING_TIMEOUT, "HBONE peer does not answer pings; dropping the connection");
+                driver.abort();
+                break;
+            }
+        }
+    }
+    closed.store(true, Relaxed);
+}
+
+/// Sends the CONNECT request and waits for the answer; a slow answer makes the connection's
+/// keepalive check it is alive (a dead peer fails the stream within seconds).
 async fn open(
     sender: &mut SendRequest<Bytes>,
     request: Request<()>,
     slot: StreamSlot,
+    probe: &tokio::sync::Notify,
 ) -> Result<Tunnel, Failure> {
     let transport = |e: h2::Error| Failure::Transport(ProxyError::Hbone(e.to_string()));
     let (response, send) = sender.send_request(request, false).map_err(transport)?;
-    let response = response.await.map_err(transport)?;
+    let mut response = std::pin::pin!(response);
+    let answered = tokio::time::timeout(ANSWER_TIMEOUT, async {
+        tokio::select! {
+            answer = &mut response => answer,
+            () = tokio::time::sleep(SLOW_ANSWER) => {
+                probe.notify_one();
+                response.await
+            }
+        }
+    })
+    .await;
+    let response = match answered {
+        Ok(answer) => answer.map_err(transport)?,
+        Err(_) => {
+            return Err(Failure::Transport(ProxyError::Hbone(format!(
+                "no answer to CONNECT within {ANSWER_TIMEOUT:?}"
+            ))));
+        }
+    };
     match response.status() {
         StatusCode::OK => Ok(Tunnel { send, recv: response.into_body(), slot }),
         StatusCode::UNAUTHORIZED => Err(Failure::Answered(ProxyError::Denied(

@@ -17,7 +17,7 @@ use tracing::{Instrument as _, debug, info_span, warn};
 use super::{
     DATA_PLANE, HBONE, PodContext, Proxy, ProxyError, accept_loop, connect_from, count,
     hbone::{CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW},
-    local_of, relay,
+    keep_alive, local_of, relay,
 };
 use crate::{
     identity::Identity,
@@ -157,6 +157,7 @@ impl Proxy {
         };
         let Ok(local) = local_of(&tcp) else { return };
         let _ = tcp.set_nodelay(true);
+        keep_alive(&tcp);
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
