@@ -299,19 +299,33 @@ fn count(pod: &PodContext, sent: u64, received: u64, failed: bool) {
     }
 }
 
-/// Opens a connection to `dst` from inside the pod's network namespace, so the wire shows the
-/// pod's own address, marked so that the connect hooks leave it alone.
+/// Opens a connection to an application (`dst`) from inside the pod's network namespace, so the
+/// wire shows the pod's own address, marked so that the connect hooks leave it alone. The
+/// socket closes with a reset unless the relay ends cleanly ([`relay`]): if the agent dies, the
+/// application sees an error, never a clean end of a truncated stream.
 pub async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, ProxyError> {
-    connect_within(netns, dst, CONNECT_TIMEOUT).await
+    open(netns, dst, CONNECT_TIMEOUT, true).await
 }
 
-/// [`connect_from`] with a time limit of its own.
+/// A connection to a peer agent's HBONE port (closed as TLS and HTTP/2 close it).
 async fn connect_within(netns: &Netns, dst: SocketAddr, limit: Duration) -> Result<TcpStream, ProxyError> {
+    open(netns, dst, limit, false).await
+}
+
+async fn open(
+    netns: &Netns,
+    dst: SocketAddr,
+    limit: Duration,
+    abortive: bool,
+) -> Result<TcpStream, ProxyError> {
     let socket = netns
         .run(|| -> io::Result<Socket> {
             let socket =
                 Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
             socket.set_mark(AGENT_MARK)?;
+            if abortive {
+                socket.set_linger(Some(Duration::ZERO))?;
+            }
             Ok(socket)
         })
         .and_then(|r| r)

@@ -776,6 +776,12 @@ fn listen_socket(addr: SocketAddr) -> io::Result<Socket> {
     socket.set_reuse_address(true)?;
     // Accepted sockets inherit the mark: the tracer then knows them as the agent's, not the app's.
     socket.set_mark(ambit_common::AGENT_MARK)?;
+    // And an abortive close: the applications' connections end with a reset unless the relay
+    // ends them cleanly, so that an agent that dies never looks like a clean end of stream.
+    // (HBONE's own connections are closed by TLS and HTTP/2.)
+    if addr.port() != HBONE_PORT {
+        socket.set_linger(Some(std::time::Duration::ZERO))?;
+    }
     if addr.is_ipv6() {
         // The inbound listener takes IPv4 too (through sk_lookup), the outbound one does not.
         socket.set_only_v6(!addr.ip().is_unspecified())?;

@@ -93,6 +93,70 @@ impl SinkServer {
     }
 }
 
+/// A server that writes to each client, then ends the connection: `Some(n)` writes `n` bytes,
+/// waits until the client's side has acknowledged them all (so none is lost in the server's own
+/// send queue) and resets the connection (`SO_LINGER` 0); `None` writes until the client goes.
+pub struct SourceServer {
+    addr: SocketAddr,
+    _acceptor: Acceptor,
+}
+
+impl SourceServer {
+    pub(crate) fn start(listener: TcpListener, bytes: Option<usize>) -> io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let acceptor = Acceptor::start(listener, move |mut stream, _| {
+            let chunk = pattern(64 * 1024);
+            match bytes {
+                Some(total) => {
+                    let mut left = total;
+                    while left > 0 {
+                        let n = left.min(chunk.len());
+                        if stream.write_all(&chunk[..n]).is_err() {
+                            return;
+                        }
+                        left -= n;
+                    }
+                    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                    while unacknowledged(&stream) > 0 && std::time::Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    // SAFETY: a valid socket and a linger struct of the advertised size.
+                    unsafe {
+                        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+                        libc::setsockopt(
+                            stream.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_LINGER,
+                            (&raw const linger).cast(),
+                            size_of::<libc::linger>() as libc::socklen_t,
+                        );
+                    }
+                }
+                None => while stream.write_all(&chunk).is_ok() {},
+            }
+        })?;
+        Ok(Self { addr, _acceptor: acceptor })
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// `n` bytes of a pattern a reader can check (byte `i` is `i mod 251`).
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+/// Bytes written to a TCP socket and not yet acknowledged by its peer (`SIOCOUTQ`).
+fn unacknowledged(stream: &TcpStream) -> usize {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: a valid socket fd and an out-pointer of the size the ioctl writes.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc == 0 { queued.max(0) as usize } else { 0 }
+}
+
 /// Accepts connections on a thread of its own, handing each to `serve` on a new thread, until
 /// dropped. Accept blocks (no polling delay in connection-rate measurements); dropping shuts the
 /// listener down, which wakes the blocked accept.

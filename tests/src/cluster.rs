@@ -780,6 +780,11 @@ impl PodHandle<'_> {
         EchoServer::start(self.listen(port)?)
     }
 
+    /// Starts a [`crate::SourceServer`] on `port` inside the pod.
+    pub fn source_server(&self, port: u16, bytes: Option<usize>) -> io::Result<crate::SourceServer> {
+        crate::SourceServer::start(self.listen(port)?, bytes)
+    }
+
     /// Starts a discard server on `port` inside the pod.
     pub fn sink_server(&self, port: u16) -> io::Result<crate::SinkServer> {
         crate::SinkServer::start(self.listen(port)?)

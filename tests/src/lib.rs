@@ -16,7 +16,7 @@ mod kubeapi;
 mod sys;
 
 pub use agent::{Agent, AgentOutput};
-pub use apps::{EchoServer, SinkServer, echo_roundtrip};
+pub use apps::{EchoServer, SinkServer, SourceServer, echo_roundtrip, pattern};
 pub use capture::{Capture, contains};
 pub use cluster::{
     CgroupDriver, Cluster, ClusterBuilder, Family, NodeHandle, PodHandle, PodProcesses, PodSpec,
