@@ -90,6 +90,10 @@ pub struct DatapathHealth {
     pub last_repaired: Vec<String>,
     /// Repairs since the agent started.
     pub repairs_total: u64,
+    /// A newer agent (this pid) took the node's kernel state over: an upgrade is under way and
+    /// this agent only finishes the connections it holds.
+    #[serde(default)]
+    pub superseded_by: Option<u32>,
 }
 
 /// What the endpoints read; updated by the agent's main loop.
@@ -515,6 +519,18 @@ fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Respo
     response
 }
 
+/// A listener that a new agent can bind beside this one during an upgrade (`SO_REUSEPORT`: the
+/// kernel spreads connections over both until the old one closes).
+fn reusable_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// How one HTTP endpoint bounds its clients.
 #[derive(Clone, Copy)]
 struct Bounds {
@@ -547,7 +563,7 @@ async fn bind<F>(
 where
     F: Fn(&Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
 {
-    let listener = TcpListener::bind(addr).await.map_err(|source| AdminError::Bind { what, addr, source })?;
+    let listener = reusable_listener(addr).map_err(|source| AdminError::Bind { what, addr, source })?;
     let local = listener.local_addr().unwrap_or(addr);
     info!(endpoint = what, addr = %local, "listening");
     let route = Arc::new(route);

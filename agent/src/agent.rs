@@ -259,12 +259,20 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             broken: check.broken.clone(),
             last_repaired: check.repaired.clone(),
             repairs_total,
+            superseded_by: redirector.successor(),
         });
         flows.set_pods(redirector.traced_pods());
         pods_tx.send_replace(Arc::new(redirector.reports(&cluster)));
         // Ready once the source has been read in full, every enrolled pod is captured and the
         // datapath is whole.
-        ready_tx.send_replace(*synced.borrow() && redirector.all_captured());
+        let ready = *synced.borrow() && redirector.all_captured();
+        if ready_tx.send_replace(ready) != ready {
+            if ready {
+                info!("ready: every enrolled pod of the node is captured");
+            } else {
+                info!(successor = redirector.successor(), "not ready");
+            }
+        }
         certs_tx.send_replace(Arc::new(identities.reports(&redirector.pods_by_identity())));
         let refresh = identities.next_refresh(std::time::SystemTime::now());
         wake = tokio::select! {
@@ -288,8 +296,33 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             _ = interrupt.recv() => break,
         };
     }
-    info!("shutting down; enrolled pods stay captured (fail closed) until the next agent starts");
+    drain(&mut redirector, &proxy, &ready_tx, args.drain_timeout).await;
     Ok(())
+}
+
+/// Stops the agent without losing a connection that can be kept: not ready any more, HBONE
+/// peers told to go away (they reconnect to whoever serves the pods now), listeners closed
+/// (queued connections move to a newer agent's), then open connections given up to `limit` to
+/// finish. The pinned programs stay: enrolled pods are served by the newer agent, or fail
+/// closed until one starts.
+async fn drain(
+    redirector: &mut Redirector,
+    proxy: &Proxy,
+    ready: &watch::Sender<bool>,
+    limit: std::time::Duration,
+) {
+    info!(successor = redirector.successor(), timeout = ?limit, open = proxy.active(), "draining");
+    ready.send_replace(false);
+    proxy.drain();
+    redirector.stop_serving();
+    let deadline = tokio::time::Instant::now() + limit;
+    while proxy.active() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    info!(
+        cut = proxy.active(),
+        "drained; exiting. Enrolled pods stay captured (fail closed) until an agent serves them"
+    );
 }
 
 /// The agent's long-lived tasks, by name.

@@ -19,7 +19,7 @@ pub mod tracefs;
 
 use ambit_common::{
     AF_INET, AF_INET6, COUNTER_RING_FULL, ConnectionKey, DROP_REASON_SLOTS, Enrolled, IpAddr, OrigDstKey,
-    SockAddr,
+    Owner, SockAddr,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -150,6 +150,8 @@ pub struct Datapath {
     /// The inbound program linked into each enrolled netns, by netns cookie.
     netns_links: std::collections::HashMap<u64, pin::Held>,
     maps: Vec<pin::Held>,
+    owner: aya::maps::Array<MapData, Owner>,
+    me: Owner,
 }
 
 /// What one [`Datapath::verify`] round found.
@@ -319,6 +321,11 @@ impl Datapath {
         let traced = take_map(&mut ebpf, "TRACED")?;
         let listeners = take_map(&mut ebpf, "INBOUND_LISTENERS")?;
         let hbone_listeners = take_map(&mut ebpf, "HBONE_LISTENERS")?;
+        let mut owner: aya::maps::Array<MapData, Owner> = take_map(&mut ebpf, "OWNER")?;
+        // Claim the instance: an agent still running from before (an upgrade) sees this and
+        // leaves the shared state to us.
+        let me = this_process();
+        owner.set(0, me, 0).map_err(|source| BpfError::Map { map: "OWNER", source })?;
         // The map pins are the regular entries of the pin directory (links live in subfolders).
         let mut maps = Vec::new();
         let entries = fs::read_dir(&pin_dir).map_err(|source| BpfError::Io {
@@ -363,6 +370,8 @@ impl Datapath {
             cgroup_links,
             netns_links: std::collections::HashMap::new(),
             maps,
+            owner,
+            me,
         };
         Ok((datapath, proxy_maps, trace))
     }
@@ -438,6 +447,22 @@ impl Datapath {
     /// The cgroup v2 root the outbound programs are attached to.
     pub fn cgroup_root(&self) -> &Path {
         &self.cgroup_root
+    }
+
+    /// The pid of a newer agent that took this instance over (an upgrade), if one did and still
+    /// runs; this agent must then leave the shared state alone. An owner that has gone (it
+    /// crashed while starting) gives the instance back.
+    pub fn superseded_by(&mut self) -> Option<u32> {
+        let owner = self.owner.get(&0, 0).ok()?;
+        if owner == self.me {
+            return None;
+        }
+        if process(owner.pid).is_some_and(|alive| alive == owner) {
+            return Some(owner.pid);
+        }
+        warn!(owner = owner.pid, "the agent that took this instance over is gone; taking it back");
+        let _ = self.owner.set(0, self.me, 0);
+        None
     }
 
     /// Steers new inbound TCP connections of the netns `netns` to the listeners of
@@ -608,6 +633,20 @@ impl TracepointLayouts {
         }
         layouts
     }
+}
+
+/// This process as the `OWNER` map records it.
+fn this_process() -> Owner {
+    process(std::process::id()).unwrap_or(Owner { pid: std::process::id(), _pad: 0, start_ticks: 0 })
+}
+
+/// A running process's pid and start time, from `/proc/<pid>/stat` (field 22, after the
+/// parenthesised command name, which may itself hold spaces).
+fn process(pid: u32) -> Option<Owner> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = stat.rsplit_once(')')?.1;
+    let start_ticks = after_name.split_whitespace().nth(19)?.parse().ok()?;
+    Some(Owner { pid, _pad: 0, start_ticks })
 }
 
 /// A removal of a key that was already gone succeeded: the state asked for holds. (The kernel

@@ -118,6 +118,11 @@ pub struct AgentArgs {
     /// Where the eBPF state is pinned.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/ambit")]
     pub bpf_dir: PathBuf,
+    /// On SIGTERM, how long open connections may take to finish before the agent exits (new
+    /// ones go to the agent that replaces this one, or fail closed). Keep it shorter than the
+    /// pod's terminationGracePeriodSeconds.
+    #[arg(long, value_name = "DURATION", env = "AMBIT_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
 }
 
 /// `ambit certs` options.
@@ -284,10 +289,12 @@ pub async fn status(args: &OperatorArgs) -> Result<String, CliError> {
     let mut t = Table::new(["", ""]);
     t.row(["node", &a.node]);
     t.row(["version", &a.version]);
-    let not_ready = if status.datapath.broken.is_empty() {
-        "NO: not every enrolled pod is captured".to_owned()
-    } else {
-        format!("NO: {}", status.datapath.broken.join("; "))
+    let not_ready = match (status.datapath.superseded_by, status.datapath.broken.is_empty()) {
+        (Some(pid), _) => {
+            format!("NO: a newer agent (pid {pid}) took this node over; this one finishes its connections")
+        }
+        (None, true) => "NO: not every enrolled pod is captured".to_owned(),
+        (None, false) => format!("NO: {}", status.datapath.broken.join("; ")),
     };
     t.row(["ready", if status.ready { "yes" } else { &not_ready }]);
     t.row(["source", &a.source]);

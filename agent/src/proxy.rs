@@ -207,6 +207,26 @@ pub struct Proxy {
     identities: Arc<Identities>,
     pool: hbone::Pool,
     settings: Settings,
+    /// Connections being relayed (outbound, inbound plaintext, HBONE streams).
+    active: Arc<AtomicU64>,
+    /// Turns true when the agent drains: HBONE connections are told to go away.
+    draining: watch::Sender<bool>,
+}
+
+/// One relayed connection, counted in [`Proxy::active`] while it lives.
+struct Active(Arc<AtomicU64>);
+
+impl Active {
+    fn new(count: &Arc<AtomicU64>) -> Self {
+        count.fetch_add(1, Relaxed);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
 }
 
 impl Proxy {
@@ -225,7 +245,22 @@ impl Proxy {
             pool: hbone::Pool::new(tls, identities.clone()),
             identities,
             settings,
+            active: Arc::default(),
+            draining: watch::Sender::new(false),
         }
+    }
+
+    /// Connections being relayed now.
+    pub fn active(&self) -> u64 {
+        self.active.load(Relaxed)
+    }
+
+    /// Starts a drain: every HBONE connection served here is told to go away (HTTP/2 GOAWAY,
+    /// its open streams finish; peers open new connections, to whoever serves the pod now), and
+    /// idle pooled connections are closed.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+        self.pool.close_idle();
     }
 
     /// The HBONE connection pool.

@@ -26,7 +26,7 @@ use ambit_common::{Enrolled, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, task::JoinHandle};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use self::netns::Netns;
 use crate::{
@@ -241,6 +241,8 @@ pub struct Redirector {
     check: DatapathCheck,
     /// Repairs made since start.
     repairs: u64,
+    /// A newer agent owns the shared state (an upgrade): this one only serves what it holds.
+    superseded_by: Option<u32>,
 }
 
 impl Redirector {
@@ -267,6 +269,36 @@ impl Redirector {
             stale_cleared: false,
             check: DatapathCheck::default(),
             repairs: 0,
+            superseded_by: None,
+        }
+    }
+
+    /// Whether a newer agent took the shared state over; said once when it happens.
+    fn superseded(&mut self) -> bool {
+        let now = self.datapath.superseded_by();
+        if now != self.superseded_by {
+            match now {
+                Some(pid) => info!(
+                    agent = pid,
+                    "a newer agent took this node over; leaving the kernel state to it and serving only the connections held here"
+                ),
+                None => info!("this agent owns the node's state again"),
+            }
+            self.superseded_by = now;
+        }
+        now.is_some()
+    }
+
+    /// The newer agent that took over, if one did.
+    pub fn successor(&self) -> Option<u32> {
+        self.superseded_by
+    }
+
+    /// Closes every listener (connections already accepted run on), leaving the kernel state
+    /// as it is: for a newer agent to serve, or to fail closed. The first step of a drain.
+    pub fn stop_serving(&mut self) {
+        for held in self.held.values_mut() {
+            held.serving = None;
         }
     }
 
@@ -278,7 +310,10 @@ impl Redirector {
     /// True when every pod of this node that should be in the mesh is captured (refused pods
     /// aside) and nothing of the datapath is missing.
     pub fn all_captured(&self) -> bool {
-        self.reconciled_once && self.failed.values().all(|f| f.refused) && self.check.broken.is_empty()
+        self.reconciled_once
+            && self.superseded_by.is_none()
+            && self.failed.values().all(|f| f.refused)
+            && self.check.broken.is_empty()
     }
 
     /// What the last [`Redirector::verify`] found, and the repairs made since start.
@@ -288,6 +323,9 @@ impl Redirector {
 
     /// Brings capture in line with `cluster`.
     pub fn reconcile(&mut self, cluster: &Cluster) {
+        if self.superseded() {
+            return;
+        }
         let node = self.node.clone();
         let wanted: BTreeMap<ObjectKey, Arc<Workload>> = cluster
             .workloads_on(&node)
@@ -502,6 +540,12 @@ impl Redirector {
                 source,
             })
         };
+        // Connections queued on a listener that closes (the old agent's, in an upgrade) move to
+        // another of its group rather than being reset. Best effort: a read-only /proc/sys only
+        // costs the few connections queued at that instant.
+        if let Ok(Err(e)) = netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")) {
+            debug!(pod = %pod, error = %e, "net.ipv4.tcp_migrate_req not set");
+        }
         let outbound: Vec<(SocketAddr, Socket)> =
             outbound_addrs.iter().map(|a| Ok((*a, listen(*a)?))).collect::<Result<_, _>>()?;
         let inbound = listen(inbound_addr)?;
@@ -543,6 +587,10 @@ impl Redirector {
     /// Checks that the kernel still holds what the agent put there (pins, links, enrollment
     /// entries, listeners) and puts back what is missing. Run every few seconds.
     pub fn verify(&mut self, cluster: &Cluster) -> &DatapathCheck {
+        if self.superseded() {
+            self.check = DatapathCheck::default();
+            return &self.check;
+        }
         let netns: HashMap<u64, Arc<Netns>> =
             self.held.values().map(|h| (h.cookie, h.netns.clone())).collect();
         let mut check = self.datapath.verify(&|cookie| netns.get(&cookie).cloned());
@@ -774,6 +822,10 @@ fn open_netns(
 fn listen_socket(addr: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    // A new agent binds beside the old one during an upgrade. Inbound connections reach exactly
+    // the socket `sk_lookup` names (no reuseport choice); outbound ones are shared until the old
+    // agent closes, and with `tcp_migrate_req` its queued ones move to the new one.
+    socket.set_reuse_port(true)?;
     // Accepted sockets inherit the mark: the tracer then knows them as the agent's, not the app's.
     socket.set_mark(ambit_common::AGENT_MARK)?;
     // And an abortive close: the applications' connections end with a reset unless the relay

@@ -83,9 +83,24 @@ pub struct Enrolled {
     pub ipv6: [u32; 4],
 }
 
+/// The one entry of the `OWNER` map: which agent process owns this instance's pinned state.
+/// A new agent writes itself there when it starts (an upgrade); the one it replaces sees it and
+/// stops changing the shared state, while it finishes the connections it holds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// Process id (as the host sees it).
+    pub pid: u32,
+    /// Keeps the struct free of padding.
+    pub _pad: u32,
+    /// The process's start time (`/proc/<pid>/stat` field 22, clock ticks since boot): with the
+    /// pid, names one process even after pids are reused.
+    pub start_ticks: u64,
+}
+
 #[cfg(feature = "user")]
 mod user {
-    use super::{ConnectionKey, Enrolled, FlowEvent, IpAddr, OrigDstKey, SockAddr};
+    use super::{ConnectionKey, Enrolled, FlowEvent, IpAddr, OrigDstKey, Owner, SockAddr};
 
     // SAFETY: all these types are `#[repr(C)]`, made only of integers, and have no padding, so
     // every byte pattern is a valid value and no byte is uninitialised.
@@ -100,6 +115,8 @@ mod user {
     unsafe impl aya::Pod for ConnectionKey {}
     // SAFETY: as above (field sizes chosen so that no padding is left).
     unsafe impl aya::Pod for FlowEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Owner {}
 }
 
 /// Kind of a [`FlowEvent`]: a traced socket reached ESTABLISHED.

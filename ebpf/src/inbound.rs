@@ -13,6 +13,8 @@ const SK_PASS: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 /// The loopback interface is always ifindex 1 in a network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
+/// `bpf_sk_assign` flag: skip reuseport selection on the assigned socket.
+const BPF_SK_LOOKUP_F_NO_REUSEPORT: u64 = 2;
 
 /// Linked into each enrolled pod's network namespace by the agent.
 #[sk_lookup]
@@ -50,7 +52,10 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     }
     let listeners =
         if lookup.local_port == u32::from(HBONE_PORT) { &HBONE_LISTENERS } else { &INBOUND_LISTENERS };
-    match listeners.redirect_sk_lookup(&ctx, local, 0) {
+    // Exactly the agent's socket: its listeners share their ports (SO_REUSEPORT, so that a new
+    // agent can start beside the old one), and a process of the pod running as the same user
+    // could join that group; the kernel's reuseport choice would then hand it connections.
+    match listeners.redirect_sk_lookup(&ctx, local, BPF_SK_LOOKUP_F_NO_REUSEPORT) {
         Ok(()) => SK_PASS,
         // No live listener for this pod: refuse rather than let traffic reach the app
         // without the agent (fail closed).

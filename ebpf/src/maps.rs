@@ -2,10 +2,10 @@
 //! instance directory, so that they outlive the agent process and a restarted agent re-opens
 //! the same state (enforcement never lapses).
 
-use ambit_common::{ConnectionKey, Enrolled, IpAddr, OrigDstKey, SockAddr};
+use ambit_common::{ConnectionKey, Enrolled, IpAddr, OrigDstKey, Owner, SockAddr};
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, SockHash},
+    maps::{Array, HashMap, LruHashMap, SockHash},
 };
 
 /// Enrolled network namespaces, by netns cookie. Written by the agent only.
@@ -44,3 +44,8 @@ pub(crate) static HBONE_LISTENERS: SockHash<IpAddr> = SockHash::pinned(16_384, 0
 /// such packets by itself). Written and removed by `sock_ops`.
 #[map]
 pub(crate) static LOCAL_CONNECTIONS: LruHashMap<ConnectionKey, u64> = LruHashMap::pinned(16_384, 0);
+
+/// Which agent process owns this instance's state; read and written by agents only (a new
+/// agent claims it when it starts, the one it replaces then leaves the shared state alone).
+#[map]
+pub(crate) static OWNER: Array<Owner> = Array::pinned(1, 0);

@@ -119,7 +119,19 @@ fn the_daemonset_carries_what_the_agent_needs() {
     assert_eq!(pod["hostPID"], Value::Bool(true), "procfs netns discovery needs the host's PIDs");
     assert_eq!(pod["hostNetwork"], Value::Bool(true), "admin on the node's loopback, readiness on the node");
     assert_eq!(pod["priorityClassName"].as_str(), Some("system-node-critical"));
-    assert!(pod["terminationGracePeriodSeconds"].as_u64().is_some());
+    // Upgrades: the new agent beside the old one (no host ports to block it), and the grace
+    // period longer than the agent's drain.
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!((rolling["maxSurge"].as_u64(), rolling["maxUnavailable"].as_u64()), (Some(1), Some(0)));
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().expect("grace period");
+    let config: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(root().join("daemonset/configmap.yaml")).expect("read"),
+    )
+    .expect("yaml");
+    let drain =
+        config["data"]["AMBIT_DRAIN_TIMEOUT"].as_str().and_then(|d| d.strip_suffix('s')?.parse::<u64>().ok());
+    assert!(drain.is_some_and(|d| d < grace), "drain {drain:?} must end before the grace period ({grace}s)");
+    assert!(pod["containers"][0]["ports"].is_null(), "no host ports: they would block maxSurge");
     assert!(pod["tolerations"].as_sequence().is_some_and(|t| !t.is_empty()));
     let agent = &pod["containers"][0];
     let security = &agent["securityContext"];

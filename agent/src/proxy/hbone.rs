@@ -40,6 +40,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the TCP connect to a peer's HBONE port may take: peers are other nodes of the
 /// cluster, a second is plenty; more means the node is gone.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a peer's HBONE port may refuse before a dial gives up: about the time an agent
+/// takes to start again after a crash.
+const RESTART_GRACE: Duration = Duration::from_millis(1500);
 /// An idle pooled connection is pinged this often, and a CONNECT unanswered for
 /// [`SLOW_ANSWER`] triggers a ping at once.
 const KEEPALIVE: Duration = Duration::from_secs(10);
@@ -157,7 +160,12 @@ impl Pool {
         if let Some(tunnel) = self.on_pooled(key, &request).await? {
             return Ok(tunnel);
         }
-        let open_now = self.conns.lock().unwrap_or_else(|e| e.into_inner()).get(key).map_or(0, Vec::len);
+        let open_now = self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .map_or(0, |list| list.iter().filter(|c| !c.closed.load(Relaxed)).count());
         if open_now >= MAX_CONNECTIONS_PER_KEY {
             return Err(ProxyError::Hbone(format!(
                 "{open_now} HBONE connections to {} are open with every stream in use (limit {MAX_CONNECTIONS_PER_KEY} × {MAX_STREAMS})",
@@ -176,13 +184,19 @@ impl Pool {
     /// from the destination (401, 503...) is final: it would be the same on a new connection.
     async fn on_pooled(&self, key: &PoolKey, request: &Request<()>) -> Result<Option<Tunnel>, ProxyError> {
         let Some((sender, slot)) = self.reusable(key) else { return Ok(None) };
-        let Ok(mut sender) = sender.ready().await else { return Ok(None) };
-        let probe = slot.0.probe.clone();
-        match open(&mut sender, request.clone(), slot, &probe).await {
+        let pooled = slot.0.clone();
+        // A connection that refuses a stream as a connection (GOAWAY: its peer is draining, or
+        // it broke) takes no more: the next stream must not pick it again.
+        let Ok(mut sender) = sender.ready().await else {
+            pooled.closed.store(true, Relaxed);
+            return Ok(None);
+        };
+        match open(&mut sender, request.clone(), slot, &pooled.probe).await {
             Ok(tunnel) => Ok(Some(tunnel)),
             Err(Failure::Answered(e)) => Err(e),
             Err(Failure::Transport(e)) => {
                 debug!(error = %e, "pooled HBONE connection failed; opening another");
+                pooled.closed.store(true, Relaxed);
                 Ok(None)
             }
         }
@@ -202,6 +216,33 @@ impl Pool {
         Some((pooled.sender.clone(), slot))
     }
 
+    /// The TCP connection of a dial. A peer whose HBONE port refuses (its agent is restarting:
+    /// between the old listener closing and the new one opening the kernel answers with a reset)
+    /// is tried again for up to [`RESTART_GRACE`]; a peer that does not answer is not.
+    async fn connect_retrying(
+        &self,
+        netns: &Netns,
+        addr: SocketAddr,
+    ) -> Result<tokio::net::TcpStream, ProxyError> {
+        let deadline = Instant::now() + RESTART_GRACE;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            match connect_within(netns, addr, DIAL_TIMEOUT).await {
+                Err(ProxyError::Connect { source, .. })
+                    if matches!(
+                        source.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                    ) && Instant::now() + pause < deadline =>
+                {
+                    debug!(%addr, error = %source, retry_in = ?pause, "HBONE port refused; its agent may be restarting");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
     async fn dial(&self, netns: &Netns, key: &PoolKey) -> Result<Arc<Pooled>, ProxyError> {
         let config =
             self.tls.client_config(&key.src, &key.dst).map_err(|e| ProxyError::Hbone(e.to_string()))?;
@@ -211,7 +252,7 @@ impl Pool {
             .map_err(|e| ProxyError::Identity { identity: key.src.to_string(), reason: e.to_string() })?
             .serial
             .clone();
-        let tcp = connect_within(netns, key.addr, DIAL_TIMEOUT).await?;
+        let tcp = self.connect_retrying(netns, key.addr).await?;
         keep_alive(&tcp);
         // No SNI: the server name is only an address, which rustls does not send.
         let name = ServerName::IpAddress(key.addr.ip().into());
@@ -276,6 +317,15 @@ impl Pool {
         drop(conns);
         // A gate nobody holds or waits on.
         self.dialing.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, gate| Arc::strong_count(gate) > 1);
+    }
+
+    /// Closes every pooled connection without an open stream (a drain).
+    pub fn close_idle(&self) {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for list in conns.values_mut() {
+            list.retain(|c| c.active.load(Relaxed) > 0);
+        }
+        conns.retain(|_, list| !list.is_empty());
     }
 
     fn now_ms(&self) -> u64 {

@@ -1,7 +1,11 @@
 //! Inbound: HBONE streams on `15008` (mutual TLS, verified peer identity) and plaintext
 //! connections steered to `15006` (refused under STRICT).
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use ambit_common::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use bytes::Bytes;
@@ -50,6 +54,7 @@ impl Proxy {
     }
 
     async fn inbound_plaintext(self: Arc<Self>, pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
+        let _active = super::Active::new(&self.active);
         let start = Instant::now();
         let mut record = ConnectionRecord::new(Direction::Inbound);
         record.src_addr = Some(peer);
@@ -199,20 +204,25 @@ impl Proxy {
         drop(handshake);
         let peer_identity = Arc::new(peer_identity);
         let streams = Arc::new(());
+        let mut draining = self.draining.subscribe();
+        let mut told = false;
         loop {
+            // Draining: no new streams here (HTTP/2 GOAWAY); the open ones finish.
+            if !told && *draining.borrow_and_update() {
+                connection.graceful_shutdown();
+                told = true;
+            }
             // No stream open: the connection may idle only so long (longer than the client
             // side keeps an idle pooled connection, so that it is the client that closes).
-            let next = if Arc::strong_count(&streams) == 1 {
-                match tokio::time::timeout(IDLE_TIMEOUT, connection.accept()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        debug!(%peer, "idle HBONE connection closed");
-                        connection.graceful_shutdown();
-                        break;
-                    }
+            let idle = if Arc::strong_count(&streams) == 1 { IDLE_TIMEOUT } else { Duration::MAX };
+            let next = tokio::select! {
+                next = connection.accept() => next,
+                () = tokio::time::sleep(idle) => {
+                    debug!(%peer, "idle HBONE connection closed");
+                    connection.graceful_shutdown();
+                    break;
                 }
-            } else {
-                connection.accept().await
+                _ = draining.changed(), if !told => continue,
             };
             match next {
                 Some(Ok((request, respond))) => {
@@ -244,6 +254,7 @@ impl Proxy {
         local: SocketAddr,
         peer_identity: Arc<Identity>,
     ) {
+        let _active = super::Active::new(&self.active);
         let start = Instant::now();
         pod.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut record = ConnectionRecord::new(Direction::Inbound);

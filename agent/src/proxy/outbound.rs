@@ -29,6 +29,7 @@ impl Proxy {
     }
 
     async fn outbound(self: Arc<Self>, pod: Arc<PodContext>, client: TcpStream, peer: SocketAddr) {
+        let _active = super::Active::new(&self.active);
         let start = Instant::now();
         let mut record = ConnectionRecord::new(Direction::Outbound);
         record.src_workload = Some(pod.workload.clone());
