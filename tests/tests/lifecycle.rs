@@ -165,20 +165,28 @@ fn paced_transfer(
     Ok(())
 }
 
+/// The client/server cluster with both agents up, an echo server on the server, and the path
+/// checked once.
+fn client_server_with_agents()
+-> (Cluster, std::collections::HashMap<&'static str, ambit_tests::Agent>, ambit_tests::EchoServer) {
+    let cluster = Cluster::builder().client_server().build().expect("cluster");
+    let mut agents = std::collections::HashMap::new();
+    for node in ["a", "b"] {
+        agents.insert(node, cluster.start_agent(node).expect("agent"));
+    }
+    let server = cluster.pod("server").echo_server(HTTP).expect("server");
+    assert_eq!(cluster.pod("client").attempt(cluster.pod("server").addr(HTTP)), Ok(()));
+    (cluster, agents, server)
+}
+
 /// A rolling update as the DaemonSet does it (maxSurge): the new agent starts beside the old
 /// one and takes the node over, then the old one is SIGTERMed, drains and exits. Before, a
 /// restart failed hundreds of connections and cut open transfers with a clean EOF. Now: no new
 /// connection fails, and a transfer open across each restart arrives byte for byte.
 #[test]
 fn a_rolling_restart_loses_no_connection() {
-    let cluster = Cluster::builder().client_server().build().expect("cluster");
-    let mut agents = std::collections::HashMap::new();
-    for node in ["a", "b"] {
-        agents.insert(node, cluster.start_agent(node).expect("agent"));
-    }
-    let _server = cluster.pod("server").echo_server(HTTP).expect("server");
+    let (cluster, mut agents, _server) = client_server_with_agents();
     let dst = cluster.pod("server").addr(HTTP);
-    assert_eq!(cluster.pod("client").attempt(dst), Ok(()));
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (tried, failed) = std::thread::scope(|scope| {
         let loads: Vec<_> =
@@ -225,14 +233,8 @@ fn a_rolling_restart_loses_no_connection() {
 /// connections its pod opens while no agent listens: the kernel refuses them, fail closed.
 #[test]
 fn a_crash_and_restart_loses_only_what_it_must() {
-    let cluster = Cluster::builder().client_server().build().expect("cluster");
-    let mut agents = std::collections::HashMap::new();
-    for node in ["a", "b"] {
-        agents.insert(node, cluster.start_agent(node).expect("agent"));
-    }
-    let _server = cluster.pod("server").echo_server(HTTP).expect("server");
+    let (cluster, mut agents, _server) = client_server_with_agents();
     let dst = cluster.pod("server").addr(HTTP);
-    assert_eq!(cluster.pod("client").attempt(dst), Ok(()));
     let mut report = Vec::new();
     for node in ["b", "a"] {
         let stop = std::sync::atomic::AtomicBool::new(false);
