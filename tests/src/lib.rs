@@ -32,3 +32,13 @@ pub fn wait_until(limit: std::time::Duration, what: &str, mut done: impl FnMut()
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Connects to `addr` from inside the network namespace at `netns` (a pod's, from
+/// [`PodHandle::netns_path`]): for threads that outlive a borrow of the cluster.
+pub fn connect_in(
+    netns: &std::path::Path,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    sys::in_netns(netns, || std::net::TcpStream::connect_timeout(&addr, timeout))?
+}

@@ -31,9 +31,20 @@ pub(crate) struct Options {
     /// Idle connections opened to measure memory per connection.
     #[arg(long, default_value_t = 1000)]
     idle_connections: usize,
-    /// Only these measures (comma-separated): bulk, rr, cps, policies, memory, tracing.
+    /// Only these measures (comma-separated): bulk, rr, cps, policies, memory, tracing; and
+    /// `soak` (not in the default set): connections held open while others churn, for minutes,
+    /// with the agents' memory, descriptors and CPU sampled.
     #[arg(long, value_delimiter = ',', default_value = "bulk,rr,cps,policies,memory,tracing")]
     only: Vec<String>,
+    /// Soak: connections held open throughout.
+    #[arg(long, default_value_t = 10_000)]
+    soak_connections: usize,
+    /// Soak: minutes of churn.
+    #[arg(long, default_value_t = 30)]
+    soak_minutes: u64,
+    /// Soak: new connections per second (connect, 16 B echo, close) during the churn.
+    #[arg(long, default_value_t = 100)]
+    soak_rate: u32,
 }
 
 struct Path2<'a> {
@@ -170,6 +181,10 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
         ]);
     }
 
+    if wanted("soak") {
+        soak(&mesh, &[("a", agent_a.pid()), ("b", agent_b.pid())], options)?;
+    }
+
     if wanted("tracing") {
         // The mesh path with the kernel tracer on and off, alternating agents three times and
         // keeping each side's best run: on this kind of machine the run-to-run noise is larger
@@ -208,10 +223,148 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
         ]);
     }
 
-    crate::table::print(&rows);
-    println!("\nmesh = through both agents: HBONE (HTTP/2 CONNECT over mutual TLS 1.3) between the nodes.");
+    if rows.len() > 1 {
+        crate::table::print(&rows);
+        println!(
+            "\nmesh = through both agents: HBONE (HTTP/2 CONNECT over mutual TLS 1.3) between the nodes."
+        );
+    }
     drop(servers);
     Ok(())
+}
+
+/// Holds `soak_connections` open through the mesh while new connections churn at `soak_rate`
+/// for `soak_minutes`, sampling both agents at the start, the middle and the end. Nothing may
+/// grow without bound: the end is compared with the middle.
+fn soak(path: &Path2<'_>, agents: &[(&str, u32)], options: &Options) -> anyhow::Result<()> {
+    const HOLD: u16 = 5003;
+    // The server side holds its ends in a process of its own: this one holds the clients'
+    // (both would not fit under one process's descriptor limit).
+    let mut holder = std::process::Command::new("python3");
+    holder.args([
+        "-c",
+        "import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', 5003))\ns.listen(4096)\nheld = []\nwhile True:\n    held.append(s.accept()[0])\n",
+    ]);
+    let mut holder = path.cluster.pod(path.server).spawn(holder).context("starting the holding server")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let stop = Arc::new(AtomicBool::new(false));
+    println!(
+        "\nsoak: {} connections held, {} new connections/s for {} min",
+        options.soak_connections, options.soak_rate, options.soak_minutes
+    );
+    let mut open = Vec::with_capacity(options.soak_connections);
+    for i in 0..options.soak_connections {
+        open.push(path.connect(HOLD).with_context(|| format!("holding connection {i}"))?);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let mut samples = vec![("start".to_owned(), sample(agents), 0u64, 0u64)];
+    let (tried, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let churn = {
+        let (tried, failed, stop) = (tried.clone(), failed.clone(), stop.clone());
+        let cluster_path = (path.client, path.addr(ECHO));
+        let pause = Duration::from_secs(1) / options.soak_rate.max(1);
+        let client = path.cluster.pod(cluster_path.0).netns_path();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                tried.fetch_add(1, Ordering::Relaxed);
+                let ok = ambit_tests::connect_in(&client, cluster_path.1, Duration::from_secs(5))
+                    .and_then(|mut s| ambit_tests::echo_roundtrip(&mut s, b"0123456789abcdef"))
+                    .is_ok_and(|back| back == b"0123456789abcdef");
+                if !ok {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                let next = started + pause * n;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+        })
+    };
+    let total = Duration::from_secs(options.soak_minutes * 60);
+    for label in ["middle", "end"] {
+        std::thread::sleep(total / 2);
+        samples.push((
+            label.to_owned(),
+            sample(agents),
+            tried.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed),
+        ));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = churn.join();
+    // The holder's sockets, less stdin, stdout, stderr and its listener.
+    let still_held = fds(holder.id()).saturating_sub(4);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let gone = |pid: &u32| {
+        // An exited agent is a zombie until the harness reaps it: state Z in its stat line.
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    };
+    if agents.iter().any(|(_, pid)| gone(pid)) {
+        println!("  AN AGENT DIED during the soak; its log:\n{}", path.cluster.agent_logs());
+    }
+    drop(open);
+
+    let mut rows =
+        vec![["when", "agent", "RSS", "fds", "CPU s", "churned", "failed"].map(String::from).to_vec()];
+    for (label, per_agent, tried, failed) in &samples {
+        for (name, (rss, fds, cpu)) in per_agent {
+            rows.push(vec![
+                label.clone(),
+                (*name).to_owned(),
+                format!("{:.1} MiB", *rss as f64 / 1024.0),
+                fds.to_string(),
+                format!("{cpu:.1}"),
+                tried.to_string(),
+                failed.to_string(),
+            ]);
+        }
+    }
+    crate::table::print(&rows);
+    println!("  {still_held} of {} connections held by the server at the end", options.soak_connections);
+    if still_held < options.soak_connections {
+        println!(
+            "  NOT ALL HELD: the mesh dropped {} of the held connections",
+            options.soak_connections - still_held
+        );
+    }
+    // Growth from the middle to the end: churn alone must not make anything climb.
+    for (name, _) in agents {
+        let at = |i: usize| samples[i].1.iter().find(|(n, _)| n == name).map(|(_, v)| *v).unwrap_or_default();
+        let (middle, end) = (at(1), at(2));
+        let grew = end.0 as f64 > middle.0 as f64 * 1.10 + 2048.0 || end.1 > middle.1 + 64;
+        println!(
+            "  agent {name}: middle -> end RSS {:+.1} MiB, fds {:+} {}",
+            (end.0 as f64 - middle.0 as f64) / 1024.0,
+            end.1 as i64 - middle.1 as i64,
+            if grew { "GREW" } else { "flat" }
+        );
+    }
+    Ok(())
+}
+
+/// (RSS KiB, open fds, CPU seconds) of each agent.
+fn sample<'a>(agents: &[(&'a str, u32)]) -> Vec<(&'a str, (u64, usize, f64))> {
+    agents.iter().map(|(name, pid)| (*name, (rss_kib(*pid), fds(*pid), cpu_seconds(*pid)))).collect()
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// User + system CPU of a process, from `/proc/<pid>/stat` (fields 14 and 15, clock ticks).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<u64>().ok()).sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
 }
 
 /// 999 AuthorizationPolicies in the server's namespace that do not match the bench client
@@ -326,13 +479,21 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The bench holds both ends of every connection (and its agents inherit the limit): as root,
+/// up to the kernel's `nr_open`, else the hard limit.
 fn raise_fd_limit() {
+    let nr_open: u64 =
+        std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid out-pointer; then the same struct back in.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            let wanted = nr_open.min(1 << 20).max(limit.rlim_max);
+            let raised = libc::rlimit { rlim_cur: wanted, rlim_max: wanted };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                limit.rlim_cur = limit.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
         }
     }
 }

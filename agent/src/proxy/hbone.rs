@@ -54,9 +54,11 @@ const SLOW_ANSWER: Duration = Duration::from_millis(300);
 /// to its application (10 s).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pooled connections per key at most: room for this many × [`MAX_STREAMS`] concurrent
-/// streams between one pair of identities and one address, and a bound on the descriptors a
-/// single client can make the agent hold.
-pub const MAX_CONNECTIONS_PER_KEY: usize = 32;
+/// streams between one pair of identities and one address (a busy connection-pooled client
+/// holds ten thousand and more), and a bound on what one pair can make the agent hold. Refused
+/// streams never open connections (a 401 is final), and the descriptor reserve protects the
+/// agent itself.
+pub const MAX_CONNECTIONS_PER_KEY: usize = 1024;
 
 /// Which pooled connection a stream may use.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
