@@ -48,6 +48,7 @@ impl Agent {
         log: &Path,
         ca_dir: &Path,
         extra: &[&str],
+        read_only: &[PathBuf],
     ) -> io::Result<Self> {
         let out = File::options().create(true).append(true).open(log)?;
         let mut command = Command::new(sys::ambit_binary());
@@ -67,10 +68,20 @@ impl Agent {
             .stdout(out.try_clone()?)
             .stderr(out);
         let path = netns.to_owned();
-        // SAFETY: only setns and prctl between fork and exec.
+        // Paths to bind read-only in a mount namespace of the agent's own, as a pod's volumes
+        // are (`readOnly: true`); prepared here, before the fork.
+        let read_only: Vec<std::ffi::CString> = read_only
+            .iter()
+            .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(io::Error::other)?;
+        // SAFETY: only setns, unshare, mount and prctl between fork and exec.
         unsafe {
             command.pre_exec(move || {
                 sys::enter_netns(&path)?;
+                if !read_only.is_empty() {
+                    sys::read_only_mounts(&read_only)?;
+                }
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())
             });

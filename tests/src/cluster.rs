@@ -500,7 +500,28 @@ impl Cluster {
         MockApi::start(&netns)
     }
 
+    /// Starts the agent of `node` with `read_only` paths (its CA directory, say) mounted
+    /// read-only in a mount namespace of its own, as a pod's read-only volumes are.
+    pub fn spawn_agent_read_only(
+        &self,
+        node: &str,
+        extra: &[&str],
+        read_only: &[PathBuf],
+    ) -> io::Result<Agent> {
+        self.spawn(node, Source::Local(&self.manifest_path()), extra, read_only)
+    }
+
     fn spawn_agent_from(&self, node: &str, source: Source<'_>, extra: &[&str]) -> io::Result<Agent> {
+        self.spawn(node, source, extra, &[])
+    }
+
+    fn spawn(
+        &self,
+        node: &str,
+        source: Source<'_>,
+        extra: &[&str],
+        read_only: &[PathBuf],
+    ) -> io::Result<Agent> {
         let node = self.node(node);
         let instance = self.instance(node.name());
         let mut pids = self.agent_pids.lock().unwrap_or_else(|e| e.into_inner());
@@ -514,6 +535,7 @@ impl Cluster {
             &log,
             &self.ca_dir(),
             extra,
+            read_only,
         )?;
         pids.push(agent.pid());
         Ok(agent)

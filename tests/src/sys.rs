@@ -43,6 +43,41 @@ pub(crate) fn enter_netns(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// In a new mount namespace of the calling process, binds each of `paths` onto itself
+/// read-only. For use between fork and exec (only syscalls).
+pub(crate) fn read_only_mounts(paths: &[std::ffi::CString]) -> io::Result<()> {
+    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
+    // SAFETY: plain syscalls with valid NUL-terminated strings or nulls.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        // Changes stay in this namespace.
+        check(libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        for path in paths {
+            check(libc::mount(
+                path.as_ptr(),
+                path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+            check(libc::mount(
+                std::ptr::null(),
+                path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                std::ptr::null(),
+            ))?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs `f` on a fresh thread inside the network namespace at `path`. Sockets created by `f`
 /// belong to that namespace for their whole life, wherever they are used afterwards.
 pub(crate) fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {

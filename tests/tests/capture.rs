@@ -315,3 +315,38 @@ fn pods_without_annotation_are_found_through_kubelet_style_cgroups() {
         let _ = p.wait();
     }
 }
+
+/// The DaemonSet mounts the CA Secret read-only. Before, the agent could not start at all (it
+/// created `.lock` in the CA directory). Now, with both files brought, it starts and serves
+/// mTLS; the control: a write into that mount fails, so it really is read-only.
+#[test]
+fn an_agent_starts_with_its_ca_directory_read_only() {
+    let cluster = shop();
+    let out = std::process::Command::new(ambit_tests::ambit_binary())
+        .args(["ca", "init", "--dir"])
+        .arg(cluster.ca_dir())
+        .output()
+        .expect("ambit ca init");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ca = vec![cluster.ca_dir()];
+    let a = cluster.spawn_agent_read_only("a", &[], &ca).expect("agent a");
+    let b = cluster.spawn_agent_read_only("b", &[], &ca).expect("agent b");
+    for agent in [&a, &b] {
+        agent.wait_ready(STEP).expect("ready with a read-only CA directory");
+    }
+    let _server = cluster.pod("server").echo_server(PORT).expect("server");
+    roundtrip(&cluster, "client", cluster.pod("server").addr(PORT)).expect("mTLS");
+    let record = a
+        .wait_for_event(STEP, |e| e["target"] == "access" && e["direction"] == "outbound")
+        .expect("outbound record");
+    assert_eq!(record["security"], "mutual_tls");
+    // The control: in the agent's mount namespace the directory refuses writes.
+    let probe = std::process::Command::new("nsenter")
+        .arg(format!("--mount=/proc/{}/ns/mnt", a.pid()))
+        .args(["sh", "-c"])
+        .arg(format!("touch {}/x", cluster.ca_dir().display()))
+        .output()
+        .expect("nsenter");
+    assert!(!probe.status.success(), "the CA directory is writable in the agent's namespace");
+    assert!(String::from_utf8_lossy(&probe.stderr).contains("Read-only"), "{probe:?}");
+}

@@ -79,29 +79,42 @@ impl Ca {
             let path = path.to_owned();
             move |source| IdentityError::Io { path, source }
         };
-        fs::create_dir_all(dir).map_err(io(dir))?;
-        let lock_path = dir.join(".lock");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(&lock_path))?;
-        // SAFETY: a valid fd; the lock is released when `lock` is closed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io(&lock_path)(std::io::Error::last_os_error()));
-        }
         let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
-        match (cert_path.exists(), key_path.exists()) {
-            (false, false) => create(&cert_path, &key_path, trust_domain)?,
-            (true, false) => {
-                return Err(bad(&key_path, "missing, but ca-cert.pem exists: bring both files or neither"));
+        // Both there: read as they are, without writing anything (a Secret is mounted
+        // read-only). Only creating needs the directory locked against a sibling agent.
+        let lock = if cert_path.exists() && key_path.exists() {
+            None
+        } else {
+            fs::create_dir_all(dir).map_err(io(dir))?;
+            let lock_path = dir.join(".lock");
+            let lock = File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(io(&lock_path))?;
+            // SAFETY: a valid fd; the lock is released when `lock` is closed.
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(io(&lock_path)(std::io::Error::last_os_error()));
             }
-            (false, true) => {
-                return Err(bad(&cert_path, "missing, but ca-key.pem exists: bring both files or neither"));
+            match (cert_path.exists(), key_path.exists()) {
+                (false, false) => create(&cert_path, &key_path, trust_domain)?,
+                (true, false) => {
+                    return Err(bad(
+                        &key_path,
+                        "missing, but ca-cert.pem exists: bring both files or neither",
+                    ));
+                }
+                (false, true) => {
+                    return Err(bad(
+                        &cert_path,
+                        "missing, but ca-key.pem exists: bring both files or neither",
+                    ));
+                }
+                (true, true) => {}
             }
-            (true, true) => {}
-        }
+            Some(lock)
+        };
         let cert_pem = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
         let key_pem = fs::read_to_string(&key_path).map_err(io(&key_path))?;
         drop(lock);
@@ -355,6 +368,30 @@ mod tests {
         );
         assert_eq!(mode & 0o777, 0o600, "the CA key is private");
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A Secret is mounted read-only: with both files there, loading writes nothing (it used to
+    /// create `.lock`, and the DaemonSet could not start).
+    #[test]
+    fn a_brought_ca_is_read_without_writing_to_its_directory() {
+        let (made, brought) = (temp_dir("made"), temp_dir("brought"));
+        let ca = Ca::load_or_create(&made, "cluster.local").expect("create");
+        fs::create_dir_all(&brought).expect("dir");
+        for file in [CA_CERT, CA_KEY] {
+            fs::copy(made.join(file), brought.join(file)).expect("copy");
+        }
+        let listing = || {
+            let mut names: Vec<_> =
+                fs::read_dir(&brought).expect("ls").flatten().map(|e| e.file_name()).collect();
+            names.sort();
+            names
+        };
+        let before = listing();
+        let loaded = Ca::load_or_create(&brought, "cluster.local").expect("load");
+        assert_eq!(loaded.root(), ca.root());
+        assert_eq!(listing(), before, "nothing written next to a brought CA");
+        let _ = fs::remove_dir_all(&made);
+        let _ = fs::remove_dir_all(&brought);
     }
 
     #[test]

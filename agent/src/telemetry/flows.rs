@@ -358,7 +358,10 @@ impl Flows {
             .values()
             .copied()
             .filter(|socket| {
-                state.open.get(socket).is_some_and(|o| o.waiting.is_some_and(|(_, at)| at.elapsed() > NOTE_WAIT))
+                state
+                    .open
+                    .get(socket)
+                    .is_some_and(|o| o.waiting.is_some_and(|(_, at)| at.elapsed() > NOTE_WAIT))
             })
             .collect();
         for socket in late {
