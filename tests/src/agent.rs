@@ -40,6 +40,7 @@ pub struct AgentOutput {
 }
 
 impl Agent {
+    #[allow(clippy::too_many_arguments, reason = "one call site, the harness's own")]
     pub(crate) fn spawn(
         netns: &Path,
         source: Source<'_>,
