@@ -155,7 +155,7 @@ pub fn ca_init(dir: &std::path::Path, trust_domain: &str) -> Result<String, crat
     let existed = dir.join(crate::identity::ca::CA_CERT).exists();
     let ca = crate::identity::Ca::load_or_create(dir, trust_domain)?;
     let verb = if existed { "uses the existing" } else { "created a new" };
-    Ok(format!("{} {verb} root CA ({} bytes of certificate)\n", dir.display(), ca.root().len()))
+    Ok(format!("{} {verb} root CA ({} bytes of certificate)\n", dir.display(), ca.cert().len()))
 }
 
 /// `ambit check` options.

@@ -55,7 +55,9 @@ impl TlsContext {
     pub fn new(identities: Arc<Identities>) -> Result<Self, TlsError> {
         let provider = Arc::new(provider());
         let mut roots = RootCertStore::empty();
-        roots.add(identities.ca().root().clone()).map_err(|e| TlsError::Bundle(e.to_string()))?;
+        for root in identities.ca().roots() {
+            roots.add(root.clone()).map_err(|e| TlsError::Bundle(e.to_string()))?;
+        }
         let roots = Arc::new(roots);
         let webpki = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()

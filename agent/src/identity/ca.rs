@@ -1,6 +1,9 @@
-//! The embedded CA: `ca-cert.pem` and `ca-key.pem` in `--ca-dir`, created on first start
-//! (ECDSA P-256) or brought by the operator (ECDSA or RSA; PKCS#8, SEC1 or PKCS#1 PEM), and the
-//! X.509-SVIDs it issues.
+//! The signing CA, in Istio's `cacerts` layout: `ca-cert.pem` and `ca-key.pem` (a root, or an
+//! intermediate), optional `cert-chain.pem` (the signing CA up to the root) and `root-cert.pem`
+//! (the trust anchors: one root, or old and new during a rotation). Created on first start when
+//! neither file exists (an ECDSA P-256 root), or brought by the operator (ECDSA or RSA; PKCS#8,
+//! SEC1 or PKCS#1 PEM). It issues X.509-SVIDs: for the agent's own pods (the embedded CA), or
+//! from CSRs (`ambit ca serve`).
 
 use std::{
     fs::{self, File},
@@ -28,6 +31,10 @@ use super::{Identity, IdentityError};
 pub const CA_CERT: &str = "ca-cert.pem";
 /// See [`CA_CERT`].
 pub const CA_KEY: &str = "ca-key.pem";
+/// See [`CA_CERT`]; optional.
+pub const CERT_CHAIN: &str = "cert-chain.pem";
+/// See [`CA_CERT`]; optional.
+pub const ROOT_CERT: &str = "root-cert.pem";
 
 /// Lifetime of a CA the agent creates itself.
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -38,7 +45,13 @@ const BACKDATE: Duration = Duration::from_secs(60);
 pub struct Ca {
     trust_domain: String,
     issuer: Issuer<'static, KeyPair>,
-    root: CertificateDer<'static>,
+    /// The signing certificate.
+    cert: CertificateDer<'static>,
+    /// What a leaf is presented with after itself: the signing CA and the intermediates up to,
+    /// not including, the root. Empty when the signing CA is the root.
+    intermediates: Vec<CertificateDer<'static>>,
+    /// The trust anchors peers are verified against.
+    roots: Vec<CertificateDer<'static>>,
     dir: PathBuf,
 }
 
@@ -119,16 +132,24 @@ impl Ca {
         let key_pem = fs::read_to_string(&key_path).map_err(io(&key_path))?;
         drop(lock);
 
-        let root = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| bad(&cert_path, &format!("no PEM certificate: {e}")))?;
-        check_ca_cert(&cert_path, &root)?;
+        check_ca_cert(&cert_path, &cert)?;
         let key = load_key(&key_path, &key_pem)?;
-        let (_, parsed) = X509Certificate::from_der(&root).map_err(|e| bad(&cert_path, &e.to_string()))?;
+        let (_, parsed) = X509Certificate::from_der(&cert).map_err(|e| bad(&cert_path, &e.to_string()))?;
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(bad(&key_path, "this key does not belong to ca-cert.pem"));
         }
-        let issuer = Issuer::from_ca_cert_der(&root, key).map_err(|e| bad(&cert_path, &e.to_string()))?;
-        Ok(Self { trust_domain: trust_domain.to_owned(), issuer, root, dir: dir.to_owned() })
+        let (intermediates, roots) = chain_and_roots(dir, &cert)?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| bad(&cert_path, &e.to_string()))?;
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            issuer,
+            cert,
+            intermediates,
+            roots,
+            dir: dir.to_owned(),
+        })
     }
 
     /// The trust domain identities are issued in.
@@ -136,9 +157,20 @@ impl Ca {
         &self.trust_domain
     }
 
-    /// The root certificate: the trust bundle every agent sharing this CA verifies peers with.
-    pub fn root(&self) -> &CertificateDer<'static> {
-        &self.root
+    /// The trust anchors every agent sharing this CA verifies peers with: its root, and any
+    /// other `root-cert.pem` holds (a rotation's overlap).
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// The signing certificate.
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// The certificates sent after a leaf: the signing CA and intermediates, not the root.
+    pub fn intermediates(&self) -> &[CertificateDer<'static>] {
+        &self.intermediates
     }
 
     /// The CA directory.
@@ -178,9 +210,111 @@ impl Ca {
             issued_at: now,
             not_before: truncate_to_seconds(not_before),
             not_after: truncate_to_seconds(not_after),
-            certified_key: Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer)),
+            certified_key: Arc::new(CertifiedKey::new(
+                std::iter::once(cert.der().clone()).chain(self.intermediates.iter().cloned()).collect(),
+                signer,
+            )),
         })
     }
+
+    /// Signs a CSR for exactly `identity`: the CSR must name that one SPIFFE ID as its only
+    /// subject alternative name. The certificate is made as [`Ca::issue`] makes it (whatever
+    /// else the CSR asks for is ignored), valid for `ttl`. Returns the chain, leaf first, root
+    /// last, as Istio's protocol answers.
+    pub fn sign(
+        &self,
+        csr_pem: &str,
+        identity: &Identity,
+        ttl: Duration,
+    ) -> Result<Vec<CertificateDer<'static>>, String> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| format!("not a PEM CSR: {e}"))?;
+        let wanted = identity.to_string();
+        match csr.params.subject_alt_names.as_slice() {
+            [SanType::URI(uri)] if uri.as_str() == wanted => {}
+            [] => return Err("the CSR names no subject alternative name".into()),
+            [SanType::URI(uri)] => return Err(format!("the CSR asks for {}, not {wanted}", uri.as_str())),
+            names => {
+                return Err(format!(
+                    "the CSR asks for {} subject alternative names; exactly one SPIFFE ID is allowed",
+                    names.len()
+                ));
+            }
+        }
+        let now = SystemTime::now();
+        let serial = random_serial()?;
+        let params = &mut csr.params;
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.custom_extensions = Vec::new();
+        params.name_constraints = None;
+        params.crl_distribution_points = Vec::new();
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + ttl).into();
+        params.use_authority_key_identifier_extension = true;
+        let leaf = csr.signed_by(&self.issuer).map_err(|e| format!("signing: {e}"))?;
+        Ok(std::iter::once(leaf.der().clone())
+            .chain(self.intermediates.iter().cloned())
+            .chain(self.roots.first().cloned())
+            .collect())
+    }
+}
+
+/// The intermediates to send after a leaf, and the trust anchors, from the signing certificate
+/// and the optional `cert-chain.pem` and `root-cert.pem` of `dir`.
+fn chain_and_roots(
+    dir: &Path,
+    cert: &CertificateDer<'static>,
+) -> Result<(Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>), IdentityError> {
+    let read_all = |name: &str| -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+        let path = dir.join(name);
+        match fs::read(&path) {
+            Ok(pem) => CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(&path, &format!("not PEM certificates: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(source) => Err(IdentityError::Io { path, source }),
+        }
+    };
+    let chain = read_all(CERT_CHAIN)?;
+    let mut roots = read_all(ROOT_CERT)?;
+    let self_signed = |der: &CertificateDer<'_>| {
+        X509Certificate::from_der(der)
+            .is_ok_and(|(_, c)| c.subject() == c.issuer() && c.verify_signature(None).is_ok())
+    };
+    if self_signed(cert) {
+        if !roots.contains(cert) {
+            roots.insert(0, cert.clone());
+        }
+        return Ok((Vec::new(), roots));
+    }
+    // An intermediate: it and the chain's other intermediates go with every leaf.
+    let mut intermediates = vec![cert.clone()];
+    for c in &chain {
+        if self_signed(c) {
+            if !roots.contains(c) {
+                roots.push(c.clone());
+            }
+        } else if c != cert {
+            intermediates.push(c.clone());
+        }
+    }
+    if roots.is_empty() {
+        return Err(bad(
+            &dir.join(CA_CERT),
+            "is an intermediate CA: root-cert.pem (or a cert-chain.pem ending in the root) must name its root",
+        ));
+    }
+    Ok((intermediates, roots))
+}
+
+/// A certificate in PEM, as Istio's protocol and `openssl` want it.
+pub fn pem(der: &CertificateDer<'_>) -> String {
+    ::pem::encode(&::pem::Pem::new("CERTIFICATE", der.to_vec()))
 }
 
 /// X.509 times have whole seconds.
@@ -362,7 +496,7 @@ mod tests {
         let dir = temp_dir("create");
         let first = Ca::load_or_create(&dir, "cluster.local").expect("create");
         let second = Ca::load_or_create(&dir, "cluster.local").expect("reload");
-        assert_eq!(first.root(), second.root());
+        assert_eq!(first.roots(), second.roots());
         let mode = std::os::unix::fs::PermissionsExt::mode(
             &fs::metadata(dir.join(CA_KEY)).expect("key").permissions(),
         );
@@ -388,7 +522,7 @@ mod tests {
         };
         let before = listing();
         let loaded = Ca::load_or_create(&brought, "cluster.local").expect("load");
-        assert_eq!(loaded.root(), ca.root());
+        assert_eq!(loaded.roots(), ca.roots());
         assert_eq!(listing(), before, "nothing written next to a brought CA");
         let _ = fs::remove_dir_all(&made);
         let _ = fs::remove_dir_all(&brought);
@@ -480,9 +614,145 @@ mod tests {
             let svid =
                 ca.issue(&Identity::new("acme.internal", "a", "b"), Duration::from_secs(60)).expect("issue");
             let (_, leaf) = X509Certificate::from_der(svid.cert()).expect("parse");
-            let (_, root) = X509Certificate::from_der(ca.root()).expect("parse root");
+            let (_, root) = X509Certificate::from_der(&ca.roots()[0]).expect("parse root");
             leaf.verify_signature(Some(root.public_key())).expect("signed by the operator's root");
             let _ = fs::remove_dir_all(&dir);
         }
+    }
+
+    fn openssl(args: &[&str], dir: &Path) -> String {
+        let out =
+            std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Istio's `cacerts` with an intermediate, made by openssl: the leaf goes out with the
+    /// intermediate, and openssl verifies leaf → intermediate → root.
+    #[test]
+    fn an_intermediate_ca_sends_its_chain_and_openssl_verifies_it() {
+        let dir = temp_dir("intermediate");
+        fs::create_dir_all(&dir).expect("dir");
+        let ec = ["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out"];
+        openssl(&[&ec[..], &["root.key"]].concat(), &dir);
+        openssl(
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                "root.key",
+                "-subj",
+                "/O=acme/CN=acme root",
+                "-days",
+                "30",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-out",
+                ROOT_CERT,
+            ],
+            &dir,
+        );
+        openssl(&[&ec[..], &[CA_KEY]].concat(), &dir);
+        openssl(
+            &["req", "-new", "-key", CA_KEY, "-subj", "/O=acme/CN=acme intermediate", "-out", "int.csr"],
+            &dir,
+        );
+        fs::write(
+            dir.join("int.ext"),
+            "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
+        )
+        .expect("ext");
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "int.csr",
+                "-CA",
+                ROOT_CERT,
+                "-CAkey",
+                "root.key",
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-extfile",
+                "int.ext",
+                "-out",
+                CA_CERT,
+            ],
+            &dir,
+        );
+        let chain = format!(
+            "{}{}",
+            fs::read_to_string(dir.join(CA_CERT)).expect("int"),
+            fs::read_to_string(dir.join(ROOT_CERT)).expect("root")
+        );
+        fs::write(dir.join(CERT_CHAIN), chain).expect("chain");
+
+        let ca = Ca::load_or_create(&dir, "acme.internal").expect("cacerts with an intermediate");
+        assert_eq!(ca.intermediates().len(), 1, "the intermediate goes with every leaf");
+        assert_eq!(ca.roots().len(), 1);
+        let id = Identity::new("acme.internal", "shop", "web");
+        let svid = ca.issue(&id, Duration::from_secs(600)).expect("issue");
+        assert_eq!(svid.certified_key.cert.len(), 2, "leaf and intermediate in the handshake");
+        fs::write(dir.join("leaf.pem"), pem(&svid.certified_key.cert[0])).expect("leaf");
+        fs::write(dir.join("untrusted.pem"), pem(&svid.certified_key.cert[1])).expect("int");
+        let verdict =
+            openssl(&["verify", "-CAfile", ROOT_CERT, "-untrusted", "untrusted.pem", "leaf.pem"], &dir);
+        assert!(verdict.contains("leaf.pem: OK"), "{verdict}");
+
+        // A CSR made by rcgen: the answer is leaf, intermediate, root.
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        let csr = |sans: Vec<SanType>| {
+            let mut params = CertificateParams::default();
+            params.subject_alt_names = sans;
+            params.serialize_request(&key).expect("csr").pem().expect("pem")
+        };
+        let uri = |u: &str| SanType::URI(u.try_into().expect("uri"));
+        let answer =
+            ca.sign(&csr(vec![uri(&id.to_string())]), &id, Duration::from_secs(600)).expect("signed");
+        assert_eq!(answer.len(), 3, "leaf, intermediate, root");
+        fs::write(dir.join("leaf.pem"), pem(&answer[0])).expect("leaf");
+        let verdict =
+            openssl(&["verify", "-CAfile", ROOT_CERT, "-untrusted", "untrusted.pem", "leaf.pem"], &dir);
+        assert!(verdict.contains("leaf.pem: OK"), "{verdict}");
+        assert_eq!(spiffe_id(&answer[0]), id.to_string());
+
+        // Whatever else a CSR asks for is refused, naming what.
+        let other = Identity::new("acme.internal", "shop", "admin");
+        let refusals = [
+            (csr(vec![uri(&other.to_string())]), "asks for"),
+            (csr(vec![uri(&id.to_string()), uri(&other.to_string())]), "2 subject alternative names"),
+            (
+                csr(vec![uri(&id.to_string()), SanType::DnsName("db.shop".try_into().expect("dns"))]),
+                "exactly one SPIFFE ID",
+            ),
+            (csr(vec![]), "no subject alternative name"),
+            ("garbage".to_owned(), "not a PEM CSR"),
+        ];
+        for (request, why) in refusals {
+            let err = ca.sign(&request, &id, Duration::from_secs(600)).expect_err("refused");
+            assert!(err.contains(why), "{err} (expected {why:?})");
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn spiffe_id(der: &CertificateDer<'_>) -> String {
+        let (_, cert) = X509Certificate::from_der(der).expect("parse");
+        let san = cert.subject_alternative_name().expect("ext").expect("san");
+        san.value
+            .general_names
+            .iter()
+            .find_map(|n| {
+                if let x509_parser::extensions::GeneralName::URI(u) = n {
+                    Some((*u).to_owned())
+                } else {
+                    None
+                }
+            })
+            .unwrap_or_default()
     }
 }
