@@ -79,6 +79,9 @@ pub struct StatusReport {
     pub datapath: DatapathHealth,
     /// Pods of this node not in the mesh.
     pub pods_not_enrolled: usize,
+    /// Where certificates come from, and the trust bundle.
+    #[serde(default)]
+    pub ca: crate::identity::CaReport,
 }
 
 /// The agent's periodic check of its pins, links, enrollment entries and listeners.
@@ -111,6 +114,8 @@ pub struct AdminState {
     pub datapath: watch::Receiver<DatapathHealth>,
     /// Certificates held.
     pub certs: watch::Receiver<Arc<Vec<crate::identity::CertReport>>>,
+    /// Where certificates come from.
+    pub ca: watch::Receiver<Arc<crate::identity::CaReport>>,
     /// The cluster as the agent sees it.
     pub cluster: watch::Receiver<Arc<crate::discovery::Cluster>>,
     /// Flow records.
@@ -134,6 +139,7 @@ impl AdminState {
             pods_refused: count(crate::redirect::CaptureState::Refused),
             datapath: self.datapath.borrow().clone(),
             pods_not_enrolled: count(crate::redirect::CaptureState::NotCaptured),
+            ca: (*self.ca.borrow().clone()).clone(),
         }
     }
 
@@ -347,6 +353,23 @@ pub async fn bind_metrics(
     .await
 }
 
+/// Serves plain-text GET endpoints on a node-facing `addr` (the CA service's readiness and
+/// metrics): `route` maps a path to a status and body, `None` for 404.
+pub(crate) async fn bind_plain<F>(
+    what: &'static str,
+    addr: SocketAddr,
+    route: F,
+) -> Result<impl Future<Output = ()>, AdminError>
+where
+    F: Fn(&str) -> Option<(StatusCode, String)> + Send + Sync + 'static,
+{
+    bind(what, addr, NODE_PORT, move |req| match (req.method(), route(req.uri().path())) {
+        (&Method::GET, Some((status, body))) => text(status, body),
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    })
+    .await
+}
+
 /// Response bodies: whole, or streamed (`/trace?follow=1`).
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
@@ -521,7 +544,7 @@ fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Respo
 
 /// A listener that a new agent can bind beside this one during an upgrade (`SO_REUSEPORT`: the
 /// kernel spreads connections over both until the old one closes).
-fn reusable_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) fn reusable_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;

@@ -14,7 +14,7 @@ use crate::{
     bpf::{BpfError, Datapath, TraceMaps},
     cli::AgentArgs,
     discovery::{self, Cluster, DiscoveryError, local::SourceStatus},
-    identity::{Ca, Identities, IdentityError},
+    identity::{Bundle, Ca, CaClient, Identities, IdentityError},
     proxy::{Proxy, Settings},
     redirect::Tracing,
     redirect::{Redirector, netns::Netns},
@@ -117,8 +117,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
     };
 
-    let ca = Ca::load_or_create(&args.ca_dir, &args.trust_domain)?;
-    let identities = Arc::new(Identities::new(ca, args.cert_ttl));
+    let identities = match (&args.ca_addr, &args.ca_root) {
+        (Some(addr), Some(root)) => {
+            let bundle = Arc::new(Bundle::from_file(root)?);
+            let client = CaClient::new(addr, args.ca_token.clone(), bundle.clone())?;
+            info!(ca = client.authority(), bundle = %root.display(), roots = bundle.current().roots.len(), "certificates from the CA service");
+            Identities::remote(client, &args.trust_domain, args.cert_ttl, bundle)
+        }
+        _ => Identities::embedded(Ca::load_or_create(&args.ca_dir, &args.trust_domain)?, args.cert_ttl)?,
+    };
     let tls = Arc::new(TlsContext::new(identities.clone())?);
 
     let instance = args.instance.clone().unwrap_or_else(|| args.node.clone());
@@ -136,6 +143,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let (ready_tx, ready_rx) = watch::channel(false);
     let (datapath_tx, datapath_rx) = watch::channel(admin::DatapathHealth::default());
     let (certs_tx, certs_rx) = watch::channel(Arc::new(Vec::new()));
+    let (ca_tx, ca_rx) = watch::channel(Arc::new(identities.ca_report()));
+    let mut issued = identities.subscribe();
 
     let TraceMaps { events, stats } = trace_maps;
     let metrics = Arc::new(Metrics::default());
@@ -173,6 +182,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         ready: ready_rx,
         datapath: datapath_rx,
         certs: certs_rx,
+        ca: ca_rx,
         cluster: cluster_rx.clone(),
         flows: flows.clone(),
         trace_stats: trace_stats.clone(),
@@ -250,6 +260,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                 Wake::Retry => redirector.reconcile(&cluster),
                 Wake::Verify => {
                     redirector.verify(&cluster);
+                    identities.reload_bundle();
                 }
                 Wake::Refresh => {}
             }
@@ -263,23 +274,27 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         });
         flows.set_pods(redirector.traced_pods());
         pods_tx.send_replace(Arc::new(redirector.reports(&cluster)));
-        // Ready once the source has been read in full, every enrolled pod is captured and the
-        // datapath is whole.
-        let ready = *synced.borrow() && redirector.all_captured();
+        // Ready once the source has been read in full, every enrolled pod is captured, the
+        // datapath is whole and every enrolled pod's identity has its certificate.
+        let by_identity = redirector.pods_by_identity();
+        let missing = identities.missing(by_identity.keys());
+        let ready = *synced.borrow() && redirector.all_captured() && missing.is_empty();
         if ready_tx.send_replace(ready) != ready {
             if ready {
                 info!("ready: every enrolled pod of the node is captured");
             } else {
-                info!(successor = redirector.successor(), "not ready");
+                info!(successor = redirector.successor(), without_certificate = ?missing.iter().map(ToString::to_string).collect::<Vec<_>>(), "not ready");
             }
         }
-        certs_tx.send_replace(Arc::new(identities.reports(&redirector.pods_by_identity())));
+        certs_tx.send_replace(Arc::new(identities.reports(&by_identity)));
+        ca_tx.send_replace(Arc::new(identities.ca_report()));
         let refresh = identities.next_refresh(std::time::SystemTime::now());
         wake = tokio::select! {
             () = tokio::time::sleep(refresh) => {
                 identities.refresh_due(std::time::SystemTime::now());
                 Wake::Refresh
             }
+            _ = issued.changed() => Wake::Refresh,
             changed = changes.changed() => {
                 if changed.is_err() {
                     return Err(AgentError::TaskEnded { task: "source of truth", reason: "it stopped publishing".into() });
@@ -371,7 +386,7 @@ enum Wake {
     Retry,
     /// Time to check the kernel's state.
     Verify,
-    /// A certificate was due.
+    /// A certificate was due, or the CA answered.
     Refresh,
 }
 

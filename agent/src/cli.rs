@@ -90,10 +90,28 @@ pub struct AgentArgs {
     /// SPIFFE trust domain.
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
-    /// Directory of the embedded CA (`ca-cert.pem`, `ca-key.pem`): created on first start when
-    /// absent, used as it is when present (bring your own root). Agents sharing it share trust.
+    /// Directory of the embedded CA (`ca-cert.pem`, `ca-key.pem`, Istio's `cacerts` layout):
+    /// created on first start when absent, used as it is when present (bring your own root;
+    /// read-only is fine). Agents sharing it share trust. Not read with --ca-addr.
     #[arg(long, value_name = "DIR", env = "AMBIT_CA_DIR", default_value = "/var/lib/ambit/ca")]
     pub ca_dir: PathBuf,
+    /// Get certificates from this CA service (`ambit ca serve`, or istiod) instead of the
+    /// embedded CA: keys are made on the node and never leave it, and no CA key is read.
+    #[arg(long, value_name = "URL", env = "AMBIT_CA_ADDR", requires = "ca_root")]
+    pub ca_addr: Option<String>,
+    /// With --ca-addr: the trust bundle, one or more root PEMs (old and new during a root
+    /// rotation). Re-read when it changes.
+    #[arg(long, value_name = "FILE", env = "AMBIT_CA_ROOT", requires = "ca_addr")]
+    pub ca_root: Option<PathBuf>,
+    /// With --ca-addr: this agent's service-account token for the CA (audience `istio-ca`),
+    /// read at every request.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "AMBIT_CA_TOKEN",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    pub ca_token: PathBuf,
     /// Lifetime of workload certificates (e.g. 24h, 90m, 30s); they are renewed at half-life.
     #[arg(long, value_name = "DURATION", env = "AMBIT_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub cert_ttl: Duration,
@@ -148,6 +166,78 @@ pub enum CaCommand {
         #[arg(long, default_value = "cluster.local")]
         trust_domain: String,
     },
+    /// Serve the mesh CA: Istio's certificate protocol on 15012, for node agents (and
+    /// ztunnels) that authenticate with Kubernetes service-account tokens.
+    Serve(Box<CaServeArgs>),
+    /// Start a root rotation: a new root in TO, and the trust bundle of old and new roots that
+    /// agents must trust before the CA switches (README, "Rotating the root").
+    Rotate {
+        /// The current CA directory (`ca-cert.pem`, and `root-cert.pem` if any).
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// Where the new CA is written; must not hold one.
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// The trust domain.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// End a root rotation: the CA in DIR trusts only its own root again (rewrites
+    /// `root-cert.pem`); give agents that file as their bundle once every certificate is
+    /// renewed from the new root.
+    Finish {
+        /// The new CA directory.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The trust domain.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+/// `ambit ca serve` options.
+#[derive(Debug, Args)]
+pub struct CaServeArgs {
+    /// The CA's key material in Istio's `cacerts` layout: `ca-cert.pem` and `ca-key.pem` (a
+    /// root, or an intermediate), optional `cert-chain.pem` and `root-cert.pem`. Read, never
+    /// written; re-read when it changes (a rotated Secret).
+    #[arg(long, value_name = "DIR", env = "AMBIT_CA_DIR", default_value = "/etc/cacerts")]
+    pub ca_dir: PathBuf,
+    /// Where the certificate service listens.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    pub addr: SocketAddr,
+    /// Readiness (`/healthz/ready`: the pods of the cluster are listed) and `/metrics`.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+    /// SPIFFE trust domain of the identities issued.
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Service accounts (`namespace/name`, comma-separated) of node agents: they may ask for the
+    /// identity of any pod scheduled on their own node. Add `istio-system/ztunnel` for ztunnels.
+    #[arg(
+        long,
+        env = "AMBIT_TRUSTED_NODE_ACCOUNTS",
+        value_delimiter = ',',
+        default_value = "ambit-system/ambit"
+    )]
+    pub trusted_node_accounts: Vec<String>,
+    /// The longest lifetime a certificate may be asked for; longer requests are refused.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub max_ttl: Duration,
+    /// The audience callers' tokens must be issued for.
+    #[arg(long, default_value = "istio-ca")]
+    pub audience: String,
+    /// DNS names of the serving certificate (comma-separated): what clients put in `--ca-addr`.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ambit-ca.ambit-system.svc,ambit-ca.ambit-system.svc.cluster.local,ambit-ca.ambit-system,ambit-ca"
+    )]
+    pub server_names: Vec<String>,
+    /// IP addresses of the serving certificate (comma-separated), for clients that dial an
+    /// address.
+    #[arg(long, value_delimiter = ',')]
+    pub server_ips: Vec<std::net::IpAddr>,
 }
 
 /// `ambit ca init`.
@@ -156,6 +246,45 @@ pub fn ca_init(dir: &std::path::Path, trust_domain: &str) -> Result<String, crat
     let ca = crate::identity::Ca::load_or_create(dir, trust_domain)?;
     let verb = if existed { "uses the existing" } else { "created a new" };
     Ok(format!("{} {verb} root CA ({} bytes of certificate)\n", dir.display(), ca.cert().len()))
+}
+
+/// `ambit ca rotate`.
+pub fn ca_rotate(
+    from: &std::path::Path,
+    to: &std::path::Path,
+    trust_domain: &str,
+) -> Result<String, crate::identity::IdentityError> {
+    use crate::identity::ca;
+    let root = ca::rotate(from, to, trust_domain)?;
+    let bundle = to.join(ca::ROOT_CERT);
+    Ok(format!(
+        "new root CA in {to} (SHA-256 {fp})\n\
+         trust bundle (new and old roots): {bundle}\n\n\
+         next:\n\
+         1. give every agent the bundle (--ca-root; in a cluster the ambit-ca-root ConfigMap) and wait\n\
+         \x20  until `ambit status` on each node lists both roots;\n\
+         2. give the CA service {to} (the ambit-ca Secret); it reloads within seconds and signs with the new root;\n\
+         3. wait until `ambit certs` shows every certificate on the new root (at most half the certificate lifetime);\n\
+         4. `ambit ca finish --dir {to}`, then give agents and the CA the new root alone.\n",
+        to = to.display(),
+        fp = ca::fingerprint(&root),
+        bundle = bundle.display(),
+    ))
+}
+
+/// `ambit ca finish`.
+pub fn ca_finish(
+    dir: &std::path::Path,
+    trust_domain: &str,
+) -> Result<String, crate::identity::IdentityError> {
+    use crate::identity::ca;
+    let root = ca::finish(dir, trust_domain)?;
+    Ok(format!(
+        "{} now trusts only its own root (SHA-256 {}); give agents {} as their bundle\n",
+        dir.display(),
+        ca::fingerprint(&root),
+        dir.join(ca::ROOT_CERT).display()
+    ))
 }
 
 /// `ambit check` options.
@@ -293,6 +422,9 @@ pub async fn status(args: &OperatorArgs) -> Result<String, CliError> {
         (Some(pid), _) => {
             format!("NO: a newer agent (pid {pid}) took this node over; this one finishes its connections")
         }
+        (None, true) if !status.ca.pending.is_empty() => {
+            format!("NO: waiting for certificates from the CA: {}", status.ca.pending.join(", "))
+        }
         (None, true) => "NO: not every enrolled pod is captured".to_owned(),
         (None, false) => format!("NO: {}", status.datapath.broken.join("; ")),
     };
@@ -326,6 +458,26 @@ pub async fn status(args: &OperatorArgs) -> Result<String, CliError> {
         }
     };
     t.row(["datapath", &datapath]);
+    let now = crate::discovery::local::unix_now();
+    let ca = &status.ca;
+    let ca_state = match (ca.failing_since, &ca.last_error, ca.last_issued) {
+        (Some(since), Some(e), _) => {
+            format!("{}: FAILING for {}: {e}", ca.issuer, human(now.saturating_sub(since)))
+        }
+        (_, _, Some(last)) => {
+            format!("{}: ok (last certificate {} ago)", ca.issuer, human(now.saturating_sub(last)))
+        }
+        _ => ca.issuer.clone(),
+    };
+    t.row(["CA", &ca_state]);
+    let bundle = ca.bundle_file.as_deref().map(|f| format!(" from {f}")).unwrap_or_default();
+    for (i, root) in ca.roots.iter().enumerate() {
+        let label = if i == 0 { format!("trust bundle{bundle}") } else { String::new() };
+        t.row([
+            label.as_str(),
+            &format!("{} ({}, until {})", root.fingerprint, root.subject, utc(root.not_after)),
+        ]);
+    }
     Ok(t.render_plain())
 }
 
@@ -390,15 +542,18 @@ pub async fn certs(args: &CertsArgs) -> Result<String, CliError> {
         });
     }
     let now = crate::discovery::local::unix_now();
-    let mut t = Table::new(["IDENTITY", "SERIAL", "VALID FROM", "VALID UNTIL", "REFRESH IN", "PODS"]);
+    let mut t = Table::new(["IDENTITY", "SERIAL", "VALID FROM", "VALID UNTIL", "REFRESH IN", "ROOT", "PODS"]);
     for c in &certs {
         let refresh = c.refresh_at.saturating_sub(now);
+        // The first bytes of the fingerprint tell roots apart during a rotation.
+        let root = c.root.as_deref().map_or("-".to_owned(), |r| r.chars().take(11).collect());
         t.row([
             c.identity.as_str(),
             &c.serial,
             &utc(c.not_before),
             &utc(c.not_after),
             &human(refresh),
+            &root,
             &c.pods.join(","),
         ]);
     }

@@ -6,7 +6,8 @@
 //!
 //! - [`discovery`]: the cluster as the agent knows it (local file or Kubernetes API);
 //! - [`bpf`]: the kernel programs and their maps;
-//! - [`identity`]: SPIFFE IDs, the embedded CA, certificates; [`tls`]: rustls for HBONE;
+//! - [`identity`]: SPIFFE IDs, the embedded CA, certificates, the CA client; [`tls`]: rustls
+//!   for HBONE; [`authority`]: `ambit ca serve`, the mesh CA as a service;
 //! - [`redirect`]: enrolling pods (network namespaces, listeners, map entries);
 //! - [`policy`]: Istio PeerAuthentication compiled for per-connection decisions;
 //! - [`proxy`]: the outbound and inbound proxies (plaintext and HBONE);
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod authority;
 pub mod bpf;
 pub mod cli;
 pub mod discovery;

@@ -16,22 +16,7 @@ fn main() -> ExitCode {
                 eprintln!("ambit agent: {e}");
                 return ExitCode::from(1);
             }
-            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("ambit agent: starting the async runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match runtime.block_on(ambit::agent::run(*args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    let message = ambit::telemetry::error_chain(&e);
-                    tracing::error!(error = %message, "agent failed");
-                    eprintln!("ambit agent: {message}");
-                    ExitCode::from(e.exit_code() as u8)
-                }
-            }
+            daemon("agent", ambit::agent::run(*args), ambit::agent::AgentError::exit_code)
         }
         Command::Status(args) => operator(cli::status(&args)),
         Command::Workloads(args) => operator(cli::workloads(&args)),
@@ -39,16 +24,58 @@ fn main() -> ExitCode {
         Command::Policies(args) => operator(cli::policies(&args)),
         Command::Check(args) => operator(cli::check(&args)),
         Command::Trace(args) => operator(cli::trace(&args)),
-        Command::Ca(cli::CaCommand::Init { dir, trust_domain }) => match cli::ca_init(&dir, &trust_domain) {
-            Ok(out) => {
-                print!("{out}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("ambit ca init: {}", ambit::telemetry::error_chain(&e));
-                ExitCode::from(1)
-            }
-        },
+        Command::Ca(cli::CaCommand::Init { dir, trust_domain }) => {
+            offline("ca init", cli::ca_init(&dir, &trust_domain))
+        }
+        Command::Ca(cli::CaCommand::Rotate { from, to, trust_domain }) => {
+            offline("ca rotate", cli::ca_rotate(&from, &to, &trust_domain))
+        }
+        Command::Ca(cli::CaCommand::Finish { dir, trust_domain }) => {
+            offline("ca finish", cli::ca_finish(&dir, &trust_domain))
+        }
+        Command::Ca(cli::CaCommand::Serve(args)) => {
+            let _logs = ambit::telemetry::init_logging();
+            daemon("ca serve", ambit::authority::serve(*args), ambit::authority::AuthorityError::exit_code)
+        }
+    }
+}
+
+/// Runs a long-lived command on a multi-threaded runtime until it ends; its error is logged
+/// and printed, and decides the exit code.
+fn daemon<E: std::error::Error>(
+    what: &str,
+    run: impl std::future::Future<Output = Result<(), E>>,
+    exit_code: fn(&E) -> i32,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ambit {what}: starting the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let message = ambit::telemetry::error_chain(&e);
+            tracing::error!(error = %message, "ambit {what} failed");
+            eprintln!("ambit {what}: {message}");
+            ExitCode::from(exit_code(&e) as u8)
+        }
+    }
+}
+
+/// Prints the output of a command that needs no agent, or its error (exit code 1).
+fn offline(what: &str, result: Result<String, ambit::identity::IdentityError>) -> ExitCode {
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ambit {what}: {}", ambit::telemetry::error_chain(&e));
+            ExitCode::from(1)
+        }
     }
 }
 

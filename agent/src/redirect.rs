@@ -504,9 +504,9 @@ impl Redirector {
     ) -> Result<Serving, RedirectError> {
         let pod = workload.key.clone();
         let identity = self.identity_of(workload);
-        // Issue the certificate now, so the first connection does not wait for it.
+        // Ask for the certificate now, so the first connection does not wait for it.
         self.identities
-            .svid(&identity)
+            .prefetch(&identity)
             .map_err(|e| RedirectError::Identity { pod: pod.clone(), reason: e.to_string() })?;
         let server_tls = self
             .tls

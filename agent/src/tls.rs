@@ -8,8 +8,8 @@ use std::{
 };
 
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
-    ServerConfig, SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, Error, ServerConfig,
+    SignatureScheme,
     client::{
         ResolvesClientCert,
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -25,7 +25,7 @@ use rustls::{
 };
 use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
-use crate::identity::{Identities, Identity};
+use crate::identity::{Bundle, Identities, Identity};
 
 /// The ALPN protocol of HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -45,28 +45,24 @@ pub enum TlsError {
 pub struct TlsContext {
     identities: Arc<Identities>,
     provider: Arc<CryptoProvider>,
-    roots: Arc<RootCertStore>,
     client_verifier: Arc<dyn ClientCertVerifier>,
     clients: Mutex<HashMap<(Identity, Identity), Arc<ClientConfig>>>,
 }
 
 impl TlsContext {
-    /// Configurations backed by `identities`, trusting its CA.
+    /// Configurations backed by `identities`, trusting its bundle (as it is at each handshake:
+    /// a changed bundle applies to new connections without rebuilding anything).
     pub fn new(identities: Arc<Identities>) -> Result<Self, TlsError> {
         let provider = Arc::new(provider());
-        let mut roots = RootCertStore::empty();
-        for root in identities.ca().roots() {
-            roots.add(root.clone()).map_err(|e| TlsError::Bundle(e.to_string()))?;
-        }
-        let roots = Arc::new(roots);
-        let webpki = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| TlsError::Bundle(e.to_string()))?;
         let client_verifier = Arc::new(SpiffeClientVerifier {
-            inner: webpki,
+            bundle: identities.bundle().clone(),
+            built: Mutex::new(None),
+            provider: provider.clone(),
             trust_domain: identities.trust_domain().to_owned(),
         });
-        Ok(Self { identities, provider, roots, client_verifier, clients: Mutex::new(HashMap::new()) })
+        // Fail at start, not at the first handshake, if the bundle cannot make a verifier.
+        client_verifier.current().map_err(|e| TlsError::Bundle(e.to_string()))?;
+        Ok(Self { identities, provider, client_verifier, clients: Mutex::new(HashMap::new()) })
     }
 
     /// The server side of a pod's HBONE listener: presents `identity`'s current SVID at every
@@ -90,7 +86,7 @@ impl TlsContext {
             return Ok(config.clone());
         }
         let verifier = Arc::new(SpiffeServerVerifier {
-            roots: self.roots.clone(),
+            bundle: self.identities.bundle().clone(),
             expected: dst.clone(),
             algorithms: self.provider.signature_verification_algorithms,
         });
@@ -158,7 +154,7 @@ impl CurrentSvid {
         match self.identities.svid(&self.identity) {
             Ok(svid) => Some(svid.certified_key.clone()),
             Err(e) => {
-                tracing::error!(identity = %self.identity, error = %e, "no certificate to present");
+                tracing::warn!(identity = %self.identity, error = %e, "no certificate to present; handshake refused");
                 None
             }
         }
@@ -187,16 +183,47 @@ impl std::fmt::Debug for Identities {
     }
 }
 
-/// WebPKI chain validation, then: exactly one SPIFFE ID, in our trust domain.
-#[derive(Debug)]
+/// WebPKI chain validation against the current bundle, then: exactly one SPIFFE ID, in our
+/// trust domain.
 struct SpiffeClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    bundle: Arc<Bundle>,
+    /// The WebPKI verifier of one bundle generation.
+    built: Mutex<Option<(u64, Arc<dyn ClientCertVerifier>)>>,
+    provider: Arc<CryptoProvider>,
     trust_domain: String,
+}
+
+impl std::fmt::Debug for SpiffeClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpiffeClientVerifier")
+            .field("trust_domain", &self.trust_domain)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpiffeClientVerifier {
+    fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, Error> {
+        let anchors = self.bundle.current();
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((generation, verifier)) = built.as_ref()
+            && *generation == anchors.generation
+        {
+            return Ok(verifier.clone());
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(anchors.store.clone(), self.provider.clone())
+                .build()
+                .map_err(|e| Error::General(format!("trust bundle: {e}")))?;
+        *built = Some((anchors.generation, verifier.clone()));
+        Ok(verifier)
+    }
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // The bundle changes under us; hints are optional, and SVID clients have one
+        // certificate to offer anyway.
+        &[]
     }
 
     fn verify_client_cert(
@@ -205,7 +232,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        self.current()?.verify_client_cert(end_entity, intermediates, now)?;
         let id = spiffe_id_of(end_entity).map_err(rejection)?;
         if id.trust_domain != self.trust_domain {
             return Err(rejection(format!("client {id} is not in trust domain {}", self.trust_domain)));
@@ -219,7 +246,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -228,21 +260,31 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
 /// WebPKI chain validation (no DNS names: SVIDs have none), then: the server is exactly the
 /// identity the destination workload has. Anything else is an impersonation attempt.
-#[derive(Debug)]
 struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
+    bundle: Arc<Bundle>,
     expected: Identity,
     algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl std::fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpiffeServerVerifier").field("expected", &self.expected).finish_non_exhaustive()
+    }
 }
 
 impl ServerCertVerifier for SpiffeServerVerifier {
@@ -257,7 +299,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let parsed = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &parsed,
-            &self.roots,
+            &self.bundle.current().store,
             intermediates,
             now,
             self.algorithms.all,

@@ -23,7 +23,19 @@ pub(crate) enum Source<'a> {
     Kubernetes(&'a Path),
 }
 
-/// A running agent; killed when dropped.
+/// The filesystem a spawned process sees, in a mount namespace of its own: as a pod's volumes
+/// shape its container's view.
+#[derive(Clone, Debug, Default)]
+pub struct Mounts {
+    /// Paths bound onto themselves read-only (`readOnly: true` volumes).
+    pub read_only: Vec<PathBuf>,
+    /// `(file, target)`: `file` bound read-only over `target` (a ConfigMap key, `/etc/hosts`).
+    pub files: Vec<(PathBuf, PathBuf)>,
+    /// Paths covered by an empty read-only tmpfs: whatever is there cannot be read.
+    pub hidden: Vec<PathBuf>,
+}
+
+/// A running agent (or other `ambit` process in a node); killed when dropped.
 pub struct Agent {
     child: Child,
     log: PathBuf,
@@ -49,39 +61,50 @@ impl Agent {
         log: &Path,
         ca_dir: &Path,
         extra: &[&str],
-        read_only: &[PathBuf],
+        mounts: &Mounts,
     ) -> io::Result<Self> {
-        let out = File::options().create(true).append(true).open(log)?;
         let mut command = Command::new(sys::ambit_binary());
         command.arg("agent");
         match source {
             Source::Local(file) => command.arg("--local").arg(file),
             Source::Kubernetes(kubeconfig) => command.env("KUBECONFIG", kubeconfig),
         };
+        command.args(["--node", node, "--instance", instance]).arg("--ca-dir").arg(ca_dir).args(extra);
+        Self::spawn_command(command, netns, log, mounts)
+    }
+
+    /// Runs `command` (an `ambit` subcommand) in `netns` with `mounts`, logging JSON to `log`.
+    pub(crate) fn spawn_command(
+        mut command: Command,
+        netns: &Path,
+        log: &Path,
+        mounts: &Mounts,
+    ) -> io::Result<Self> {
+        let out = File::options().create(true).append(true).open(log)?;
         command
-            .args(["--node", node, "--instance", instance])
-            .arg("--ca-dir")
-            .arg(ca_dir)
-            .args(extra)
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", std::env::var("AMBIT_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
         let path = netns.to_owned();
-        // Paths to bind read-only in a mount namespace of the agent's own, as a pod's volumes
-        // are (`readOnly: true`); prepared here, before the fork.
-        let read_only: Vec<std::ffi::CString> = read_only
-            .iter()
-            .map(|p| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()))
-            .collect::<Result<_, _>>()
-            .map_err(io::Error::other)?;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(io::Error::other);
+        // Prepared here, before the fork.
+        let mut binds = Vec::new();
+        for p in &mounts.read_only {
+            binds.push((c(p)?, c(p)?));
+        }
+        for (file, target) in &mounts.files {
+            binds.push((c(file)?, c(target)?));
+        }
+        let hidden: Vec<std::ffi::CString> = mounts.hidden.iter().map(|p| c(p)).collect::<Result<_, _>>()?;
+        let private = !binds.is_empty() || !hidden.is_empty();
         // SAFETY: only setns, unshare, mount and prctl between fork and exec.
         unsafe {
             command.pre_exec(move || {
                 sys::enter_netns(&path)?;
-                if !read_only.is_empty() {
-                    sys::read_only_mounts(&read_only)?;
+                if private {
+                    sys::private_mounts(&binds, &hidden)?;
                 }
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())

@@ -15,7 +15,7 @@ use std::{
 };
 
 use crate::{
-    agent::{Agent, Source},
+    agent::{Agent, Mounts, Source},
     apps::EchoServer,
     kubeapi::MockApi,
     sys::{self, PREFIX},
@@ -508,20 +508,21 @@ impl Cluster {
         extra: &[&str],
         read_only: &[PathBuf],
     ) -> io::Result<Agent> {
-        self.spawn(node, Source::Local(&self.manifest_path()), extra, read_only)
+        let mounts = Mounts { read_only: read_only.to_vec(), ..Mounts::default() };
+        self.spawn(node, Source::Local(&self.manifest_path()), extra, &mounts)
+    }
+
+    /// Starts the agent of `node` (with the cluster file) seeing the filesystem as `mounts`
+    /// shape it, without waiting for readiness.
+    pub fn spawn_agent_with(&self, node: &str, extra: &[&str], mounts: &Mounts) -> io::Result<Agent> {
+        self.spawn(node, Source::Local(&self.manifest_path()), extra, mounts)
     }
 
     fn spawn_agent_from(&self, node: &str, source: Source<'_>, extra: &[&str]) -> io::Result<Agent> {
-        self.spawn(node, source, extra, &[])
+        self.spawn(node, source, extra, &Mounts::default())
     }
 
-    fn spawn(
-        &self,
-        node: &str,
-        source: Source<'_>,
-        extra: &[&str],
-        read_only: &[PathBuf],
-    ) -> io::Result<Agent> {
+    fn spawn(&self, node: &str, source: Source<'_>, extra: &[&str], mounts: &Mounts) -> io::Result<Agent> {
         let node = self.node(node);
         let instance = self.instance(node.name());
         let mut pids = self.agent_pids.lock().unwrap_or_else(|e| e.into_inner());
@@ -535,10 +536,32 @@ impl Cluster {
             &log,
             &self.ca_dir(),
             extra,
-            read_only,
+            mounts,
         )?;
         pids.push(agent.pid());
         Ok(agent)
+    }
+
+    /// Starts `ambit ca serve` in `node`'s network namespace (a node of its own, say), with the
+    /// key material of `ca_dir`, the Kubernetes API at `127.0.0.1:6443` there (see
+    /// [`Cluster::mock_api`]) and a serving certificate for the node's IP; handled like an agent
+    /// process (readiness on 15021, logs, signals). Does not wait for readiness.
+    pub fn spawn_ca(&self, node: &str, ca_dir: &Path, extra: &[&str]) -> io::Result<Agent> {
+        let node = self.node(node);
+        let kubeconfig = self.dir.join("kubeconfig");
+        MockApi::write_kubeconfig(&kubeconfig)?;
+        let mut pids = self.agent_pids.lock().unwrap_or_else(|e| e.into_inner());
+        let log = self.dir.join(format!("agent-ca-{}-{}.log", node.name(), pids.len() + 1));
+        let mut command = Command::new(sys::ambit_binary());
+        command
+            .args(["ca", "serve", "--ca-dir"])
+            .arg(ca_dir)
+            .args(["--server-ips", &node.ip().to_string()])
+            .args(extra)
+            .env("KUBECONFIG", &kubeconfig);
+        let ca = Agent::spawn_command(command, &sys::netns_path(&node.node.netns), &log, &Mounts::default())?;
+        pids.push(ca.pid());
+        Ok(ca)
     }
 
     /// Starts a packet capture (tcpdump) on the bridge every pod and node is attached to.

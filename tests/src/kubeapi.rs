@@ -49,7 +49,12 @@ struct State {
     down: bool,
     /// The version of `security.istio.io` served ("v1" or "v1beta1"); empty: no Istio CRDs.
     istio_version: &'static str,
+    /// Service-account tokens TokenReview knows: token → (user info, audiences).
+    tokens: BTreeMap<String, (Value, Vec<String>)>,
 }
+
+/// Where TokenReviews are created.
+const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
 
 /// The mock API.
 pub struct MockApi {
@@ -218,6 +223,43 @@ impl MockApi {
         self.drop_watches(gone);
     }
 
+    /// Makes `token` a valid token of service account `namespace/name` for `audiences`, bound
+    /// to `pod` (and, if given, with the API server's `node` claim), as TokenReview reports it.
+    pub fn add_token(
+        &self,
+        token: &str,
+        namespace: &str,
+        name: &str,
+        pod: Option<&str>,
+        node: Option<&str>,
+        audiences: &[&str],
+    ) {
+        let mut extra = serde_json::Map::new();
+        if let Some(pod) = pod {
+            extra.insert("authentication.kubernetes.io/pod-name".into(), json!([pod]));
+        }
+        if let Some(node) = node {
+            extra.insert("authentication.kubernetes.io/node-name".into(), json!([node]));
+        }
+        let user = json!({
+            "username": format!("system:serviceaccount:{namespace}:{name}"),
+            "uid": format!("uid-{namespace}-{name}"),
+            "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{namespace}"), "system:authenticated"],
+            "extra": extra,
+        });
+        self.state
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .tokens
+            .insert(token.to_owned(), (user, audiences.iter().map(|a| (*a).to_owned()).collect()));
+    }
+
+    /// Forgets `token` (as if its pod were deleted): reviews fail from now on.
+    pub fn revoke_token(&self, token: &str) {
+        self.state.0.lock().unwrap_or_else(|e| e.into_inner()).tokens.remove(token);
+    }
+
     /// Paths of the requests served so far (`?watch` ones marked), to see re-lists happen.
     pub fn requests(&self) -> Vec<String> {
         self.state.0.lock().unwrap_or_else(|e| e.into_inner()).requests.clone()
@@ -256,14 +298,40 @@ fn serve(
         if reader.read_line(&mut request)? == 0 {
             return Ok(());
         }
-        // Headers: we need none of them, but must read them.
+        // Headers: only the body's length matters.
+        let mut length = 0usize;
         loop {
             let mut line = String::new();
             if reader.read_line(&mut line)? == 0 || line == "\r\n" {
                 break;
             }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().unwrap_or(0);
+            }
         }
+        let mut body = vec![0u8; length.min(1 << 20)];
+        std::io::Read::read_exact(&mut reader, &mut body)?;
         let target = request.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        if request.starts_with("POST ") && target.split('?').next() == Some(TOKEN_REVIEWS) {
+            state
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .requests
+                .push(format!("create {TOKEN_REVIEWS}"));
+            if state.0.lock().unwrap_or_else(|e| e.into_inner()).down {
+                return Ok(());
+            }
+            let answer = review(state, &body);
+            write!(
+                out,
+                "HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{answer}",
+                answer.len()
+            )?;
+            continue;
+        }
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let param = |name: &str| {
             query.split('&').find_map(|kv| kv.strip_prefix(&format!("{name}=")).map(str::to_owned))
@@ -380,6 +448,35 @@ fn serve(
             }
         }
     }
+}
+
+/// The API server's answer to a TokenReview, as `authentication.k8s.io/v1` gives it.
+fn review(state: &(Mutex<State>, Condvar), body: &[u8]) -> String {
+    let request: Value = serde_json::from_slice(body).unwrap_or_default();
+    let token = request["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<String> = request["spec"]["audiences"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    let known = state.0.lock().unwrap_or_else(|e| e.into_inner()).tokens.get(token).cloned();
+    let status = match known {
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        Some((user, audiences)) => {
+            let shared: Vec<&String> = if wanted.is_empty() {
+                audiences.iter().collect()
+            } else {
+                wanted.iter().filter(|a| audiences.contains(a)).collect()
+            };
+            if shared.is_empty() {
+                json!({"authenticated": false, "error": "token audiences are invalid for the target audiences"})
+            } else {
+                json!({"authenticated": true, "user": user, "audiences": shared})
+            }
+        }
+    };
+    json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {"creationTimestamp": null},
+           "spec": request["spec"], "status": status})
+    .to_string()
 }
 
 fn chunk(out: &mut TcpStream, data: &str) -> io::Result<()> {

@@ -43,9 +43,13 @@ pub(crate) fn enter_netns(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// In a new mount namespace of the calling process, binds each of `paths` onto itself
-/// read-only. For use between fork and exec (only syscalls).
-pub(crate) fn read_only_mounts(paths: &[std::ffi::CString]) -> io::Result<()> {
+/// In a new mount namespace of the calling process: binds each `(source, target)` of `binds`
+/// (read-only), and covers each of `hidden` with an empty read-only tmpfs. For use between fork
+/// and exec (only syscalls).
+pub(crate) fn private_mounts(
+    binds: &[(std::ffi::CString, std::ffi::CString)],
+    hidden: &[std::ffi::CString],
+) -> io::Result<()> {
     let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
     // SAFETY: plain syscalls with valid NUL-terminated strings or nulls.
     unsafe {
@@ -58,20 +62,29 @@ pub(crate) fn read_only_mounts(paths: &[std::ffi::CString]) -> io::Result<()> {
             libc::MS_REC | libc::MS_PRIVATE,
             std::ptr::null(),
         ))?;
-        for path in paths {
+        for (source, target) in binds {
             check(libc::mount(
-                path.as_ptr(),
-                path.as_ptr(),
+                source.as_ptr(),
+                target.as_ptr(),
                 std::ptr::null(),
                 libc::MS_BIND | libc::MS_REC,
                 std::ptr::null(),
             ))?;
             check(libc::mount(
                 std::ptr::null(),
-                path.as_ptr(),
+                target.as_ptr(),
                 std::ptr::null(),
                 libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
                 std::ptr::null(),
+            ))?;
+        }
+        for path in hidden {
+            check(libc::mount(
+                c"tmpfs".as_ptr(),
+                path.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+                c"size=4k".as_ptr().cast(),
             ))?;
         }
     }

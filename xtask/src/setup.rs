@@ -31,23 +31,29 @@ pub(crate) fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Independent judges the tests use: Prometheus' own text-format parser for the metrics, and
-/// the Kubernetes schemas (kubernetes-validate, which brings jsonschema and PyYAML) for the
-/// manifests and CRDs.
+/// Independent judges the tests use: Prometheus' own text-format parser for the metrics, the
+/// Kubernetes schemas (kubernetes-validate, which brings jsonschema and PyYAML) for the
+/// manifests and CRDs, and gRPC's own Python client (grpcio, grpcio-tools for the messages,
+/// cryptography for the CSR) for the CA protocol.
 fn python_packages() -> anyhow::Result<()> {
     let present = Command::new("python3")
-        .args(["-c", "import prometheus_client, kubernetes_validate, jsonschema, yaml"])
+        .args([
+            "-c",
+            "import prometheus_client, kubernetes_validate, jsonschema, yaml, grpc, grpc_tools, cryptography",
+        ])
         .output();
     if present.is_ok_and(|o| o.status.success()) {
         return Ok(());
     }
-    eprintln!("setup: installing Python packages prometheus-client and kubernetes-validate (test judges)");
+    let wanted = ["prometheus-client", "kubernetes-validate", "grpcio", "grpcio-tools", "cryptography"];
+    eprintln!("setup: installing Python packages {} (test judges)", wanted.join(" "));
     let status = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "prometheus-client", "kubernetes-validate"])
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(wanted)
         .status()
         .context("python3 -m pip (install Debian's python3-pip if pip is missing)")?;
     if !status.success() {
-        bail!("pip install prometheus-client kubernetes-validate failed: {status}");
+        bail!("pip install {} failed: {status}", wanted.join(" "));
     }
     Ok(())
 }

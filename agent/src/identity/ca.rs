@@ -52,7 +52,21 @@ pub struct Ca {
     intermediates: Vec<CertificateDer<'static>>,
     /// The trust anchors peers are verified against.
     roots: Vec<CertificateDer<'static>>,
+    /// The root the signing certificate chains to.
+    own_root: CertificateDer<'static>,
     dir: PathBuf,
+}
+
+/// A freshly made end-entity certificate.
+struct Leaf {
+    serial: String,
+    issued_at: SystemTime,
+    certified_key: Arc<CertifiedKey>,
+}
+
+/// Lowercase hex, as serial numbers are shown.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// An X.509-SVID and its private key, ready for rustls.
@@ -67,7 +81,9 @@ pub struct Svid {
     pub not_before: SystemTime,
     /// End of validity.
     pub not_after: SystemTime,
-    /// Certificate chain (leaf only) and signing key.
+    /// The root its chain ends at, when known: what a rotation waits on.
+    pub root: Option<CertificateDer<'static>>,
+    /// Certificate chain (leaf, then intermediates) and signing key.
     pub certified_key: Arc<CertifiedKey>,
 }
 
@@ -128,9 +144,20 @@ impl Ca {
             }
             Some(lock)
         };
+        let ca = Self::load(dir, trust_domain);
+        drop(lock);
+        ca
+    }
+
+    /// Loads the CA from `dir` as it is, writing nothing: both files must be there.
+    pub fn load(dir: &Path, trust_domain: &str) -> Result<Self, IdentityError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| IdentityError::Io { path, source }
+        };
+        let (cert_path, key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
         let cert_pem = fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
         let key_pem = fs::read_to_string(&key_path).map_err(io(&key_path))?;
-        drop(lock);
 
         let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| bad(&cert_path, &format!("no PEM certificate: {e}")))?;
@@ -140,7 +167,7 @@ impl Ca {
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(bad(&key_path, "this key does not belong to ca-cert.pem"));
         }
-        let (intermediates, roots) = chain_and_roots(dir, &cert)?;
+        let Chain { intermediates, roots, own_root } = chain_and_roots(dir, &cert)?;
         let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| bad(&cert_path, &e.to_string()))?;
         Ok(Self {
             trust_domain: trust_domain.to_owned(),
@@ -148,6 +175,7 @@ impl Ca {
             cert,
             intermediates,
             roots,
+            own_root,
             dir: dir.to_owned(),
         })
     }
@@ -161,6 +189,11 @@ impl Ca {
     /// other `root-cert.pem` holds (a rotation's overlap).
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
+    }
+
+    /// The root this CA's certificates chain to.
+    pub fn own_root(&self) -> &CertificateDer<'static> {
+        &self.own_root
     }
 
     /// The signing certificate.
@@ -183,33 +216,61 @@ impl Ca {
     /// only, EKU serverAuth and clientAuth.
     pub fn issue(&self, identity: &Identity, ttl: Duration) -> Result<Svid, IdentityError> {
         let err = |message: String| IdentityError::Issue { identity: identity.to_string(), message };
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err(e.to_string()))?;
+        let uri = identity.to_string().try_into().map_err(|e: rcgen::Error| err(e.to_string()))?;
+        let leaf = self.leaf(vec![SanType::URI(uri)], ttl).map_err(err)?;
+        Ok(Svid {
+            identity: identity.clone(),
+            serial: leaf.serial,
+            issued_at: leaf.issued_at,
+            not_before: truncate_to_seconds(leaf.issued_at - BACKDATE),
+            not_after: truncate_to_seconds(leaf.issued_at + ttl),
+            root: Some(self.own_root.clone()),
+            certified_key: leaf.certified_key,
+        })
+    }
+
+    /// Issues the CA service's own serving certificate: DNS and IP names, as TLS clients check
+    /// them, valid for `ttl`, sent with the intermediates.
+    pub fn issue_serving(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<Arc<CertifiedKey>, IdentityError> {
+        let err = |message: String| IdentityError::Issue { identity: dns_names.join(","), message };
+        let mut names = Vec::new();
+        for name in dns_names {
+            names.push(SanType::DnsName(
+                name.clone().try_into().map_err(|e: rcgen::Error| err(e.to_string()))?,
+            ));
+        }
+        names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        Ok(self.leaf(names, ttl).map_err(err)?.certified_key)
+    }
+
+    /// A new key and an end-entity certificate for it with `names`, as [`Ca::issue`] describes.
+    fn leaf(&self, names: Vec<SanType>, ttl: Duration) -> Result<Leaf, String> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
         let now = SystemTime::now();
-        let (not_before, not_after) = (now - BACKDATE, now + ttl);
-        let serial = random_serial().map_err(err)?;
+        let serial = random_serial()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        let uri = identity.to_string().try_into().map_err(|e: rcgen::Error| err(e.to_string()))?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.subject_alt_names = names;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages =
             vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.serial_number = Some(SerialNumber::from_slice(&serial));
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + ttl).into();
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.issuer).map_err(|e| err(e.to_string()))?;
-
+        let cert = params.signed_by(&key, &self.issuer).map_err(|e| e.to_string())?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let provider = rustls::crypto::ring::default_provider();
-        let signer = provider.key_provider.load_private_key(key_der).map_err(|e| err(e.to_string()))?;
-        Ok(Svid {
-            identity: identity.clone(),
-            serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+        let signer = provider.key_provider.load_private_key(key_der).map_err(|e| e.to_string())?;
+        Ok(Leaf {
+            serial: hex(&serial),
             issued_at: now,
-            not_before: truncate_to_seconds(not_before),
-            not_after: truncate_to_seconds(not_after),
             certified_key: Arc::new(CertifiedKey::new(
                 std::iter::once(cert.der().clone()).chain(self.intermediates.iter().cloned()).collect(),
                 signer,
@@ -259,17 +320,40 @@ impl Ca {
         let leaf = csr.signed_by(&self.issuer).map_err(|e| format!("signing: {e}"))?;
         Ok(std::iter::once(leaf.der().clone())
             .chain(self.intermediates.iter().cloned())
-            .chain(self.roots.first().cloned())
+            .chain(std::iter::once(self.own_root.clone()))
             .collect())
     }
 }
 
-/// The intermediates to send after a leaf, and the trust anchors, from the signing certificate
-/// and the optional `cert-chain.pem` and `root-cert.pem` of `dir`.
-fn chain_and_roots(
-    dir: &Path,
-    cert: &CertificateDer<'static>,
-) -> Result<(Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>), IdentityError> {
+/// The parts of a loaded CA's chain.
+struct Chain {
+    /// Sent after a leaf: the signing CA (unless a root) and the intermediates above it.
+    intermediates: Vec<CertificateDer<'static>>,
+    /// Every trust anchor: the CA's own root, and any other `root-cert.pem` holds.
+    roots: Vec<CertificateDer<'static>>,
+    /// The root this CA's certificates chain to.
+    own_root: CertificateDer<'static>,
+}
+
+/// Whether `der` is self-signed (a root).
+fn self_signed(der: &CertificateDer<'_>) -> bool {
+    X509Certificate::from_der(der)
+        .is_ok_and(|(_, c)| c.subject() == c.issuer() && c.verify_signature(None).is_ok())
+}
+
+/// Whether `issuer` signed `cert`.
+fn signed_by(cert: &CertificateDer<'_>, issuer: &CertificateDer<'_>) -> bool {
+    match (X509Certificate::from_der(cert), X509Certificate::from_der(issuer)) {
+        (Ok((_, c)), Ok((_, i))) => {
+            c.issuer() == i.subject() && c.verify_signature(Some(i.public_key())).is_ok()
+        }
+        _ => false,
+    }
+}
+
+/// The chain of the signing certificate `cert`, from the optional `cert-chain.pem` and
+/// `root-cert.pem` of `dir`.
+fn chain_and_roots(dir: &Path, cert: &CertificateDer<'static>) -> Result<Chain, IdentityError> {
     let read_all = |name: &str| -> Result<Vec<CertificateDer<'static>>, IdentityError> {
         let path = dir.join(name);
         match fs::read(&path) {
@@ -282,15 +366,11 @@ fn chain_and_roots(
     };
     let chain = read_all(CERT_CHAIN)?;
     let mut roots = read_all(ROOT_CERT)?;
-    let self_signed = |der: &CertificateDer<'_>| {
-        X509Certificate::from_der(der)
-            .is_ok_and(|(_, c)| c.subject() == c.issuer() && c.verify_signature(None).is_ok())
-    };
     if self_signed(cert) {
         if !roots.contains(cert) {
             roots.insert(0, cert.clone());
         }
-        return Ok((Vec::new(), roots));
+        return Ok(Chain { intermediates: Vec::new(), roots, own_root: cert.clone() });
     }
     // An intermediate: it and the chain's other intermediates go with every leaf.
     let mut intermediates = vec![cert.clone()];
@@ -303,13 +383,44 @@ fn chain_and_roots(
             intermediates.push(c.clone());
         }
     }
-    if roots.is_empty() {
+    let top = intermediates.last().unwrap_or(cert);
+    let Some(own_root) = roots.iter().find(|root| signed_by(top, root)).cloned() else {
         return Err(bad(
             &dir.join(CA_CERT),
-            "is an intermediate CA: root-cert.pem (or a cert-chain.pem ending in the root) must name its root",
+            "is an intermediate CA, but no root in root-cert.pem or cert-chain.pem signed its chain",
         ));
+    };
+    Ok(Chain { intermediates, roots, own_root })
+}
+
+/// `ambit ca rotate`: a new root CA in `to`, whose `root-cert.pem` trusts it and the roots
+/// of the CA in `from` (the overlap). Returns the new root.
+pub fn rotate(from: &Path, to: &Path, trust_domain: &str) -> Result<CertificateDer<'static>, IdentityError> {
+    let old = Ca::load(from, trust_domain)?;
+    for name in [CA_CERT, CA_KEY] {
+        if to.join(name).exists() {
+            return Err(bad(&to.join(name), "exists: rotate writes a new CA into an empty directory"));
+        }
     }
-    Ok((intermediates, roots))
+    fs::create_dir_all(to).map_err(|source| IdentityError::Io { path: to.to_owned(), source })?;
+    create(&to.join(CA_CERT), &to.join(CA_KEY), trust_domain)?;
+    let new = Ca::load(to, trust_domain)?;
+    let bundle: String = std::iter::once(new.cert()).chain(old.roots()).map(pem).collect();
+    write_new(&to.join(ROOT_CERT), bundle.as_bytes(), 0o644)?;
+    Ok(new.cert().clone())
+}
+
+/// `ambit ca finish`: the CA in `dir` trusts only its own root again. Returns that root.
+pub fn finish(dir: &Path, trust_domain: &str) -> Result<CertificateDer<'static>, IdentityError> {
+    let ca = Ca::load(dir, trust_domain)?;
+    write_new(&dir.join(ROOT_CERT), pem(ca.own_root()).as_bytes(), 0o644)?;
+    Ok(ca.own_root().clone())
+}
+
+/// The SHA-256 fingerprint of a certificate, as `openssl x509 -fingerprint -sha256` shows it.
+pub fn fingerprint(der: &CertificateDer<'_>) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    digest.as_ref().iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
 }
 
 /// A certificate in PEM, as Istio's protocol and `openssl` want it.

@@ -37,6 +37,8 @@ pub const MAX_FRAME: u32 = 1024 * 1024;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a handshake waits for its identity's first certificate from the CA service.
+pub const CERT_WAIT: Duration = Duration::from_secs(5);
 /// How long the TCP connect to a peer's HBONE port may take: peers are other nodes of the
 /// cluster, a second is plenty; more means the node is gone.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -248,9 +250,11 @@ impl Pool {
     async fn dial(&self, netns: &Netns, key: &PoolKey) -> Result<Arc<Pooled>, ProxyError> {
         let config =
             self.tls.client_config(&key.src, &key.dst).map_err(|e| ProxyError::Hbone(e.to_string()))?;
+        // A new identity's first connection waits for its certificate (one CA round trip).
         let serial = self
             .identities
-            .svid(&key.src)
+            .wait(&key.src, CERT_WAIT)
+            .await
             .map_err(|e| ProxyError::Identity { identity: key.src.to_string(), reason: e.to_string() })?
             .serial
             .clone();

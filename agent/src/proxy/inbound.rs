@@ -20,7 +20,7 @@ use tracing::{Instrument as _, debug, info_span, warn};
 
 use super::{
     DATA_PLANE, HBONE, PodContext, Proxy, ProxyError, accept_loop, connect_from, count,
-    hbone::{CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW},
+    hbone::{CERT_WAIT, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW},
     keep_alive, local_of, relay,
 };
 use crate::{
@@ -163,6 +163,13 @@ impl Proxy {
         let Ok(local) = local_of(&tcp) else { return };
         let _ = tcp.set_nodelay(true);
         keep_alive(&tcp);
+        // The pod's first certificate may still be on its way from the CA service.
+        if let Err(e) = self.identities.wait(&pod.identity, CERT_WAIT).await {
+            warn!(pod = %pod.workload.key, %peer, error = %e, "no certificate to answer an mTLS handshake with; refused");
+            pod.stats.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            reset(tcp);
+            return;
+        }
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {

