@@ -359,10 +359,15 @@ impl Identities {
                 Err(e) => {
                     let entry = asking.entry(identity.clone()).or_default();
                     entry.in_flight = false;
-                    let pause = RETRY_FIRST.saturating_mul(1 << entry.failures.min(10)).min(RETRY_MAX);
+                    let held = self.read().get(identity).map(|s| s.not_after);
+                    // Back off, but try a few more times before the current certificate expires.
+                    let left = held.and_then(|until| until.duration_since(now).ok()).unwrap_or(RETRY_MAX);
+                    let pause = RETRY_FIRST
+                        .saturating_mul(1 << entry.failures.min(10))
+                        .min(RETRY_MAX)
+                        .min((left / 4).max(RETRY_FIRST));
                     entry.failures += 1;
                     entry.retry_at = Some(now + pause);
-                    let held = self.read().get(identity).map(|s| s.not_after);
                     match held {
                         Some(until) if until > now => {
                             warn!(identity = %identity, error = %e, retry_in = ?pause, "certificate renewal failed; the current one serves until it expires")

@@ -7,10 +7,11 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
-use ambit_tests::{Agent, Cluster, MockApi, Mounts, echo_roundtrip};
+use ambit_tests::{Agent, Cluster, MockApi, Mounts, contains, echo_roundtrip};
 use serde_json::{Value, json};
 
 const HTTP: u16 = 8080;
@@ -58,6 +59,8 @@ impl Mesh {
         let cluster = Cluster::builder().client_server().node(CA_NODE).build().expect("cluster");
         let first = cluster.dir().join("ca-v1");
         std::fs::create_dir_all(&first).expect("ca dir");
+        // Where a rotation puts the next CA; exists from the start so agents can be kept from it.
+        std::fs::create_dir_all(cluster.dir().join("ca-v2")).expect("ca dir");
         let root = make_ca(&first);
         let bundle = cluster.dir().join("bundle.pem");
         std::fs::copy(root, &bundle).expect("bundle");
@@ -108,7 +111,8 @@ impl Mesh {
             (self.ca_url(), self.bundle.display().to_string(), token.display().to_string());
         let mut args = vec!["--ca-addr", &url, "--ca-root", &bundle, "--ca-token", &token];
         args.extend_from_slice(extra);
-        let mounts = Mounts { hidden: vec![self.cluster.dir().join("ca-v1")], ..Mounts::default() };
+        let hidden = vec![self.cluster.dir().join("ca-v1"), self.cluster.dir().join("ca-v2")];
+        let mounts = Mounts { hidden, ..Mounts::default() };
         self.cluster.spawn_agent_with(node, &args, &mounts).expect("agent")
     }
 
@@ -151,6 +155,38 @@ impl Mesh {
     }
 }
 
+/// Replaces `path` with `contents` atomically, as the kubelet updates a ConfigMap volume.
+fn replace(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// Steady traffic from client to server, a new connection every few milliseconds, counting
+/// what worked and what failed until `stop`.
+fn traffic(mesh: &Mesh, stop: &AtomicBool, ok: &AtomicU64, failed: &AtomicU64) {
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        match mesh.roundtrip(format!("AMBIT-STEADY-{n:08}").as_bytes()) {
+            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+            Err(e) => {
+                eprintln!("connection {n} failed: {e}");
+                failed.fetch_add(1, Ordering::Relaxed)
+            }
+        };
+        std::thread::sleep(Duration::from_millis(40));
+    }
+}
+
+/// The serial of the certificate an agent holds for `id`.
+fn serial(agent: &Agent, id: &str) -> Option<String> {
+    certs(agent)
+        .into_iter()
+        .find(|c| c["identity"] == id)
+        .and_then(|c| c["serial"].as_str().map(str::to_owned))
+}
+
 /// The SHA-256 fingerprint of a PEM certificate file, as `ambit` prints it.
 fn fingerprint(pem: &Path) -> String {
     let out = Command::new("openssl")
@@ -166,7 +202,6 @@ fn certs(agent: &Agent) -> Vec<Value> {
     agent.admin_json("/certs").and_then(|v| v.as_array().cloned()).unwrap_or_default()
 }
 
-#[allow(dead_code, reason = "used by the outage and rotation tests")]
 fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() {
@@ -313,4 +348,256 @@ fn the_ca_refuses_identities_a_caller_may_not_have() {
         "{refusals:?}"
     );
     assert!(refusals.len() >= 7, "{} refusals logged", refusals.len());
+}
+
+#[test]
+fn issued_certificates_outlive_a_ca_outage_and_renewal_resumes() {
+    let mut mesh = Mesh::with_root();
+    // Renewed every 15 s; the outage below lasts longer than that.
+    let agent_a = mesh.start_agent("a", &["--cert-ttl", "30s"]);
+    let _agent_b = mesh.start_agent("b", &["--cert-ttl", "30s"]);
+    let _server = mesh.cluster.pod("server").echo_server(HTTP).expect("server");
+    let client = identity("shop", "client-sa");
+    let before = serial(&agent_a, &client).expect("certificate held");
+    let mut capture = mesh.cluster.capture().expect("tcpdump");
+    let mut held = mesh
+        .cluster
+        .pod("client")
+        .connect(mesh.cluster.pod("server").addr(HTTP), Duration::from_secs(5))
+        .expect("held");
+
+    mesh.ca.take().expect("CA").kill();
+    let outage = Instant::now();
+    let (mut ok, mut failed) = (0, 0);
+    let mut probe = |mesh: &Mesh, n: usize| {
+        let payload = format!("AMBIT-OUTAGE-{n:06}");
+        match mesh.roundtrip(payload.as_bytes()) {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                eprintln!("connection {n} failed: {e}");
+                failed += 1;
+            }
+        }
+        let back = echo_roundtrip(&mut held, payload.as_bytes()).expect("the held connection lives on");
+        assert_eq!(back, payload.as_bytes());
+    };
+    let mut n = 0;
+    while outage.elapsed() < Duration::from_secs(18) {
+        n += 1;
+        probe(&mesh, n);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // The renewal came due and failed; the agent says so, and still serves.
+    let status = agent_a.admin_json("/status").expect("status");
+    assert!(status["ca"]["failing_since"].is_u64(), "{}", status["ca"]);
+    assert!(
+        status["ca"]["last_error"].as_str().is_some_and(|e| e.contains("unreachable")),
+        "{}",
+        status["ca"]
+    );
+    assert_eq!(
+        serial(&agent_a, &client).as_deref(),
+        Some(before.as_str()),
+        "the issued certificate keeps serving"
+    );
+    assert_eq!(
+        agent_a.readiness().expect("readiness"),
+        Some(200),
+        "still ready on the certificates it holds"
+    );
+
+    mesh.start_ca(&[]);
+    let renewed = Instant::now();
+    while serial(&agent_a, &client).as_deref() == Some(before.as_str()) {
+        assert!(renewed.elapsed() < Duration::from_secs(20), "renewal did not resume after the CA came back");
+        n += 1;
+        probe(&mesh, n);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    n += 1;
+    probe(&mesh, n);
+    let pcap = capture.finish().expect("capture");
+    assert_eq!(failed, 0, "{failed} of {} connections failed across the outage", ok + failed);
+    assert!(ok > 60, "{ok} connections");
+    assert!(!contains(&pcap, b"AMBIT-OUTAGE-"), "no payload in plaintext on the wire at any point");
+    let status = agent_a.admin_json("/status").expect("status");
+    assert!(status["ca"]["failing_since"].is_null(), "{}", status["ca"]);
+}
+
+#[test]
+fn a_root_rotation_under_traffic_loses_no_connection() {
+    let mesh = Mesh::with_root();
+    let agents =
+        [mesh.start_agent("a", &["--cert-ttl", "20s"]), mesh.start_agent("b", &["--cert-ttl", "20s"])];
+    let _server = mesh.cluster.pod("server").echo_server(HTTP).expect("server");
+    let (old_dir, new_dir) = (mesh.cluster.dir().join("ca-v1"), mesh.cluster.dir().join("ca-v2"));
+    let old_root = fingerprint(&old_dir.join("ca-cert.pem"));
+    let (stop, ok, failed) = (AtomicBool::new(false), AtomicU64::new(0), AtomicU64::new(0));
+    let roots = |agent: &Agent| -> Vec<String> {
+        agent.admin_json("/status").map_or_else(Vec::new, |s| {
+            s["ca"]["roots"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["fingerprint"].as_str().map(str::to_owned))
+                .collect()
+        })
+    };
+    std::thread::scope(|scope| {
+        scope.spawn(|| traffic(&mesh, &stop, &ok, &failed));
+        std::thread::sleep(Duration::from_secs(1));
+
+        // 1. A new root, and agents trusting both.
+        ambit(&[
+            "ca",
+            "rotate",
+            "--from",
+            old_dir.to_str().expect("utf-8"),
+            "--to",
+            new_dir.to_str().expect("utf-8"),
+        ]);
+        let new_root = fingerprint(&new_dir.join("ca-cert.pem"));
+        assert_ne!(new_root, old_root);
+        replace(&mesh.bundle, &std::fs::read(new_dir.join("root-cert.pem")).expect("bundle"));
+        wait_until("both agents trust both roots", Duration::from_secs(20), || {
+            agents.iter().all(|a| {
+                let r = roots(a);
+                r.contains(&old_root) && r.contains(&new_root)
+            })
+        });
+        // 2. The CA switches to the new root, as a Secret volume is swapped.
+        let tmp = mesh.cluster.dir().join("ca-live.tmp");
+        std::os::unix::fs::symlink(&new_dir, &tmp).expect("symlink");
+        std::fs::rename(&tmp, &mesh.ca_live).expect("swap");
+        // 3. Every certificate renewed from the new root.
+        wait_until("every certificate chains to the new root", Duration::from_secs(40), || {
+            agents.iter().all(|a| {
+                let held = certs(a);
+                !held.is_empty() && held.iter().all(|c| c["root"] == new_root.as_str())
+            })
+        });
+        // 4. The old root goes.
+        ambit(&["ca", "finish", "--dir", new_dir.to_str().expect("utf-8")]);
+        replace(&mesh.bundle, &std::fs::read(new_dir.join("root-cert.pem")).expect("bundle"));
+        wait_until("agents trust the new root alone", Duration::from_secs(20), || {
+            agents.iter().all(|a| roots(a) == [new_root.clone()])
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} of {} connections failed during the rotation", ok + failed);
+    assert!(ok > 100, "{ok} connections");
+    // The CA itself serves from the new root: a client trusting only it gets through.
+    let answer = mesh.python("a", "token-a", &["--identity", &identity("shop", "client-sa")]);
+    assert_eq!(answer["code"], "OK", "{answer}");
+    assert!(mesh.ca().log_text().contains("CA key material changed; reloaded"));
+}
+
+/// An offline root (its key kept away from the CA) and an intermediate signing CA in `dir`, in
+/// Istio's `cacerts` layout, made with openssl. Returns the root certificate.
+fn intermediate_ca(dir: &Path) -> PathBuf {
+    let offline = dir.parent().expect("parent").join("offline-root");
+    std::fs::create_dir_all(&offline).expect("dir");
+    let openssl = |args: &[&str], cwd: &Path| {
+        let out = Command::new("openssl").args(args).current_dir(cwd).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut root = vec!["req", "-x509"];
+    root.extend(ec);
+    root.extend([
+        "-keyout",
+        "root-key.pem",
+        "-out",
+        "root-cert.pem",
+        "-days",
+        "30",
+        "-subj",
+        "/O=ambit test/CN=offline root",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(&root, &offline);
+    let mut csr = vec!["req", "-new"];
+    csr.extend(ec);
+    csr.extend(["-keyout", "ca-key.pem", "-out", "ca.csr", "-subj", "/O=ambit test/CN=intermediate"]);
+    openssl(&csr, dir);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=critical,CA:TRUE,pathlen:0\nkeyUsage=critical,keyCertSign,cRLSign\n",
+    )
+    .expect("ext");
+    let root_cert = offline.join("root-cert.pem");
+    let root_key = offline.join("root-key.pem");
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "ca.csr",
+            "-CA",
+            root_cert.to_str().expect("utf-8"),
+            "-CAkey",
+            root_key.to_str().expect("utf-8"),
+            "-CAcreateserial",
+            "-out",
+            "ca-cert.pem",
+            "-days",
+            "30",
+            "-extfile",
+            "ext.cnf",
+        ],
+        dir,
+    );
+    for leftover in ["ca.csr", "ext.cnf"] {
+        std::fs::remove_file(dir.join(leftover)).expect("remove");
+    }
+    let chain =
+        [std::fs::read(dir.join("ca-cert.pem")).expect("int"), std::fs::read(&root_cert).expect("root")]
+            .concat();
+    std::fs::write(dir.join("cert-chain.pem"), chain).expect("chain");
+    std::fs::copy(&root_cert, dir.join("root-cert.pem")).expect("root");
+    root_cert
+}
+
+#[test]
+fn chains_through_an_intermediate_ca_verify_at_both_ends() {
+    let mesh = Mesh::new(intermediate_ca);
+    let agent_a = mesh.start_agent("a", &[]);
+    let _agent_b = mesh.start_agent("b", &[]);
+    let _server = mesh.cluster.pod("server").echo_server(HTTP).expect("server");
+    // Each agent trusts the offline root alone: the handshake works only if each side sends
+    // its intermediate.
+    mesh.roundtrip(b"root, intermediate, leaf").expect("mTLS through an intermediate");
+    let root = fingerprint(&mesh.bundle);
+    let client = certs(&agent_a)
+        .into_iter()
+        .find(|c| c["identity"] == identity("shop", "client-sa").as_str())
+        .expect("cert");
+    assert_eq!(client["intermediates"], 1, "{client}");
+    assert_eq!(client["root"], root.as_str());
+
+    // The CA answers leaf, intermediate, root; the leaf verifies with the intermediate and not
+    // without it (the control).
+    let answer = mesh.python("a", "token-a", &["--identity", &identity("shop", "client-sa")]);
+    let chain: Vec<&str> =
+        answer["chain"].as_array().expect("chain").iter().filter_map(Value::as_str).collect();
+    assert_eq!(chain.len(), 3, "{answer}");
+    let (leaf, intermediate) =
+        (mesh.cluster.dir().join("leaf.pem"), mesh.cluster.dir().join("intermediate.pem"));
+    std::fs::write(&leaf, chain[0]).expect("leaf");
+    std::fs::write(&intermediate, chain[1]).expect("intermediate");
+    let verify = |with_intermediate: bool| {
+        let mut command = Command::new("openssl");
+        command.args(["verify", "-CAfile"]).arg(&mesh.bundle);
+        if with_intermediate {
+            command.arg("-untrusted").arg(&intermediate);
+        }
+        command.arg(&leaf).output().expect("openssl").status.success()
+    };
+    assert!(verify(true), "leaf → intermediate → root verifies");
+    assert!(!verify(false), "control: the leaf alone does not");
 }
