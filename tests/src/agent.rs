@@ -23,16 +23,22 @@ pub(crate) enum Source<'a> {
     Kubernetes(&'a Path),
 }
 
-/// The filesystem a spawned process sees, in a mount namespace of its own: as a pod's volumes
-/// shape its container's view.
+/// What a pod spec shapes of a spawned process: its filesystem (in a mount namespace of its
+/// own, as volumes shape a container's view), its environment and its user.
 #[derive(Clone, Debug, Default)]
-pub struct Mounts {
+pub struct Container {
     /// Paths bound onto themselves read-only (`readOnly: true` volumes).
     pub read_only: Vec<PathBuf>,
-    /// `(file, target)`: `file` bound read-only over `target` (a ConfigMap key, `/etc/hosts`).
+    /// `(source, target)`: a file or directory bound read-only at `target` (a ConfigMap key,
+    /// a projected token, `/etc/hosts`). A missing target is created, and removed again when
+    /// the process is dropped.
     pub files: Vec<(PathBuf, PathBuf)>,
     /// Paths covered by an empty read-only tmpfs: whatever is there cannot be read.
     pub hidden: Vec<PathBuf>,
+    /// Environment variables.
+    pub env: Vec<(String, String)>,
+    /// `(uid, gid)` to run as, after the mounts (`runAsUser`, `runAsGroup`).
+    pub user: Option<(u32, u32)>,
 }
 
 /// A running agent (or other `ambit` process in a node); killed when dropped.
@@ -40,6 +46,25 @@ pub struct Agent {
     child: Child,
     log: PathBuf,
     netns: PathBuf,
+    /// Mount targets made for it, deepest first: removed when it is dropped.
+    created: Vec<PathBuf>,
+}
+
+/// Creates `target` (a directory, or an empty file) and its missing parents, recording each.
+fn make_target(target: &Path, dir: bool, created: &mut Vec<PathBuf>) -> io::Result<()> {
+    if target.exists() {
+        return Ok(());
+    }
+    if let Some(parent) = target.parent() {
+        make_target(parent, true, created)?;
+    }
+    if dir {
+        std::fs::create_dir(target)?;
+    } else {
+        File::create(target)?;
+    }
+    created.insert(0, target.to_owned());
+    Ok(())
 }
 
 /// How an agent process ended.
@@ -61,7 +86,7 @@ impl Agent {
         log: &Path,
         ca_dir: &Path,
         extra: &[&str],
-        mounts: &Mounts,
+        mounts: &Container,
     ) -> io::Result<Self> {
         let mut command = Command::new(sys::ambit_binary());
         command.arg("agent");
@@ -78,9 +103,14 @@ impl Agent {
         mut command: Command,
         netns: &Path,
         log: &Path,
-        mounts: &Mounts,
+        mounts: &Container,
     ) -> io::Result<Self> {
         let out = File::options().create(true).append(true).open(log)?;
+        let mut created = Vec::new();
+        for (source, target) in &mounts.files {
+            make_target(target, source.is_dir(), &mut created)?;
+        }
+        command.envs(mounts.env.iter().map(|(k, v)| (k, v)));
         command
             .env("LOG_FORMAT", "json")
             .env("RUST_LOG", std::env::var("AMBIT_TEST_LOG").unwrap_or_else(|_| "info".into()))
@@ -99,19 +129,29 @@ impl Agent {
         }
         let hidden: Vec<std::ffi::CString> = mounts.hidden.iter().map(|p| c(p)).collect::<Result<_, _>>()?;
         let private = !binds.is_empty() || !hidden.is_empty();
-        // SAFETY: only setns, unshare, mount and prctl between fork and exec.
+        let user = mounts.user;
+        // SAFETY: only setns, unshare, mount, setgroups/setgid/setuid and prctl between fork
+        // and exec.
         unsafe {
             command.pre_exec(move || {
                 sys::enter_netns(&path)?;
                 if private {
                     sys::private_mounts(&binds, &hidden)?;
                 }
+                // After the mounts, which need root; as the kubelet starts a non-root container.
+                if let Some((uid, gid)) = user {
+                    let check =
+                        |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
+                    check(libc::setgroups(1, &gid))?;
+                    check(libc::setgid(gid))?;
+                    check(libc::setuid(uid))?;
+                }
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())
             });
         }
         let child = command.spawn()?;
-        Ok(Self { child, log: log.to_owned(), netns: netns.to_owned() })
+        Ok(Self { child, log: log.to_owned(), netns: netns.to_owned(), created })
     }
 
     /// Process id.
@@ -296,6 +336,11 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
+        // Its mounts went with its namespace; what was made for them goes too (only if
+        // empty: nothing else's is ever removed).
+        for path in self.created.drain(..) {
+            let _ = if path.is_dir() { std::fs::remove_dir(&path) } else { std::fs::remove_file(&path) };
+        }
     }
 }
 

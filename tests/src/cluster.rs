@@ -15,7 +15,7 @@ use std::{
 };
 
 use crate::{
-    agent::{Agent, Mounts, Source},
+    agent::{Agent, Container, Source},
     apps::EchoServer,
     kubeapi::MockApi,
     sys::{self, PREFIX},
@@ -508,21 +508,34 @@ impl Cluster {
         extra: &[&str],
         read_only: &[PathBuf],
     ) -> io::Result<Agent> {
-        let mounts = Mounts { read_only: read_only.to_vec(), ..Mounts::default() };
+        let mounts = Container { read_only: read_only.to_vec(), ..Container::default() };
         self.spawn(node, Source::Local(&self.manifest_path()), extra, &mounts)
     }
 
     /// Starts the agent of `node` (with the cluster file) seeing the filesystem as `mounts`
     /// shape it, without waiting for readiness.
-    pub fn spawn_agent_with(&self, node: &str, extra: &[&str], mounts: &Mounts) -> io::Result<Agent> {
+    pub fn spawn_agent_with(&self, node: &str, extra: &[&str], mounts: &Container) -> io::Result<Agent> {
         self.spawn(node, Source::Local(&self.manifest_path()), extra, mounts)
     }
 
-    fn spawn_agent_from(&self, node: &str, source: Source<'_>, extra: &[&str]) -> io::Result<Agent> {
-        self.spawn(node, source, extra, &Mounts::default())
+    /// Starts the agent of `node` in cluster mode (see [`Cluster::spawn_kube_agent`]) shaped by
+    /// `container`, without waiting for readiness.
+    pub fn spawn_kube_agent_with(
+        &self,
+        node: &str,
+        extra: &[&str],
+        container: &Container,
+    ) -> io::Result<Agent> {
+        let kubeconfig = self.dir.join("kubeconfig");
+        MockApi::write_kubeconfig(&kubeconfig)?;
+        self.spawn(node, Source::Kubernetes(&kubeconfig), extra, container)
     }
 
-    fn spawn(&self, node: &str, source: Source<'_>, extra: &[&str], mounts: &Mounts) -> io::Result<Agent> {
+    fn spawn_agent_from(&self, node: &str, source: Source<'_>, extra: &[&str]) -> io::Result<Agent> {
+        self.spawn(node, source, extra, &Container::default())
+    }
+
+    fn spawn(&self, node: &str, source: Source<'_>, extra: &[&str], mounts: &Container) -> io::Result<Agent> {
         let node = self.node(node);
         let instance = self.instance(node.name());
         let mut pids = self.agent_pids.lock().unwrap_or_else(|e| e.into_inner());
@@ -547,19 +560,24 @@ impl Cluster {
     /// [`Cluster::mock_api`]) and a serving certificate for the node's IP; handled like an agent
     /// process (readiness on 15021, logs, signals). Does not wait for readiness.
     pub fn spawn_ca(&self, node: &str, ca_dir: &Path, extra: &[&str]) -> io::Result<Agent> {
+        let ip = self.node(node).ip().to_string();
+        let dir = ca_dir.to_str().ok_or_else(|| io::Error::other("CA directory is not UTF-8"))?;
+        let mut args = vec!["ca", "serve", "--ca-dir", dir, "--server-ips", &ip];
+        args.extend_from_slice(extra);
+        self.spawn_ca_with(node, &args, &Container::default())
+    }
+
+    /// Starts `ambit <args>` (the CA service) in `node`'s network namespace shaped by
+    /// `container`, with the Kubernetes API of [`Cluster::mock_api`]; no readiness wait.
+    pub fn spawn_ca_with(&self, node: &str, args: &[&str], container: &Container) -> io::Result<Agent> {
         let node = self.node(node);
         let kubeconfig = self.dir.join("kubeconfig");
         MockApi::write_kubeconfig(&kubeconfig)?;
         let mut pids = self.agent_pids.lock().unwrap_or_else(|e| e.into_inner());
         let log = self.dir.join(format!("agent-ca-{}-{}.log", node.name(), pids.len() + 1));
         let mut command = Command::new(sys::ambit_binary());
-        command
-            .args(["ca", "serve", "--ca-dir"])
-            .arg(ca_dir)
-            .args(["--server-ips", &node.ip().to_string()])
-            .args(extra)
-            .env("KUBECONFIG", &kubeconfig);
-        let ca = Agent::spawn_command(command, &sys::netns_path(&node.node.netns), &log, &Mounts::default())?;
+        command.args(args).env("KUBECONFIG", &kubeconfig);
+        let ca = Agent::spawn_command(command, &sys::netns_path(&node.node.netns), &log, container)?;
         pids.push(ca.pid());
         Ok(ca)
     }

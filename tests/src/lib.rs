@@ -15,7 +15,7 @@ mod cluster;
 mod kubeapi;
 mod sys;
 
-pub use agent::{Agent, AgentOutput, Mounts};
+pub use agent::{Agent, AgentOutput, Container};
 pub use apps::{EchoServer, SinkServer, SourceServer, echo_roundtrip, pattern};
 pub use capture::{Capture, contains};
 pub use cluster::{

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ambit_tests::{Agent, Cluster, MockApi, Mounts, contains, echo_roundtrip};
+use ambit_tests::{Agent, Cluster, Container, MockApi, contains, echo_roundtrip};
 use serde_json::{Value, json};
 
 const HTTP: u16 = 8080;
@@ -112,7 +112,7 @@ impl Mesh {
         let mut args = vec!["--ca-addr", &url, "--ca-root", &bundle, "--ca-token", &token];
         args.extend_from_slice(extra);
         let hidden = vec![self.cluster.dir().join("ca-v1"), self.cluster.dir().join("ca-v2")];
-        let mounts = Mounts { hidden, ..Mounts::default() };
+        let mounts = Container { hidden, ..Container::default() };
         self.cluster.spawn_agent_with(node, &args, &mounts).expect("agent")
     }
 
@@ -600,4 +600,167 @@ fn chains_through_an_intermediate_ca_verify_at_both_ends() {
     };
     assert!(verify(true), "leaf → intermediate → root verifies");
     assert!(!verify(false), "control: the leaf alone does not");
+}
+
+/// A manifest of `daemonset/`, parsed.
+fn manifest(path: &str) -> serde_yaml_ng::Value {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemonset").join(path);
+    serde_yaml_ng::from_str(&std::fs::read_to_string(&file).expect("manifest")).expect("yaml")
+}
+
+/// How a manifest's pod template starts its first container here: the environment it gets
+/// (values, the node name, ConfigMap keys and `envFrom`), its volumes mounted where and as
+/// read-only as it says (each ConfigMap, Secret or projected volume from `sources`, by volume
+/// name; host paths as the host has them), and its user. Returns the container's arguments.
+fn as_manifest_starts(
+    pod: &serde_yaml_ng::Value,
+    node: &str,
+    sources: &[(&str, PathBuf)],
+    container: &mut Container,
+) -> Vec<String> {
+    let config = manifest("configmap.yaml");
+    let data = |key: &str| config["data"][key].as_str().unwrap_or_default().to_owned();
+    let spec = &pod["containers"][0];
+    for entry in spec["env"].as_sequence().into_iter().flatten() {
+        let name = entry["name"].as_str().expect("env name").to_owned();
+        let value = match (&entry["value"], &entry["valueFrom"]) {
+            (serde_yaml_ng::Value::String(v), _) => v.clone(),
+            (_, from) if from["fieldRef"]["fieldPath"] == "spec.nodeName" => node.to_owned(),
+            (_, from) if from["configMapKeyRef"]["name"] == "ambit-config" => {
+                data(from["configMapKeyRef"]["key"].as_str().expect("key"))
+            }
+            other => panic!("env {name}: no stand-in for {other:?}"),
+        };
+        container.env.push((name, value));
+    }
+    for from in spec["envFrom"].as_sequence().into_iter().flatten() {
+        assert_eq!(from["configMapRef"]["name"], "ambit-config");
+        for (k, v) in config["data"].as_mapping().expect("data") {
+            container.env.push((k.as_str().expect("key").to_owned(), v.as_str().expect("value").to_owned()));
+        }
+    }
+    let volumes = pod["volumes"].as_sequence().expect("volumes");
+    for mount in spec["volumeMounts"].as_sequence().into_iter().flatten() {
+        let (name, path) = (
+            mount["name"].as_str().expect("name"),
+            PathBuf::from(mount["mountPath"].as_str().expect("path")),
+        );
+        let read_only = mount["readOnly"] == serde_yaml_ng::Value::Bool(true);
+        let volume = volumes.iter().find(|v| v["name"] == name).expect("volume of the mount");
+        if let Some(host) = volume["hostPath"]["path"].as_str() {
+            assert_eq!(Path::new(host), path, "host paths are mounted where they are");
+            if read_only {
+                container.read_only.push(path);
+            }
+            continue;
+        }
+        let (_, source) =
+            sources.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no source for volume {name}"));
+        assert!(read_only, "volume {name} must be mounted read-only");
+        container.files.push((source.clone(), path));
+    }
+    if let Some(uid) = pod["securityContext"]["runAsUser"].as_u64() {
+        let gid = pod["securityContext"]["runAsGroup"].as_u64().unwrap_or(uid);
+        container.user = Some((uid as u32, gid as u32));
+    }
+    spec["args"].as_sequence().expect("args").iter().map(|a| a.as_str().expect("arg").to_owned()).collect()
+}
+
+/// Both halves as `daemonset/` runs them: the CA as its Deployment starts it (arguments,
+/// environment, the Secret read-only at its mount path, as its non-root user) and the agents as
+/// the DaemonSet starts them (arguments, ConfigMap environment, the bundle ConfigMap and the
+/// projected token read-only at their mount paths, cluster DNS standing in through /etc/hosts,
+/// the in-cluster API through a kubeconfig): ready, and serving mTLS.
+#[test]
+fn the_agents_and_the_ca_started_as_the_manifests_start_them_serve_mtls() {
+    let cluster = Cluster::builder().client_server().node(CA_NODE).build().expect("cluster");
+    let api = cluster.mock_api().expect("mock API");
+    api.sync_yaml(&cluster.manifest()).expect("pods");
+    api.apply("/api/v1/pods", agent_pod("ambit-a", "a"));
+    api.apply("/api/v1/pods", agent_pod("ambit-b", "b"));
+    let processes = cluster.start_pod_processes().expect("pod processes");
+
+    // The Secret, as the kubelet writes it for the Deployment (defaultMode, fsGroup).
+    let deployment = manifest("ca/deployment.yaml");
+    let ca_pod = &deployment["spec"]["template"]["spec"];
+    let secret = cluster.dir().join("secret-ambit-ca");
+    ambit(&["ca", "init", "--dir", secret.to_str().expect("utf-8")]);
+    let fs_group = ca_pod["securityContext"]["fsGroup"].as_u64().expect("fsGroup") as u32;
+    for file in std::fs::read_dir(&secret).expect("secret").flatten() {
+        std::os::unix::fs::chown(file.path(), Some(0), Some(fs_group)).expect("chown");
+        // `0440` is octal to Kubernetes (YAML 1.1), whichever way this parser reads it.
+        let mode = match &ca_pod["volumes"][0]["secret"]["defaultMode"] {
+            serde_yaml_ng::Value::Number(n) => n.to_string(),
+            other => other.as_str().expect("mode").to_owned(),
+        };
+        let mode = u32::from_str_radix(&mode, 8).expect("octal mode");
+        std::fs::set_permissions(file.path(), std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .expect("chmod");
+    }
+    let mut ca_container = Container::default();
+    let ca_args = as_manifest_starts(ca_pod, CA_NODE, &[("cacerts", secret.clone())], &mut ca_container);
+    let ca_args: Vec<&str> = ca_args.iter().map(String::as_str).collect();
+    let ca = cluster.spawn_ca_with(CA_NODE, &ca_args, &ca_container).expect("CA");
+    ca.wait_ready(Duration::from_secs(20)).expect("the CA is ready as its Deployment starts it");
+    assert!(ca.log_text().contains("serving Istio's certificate protocol"));
+
+    // The agents' volumes: the bundle ConfigMap, the projected token; cluster DNS.
+    let bundle = cluster.dir().join("configmap-ambit-ca-root");
+    std::fs::create_dir_all(&bundle).expect("dir");
+    std::fs::copy(secret.join("ca-cert.pem"), bundle.join("root-cert.pem")).expect("bundle");
+    let hosts = cluster.dir().join("hosts");
+    let ca_ip = cluster.node(CA_NODE).ip();
+    std::fs::write(
+        &hosts,
+        format!(
+            "127.0.0.1 localhost\n{ca_ip} ambit-ca.ambit-system.svc ambit-ca.ambit-system.svc.cluster.local\n"
+        ),
+    )
+    .expect("hosts");
+    let daemonset = manifest("daemonset.yaml");
+    let agent_pod_spec = &daemonset["spec"]["template"]["spec"];
+    let mut agents = Vec::new();
+    for node in ["a", "b"] {
+        api.add_token(
+            &format!("projected-{node}"),
+            "ambit-system",
+            "ambit",
+            Some(&format!("ambit-{node}")),
+            Some(node),
+            &[AUDIENCE],
+        );
+        let token = cluster.dir().join(format!("projected-{node}"));
+        std::fs::create_dir_all(&token).expect("dir");
+        std::fs::write(token.join("istio-token"), format!("projected-{node}")).expect("token");
+        let mut container =
+            Container { files: vec![(hosts.clone(), PathBuf::from("/etc/hosts"))], ..Container::default() };
+        let args = as_manifest_starts(
+            agent_pod_spec,
+            node,
+            &[("ca-root", bundle.clone()), ("istio-token", token)],
+            &mut container,
+        );
+        assert_eq!(args, ["agent"], "the harness runs `ambit agent`");
+        // The CA's key material is nowhere the agent can see.
+        container.hidden.push(secret.clone());
+        agents.push(cluster.spawn_kube_agent_with(node, &[], &container).expect("agent"));
+    }
+    for agent in &agents {
+        agent.wait_ready(Duration::from_secs(30)).expect("the agent is ready as the DaemonSet starts it");
+    }
+    let _server = cluster.pod("server").echo_server(HTTP).expect("server");
+    let mut stream = cluster
+        .pod("client")
+        .connect(cluster.pod("server").addr(HTTP), Duration::from_secs(5))
+        .expect("connect");
+    assert_eq!(echo_roundtrip(&mut stream, b"as shipped").expect("echo"), b"as shipped");
+    // The access record is written when the connection ends.
+    drop(stream);
+    let record = agents[0]
+        .wait_for_event(Duration::from_secs(5), |e| e["target"] == "access" && e["direction"] == "outbound")
+        .expect("outbound record");
+    assert_eq!(record["security"], "mutual_tls");
+    let status = agents[0].admin_json("/status").expect("status");
+    assert_eq!(status["ca"]["issuer"], "ambit-ca.ambit-system.svc:15012");
+    drop(processes);
 }

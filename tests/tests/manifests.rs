@@ -10,14 +10,31 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default()
 }
 
-fn manifests() -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("daemonset"))
-        .expect("daemonset/")
+/// The manifests of one kustomization directory (`daemonset/`, `daemonset/ca/`).
+fn manifests_in(dir: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join(dir))
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
         .map(|e| e.expect("entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml"))
         .collect();
     files.sort();
     files
+}
+
+fn manifests() -> Vec<PathBuf> {
+    [manifests_in("daemonset"), manifests_in("daemonset/ca")].concat()
+}
+
+fn yaml(path: &str) -> Value {
+    serde_yaml_ng::from_str(&std::fs::read_to_string(root().join(path)).expect("read")).expect("yaml")
+}
+
+/// Every document of a manifest file.
+fn documents(path: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(root().join(path)).expect("read");
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
+        .collect()
 }
 
 #[test]
@@ -37,6 +54,9 @@ fn every_manifest_validates_strictly_against_the_kubernetes_schemas() {
         "clusterrolebinding/",
         "configmap/",
         "daemonset/",
+        "deployment/",
+        "service/",
+        "poddisruptionbudget/",
     ] {
         assert!(text.contains(&format!("passed for resource {kind}")), "{kind} not validated:\n{text}");
     }
@@ -51,19 +71,21 @@ fn every_manifest_validates_strictly_against_the_kubernetes_schemas() {
 
 #[test]
 fn kustomization_lists_every_manifest() {
-    let kustomization: Value = serde_yaml_ng::from_str(
-        &std::fs::read_to_string(root().join("daemonset/kustomization.yaml")).expect("read"),
-    )
-    .expect("yaml");
-    let listed: Vec<&str> = kustomization["resources"]
-        .as_sequence()
-        .expect("resources")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    for file in manifests() {
-        let name = file.file_name().and_then(|n| n.to_str()).expect("name");
-        assert!(listed.contains(&name), "{name} is not in kustomization.yaml");
+    for (dir, subdirs) in [("daemonset", &["ca"][..]), ("daemonset/ca", &[][..])] {
+        let kustomization = yaml(&format!("{dir}/kustomization.yaml"));
+        let listed: Vec<&str> = kustomization["resources"]
+            .as_sequence()
+            .expect("resources")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        for file in manifests_in(dir) {
+            let name = file.file_name().and_then(|n| n.to_str()).expect("name");
+            assert!(listed.contains(&name), "{name} is not in {dir}/kustomization.yaml");
+        }
+        for sub in subdirs {
+            assert!(listed.contains(sub), "{dir}/kustomization.yaml does not include {sub}/");
+        }
     }
 }
 
@@ -156,8 +178,35 @@ fn the_daemonset_carries_what_the_agent_needs() {
         .iter()
         .filter_map(|m| m["mountPath"].as_str())
         .collect();
-    for path in ["/sys/fs/bpf", "/sys/fs/cgroup", "/sys/kernel/tracing", "/var/lib/ambit/ca"] {
+    for path in [
+        "/sys/fs/bpf",
+        "/sys/fs/cgroup",
+        "/sys/kernel/tracing",
+        "/var/run/secrets/ambit/ca-root",
+        "/var/run/secrets/tokens",
+    ] {
         assert!(mounts.contains(&path), "{path} not mounted: {mounts:?}");
+    }
+    // No node holds the CA key: no Secret volume at all, a trust bundle and a projected token
+    // for the CA's audience instead.
+    let volumes = pod["volumes"].as_sequence().expect("volumes");
+    assert!(volumes.iter().all(|v| v["secret"].is_null()), "the agent mounts a Secret: {volumes:?}");
+    let token = volumes.iter().find(|v| v["name"] == "istio-token").expect("token volume");
+    let source = &token["projected"]["sources"][0]["serviceAccountToken"];
+    assert_eq!(source["audience"].as_str(), Some("istio-ca"));
+    assert!(source["expirationSeconds"].as_u64().is_some_and(|s| s <= 86_400));
+    assert_eq!(
+        volumes.iter().find(|v| v["name"] == "ca-root").expect("bundle")["configMap"]["name"].as_str(),
+        Some("ambit-ca-root")
+    );
+    let data = &yaml("daemonset/configmap.yaml")["data"];
+    assert_eq!(data["AMBIT_CA_ADDR"].as_str(), Some("https://ambit-ca.ambit-system.svc:15012"));
+    for (key, file) in [("AMBIT_CA_ROOT", "root-cert.pem"), ("AMBIT_CA_TOKEN", "istio-token")] {
+        let path = data[key].as_str().unwrap_or_default();
+        assert!(
+            path.ends_with(file) && mounts.iter().any(|m| path.starts_with(&format!("{m}/"))),
+            "{key}={path} is not in a mounted volume"
+        );
     }
     assert!(
         agent["resources"]["requests"]["cpu"].is_string()
@@ -182,4 +231,83 @@ fn the_daemonset_carries_what_the_agent_needs() {
     {
         assert!(help.contains(&format!("env: {key}")), "{key} is not an agent option:\n{help}");
     }
+}
+
+#[test]
+fn only_the_ca_deployment_holds_the_key_and_may_review_tokens() {
+    let deployment = yaml("daemonset/ca/deployment.yaml");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let ca = &pod["containers"][0];
+    let args: Vec<&str> = ca["args"].as_sequence().expect("args").iter().filter_map(Value::as_str).collect();
+    assert_eq!(args, ["ca", "serve"]);
+    assert_eq!(pod["serviceAccountName"].as_str(), Some("ambit-ca"));
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], Value::Bool(true));
+    assert_eq!(ca["securityContext"]["readOnlyRootFilesystem"], Value::Bool(true));
+    let secret = pod["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find(|v| !v["secret"].is_null())
+        .expect("secret");
+    assert_eq!(secret["secret"]["secretName"].as_str(), Some("ambit-ca"));
+    let mount = ca["volumeMounts"]
+        .as_sequence()
+        .expect("mounts")
+        .iter()
+        .find(|m| m["name"] == secret["name"])
+        .expect("mount");
+    assert_eq!(mount["readOnly"], Value::Bool(true));
+    let env = ca["env"].as_sequence().expect("env");
+    let dir = env.iter().find(|e| e["name"] == "AMBIT_CA_DIR").expect("AMBIT_CA_DIR");
+    assert_eq!(dir["value"], mount["mountPath"], "the CA reads the Secret's mount");
+    // Every AMBIT_* variable is an option of `ambit ca serve`.
+    let help =
+        Command::new(ambit_tests::ambit_binary()).args(["ca", "serve", "--help"]).output().expect("help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    for name in env.iter().filter_map(|e| e["name"].as_str()).filter(|n| n.starts_with("AMBIT_")) {
+        assert!(help.contains(&format!("env: {name}")), "{name} is not a `ca serve` option:\n{help}");
+    }
+    // The Service and the budget select the CA's pods; the Service serves 15012.
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    let service = yaml("daemonset/ca/service.yaml");
+    assert_eq!(service["metadata"]["name"].as_str(), Some("ambit-ca"));
+    assert_eq!(service["spec"]["ports"][0]["port"].as_u64(), Some(15012));
+    for selector in
+        [&service["spec"]["selector"], &yaml("daemonset/ca/pdb.yaml")["spec"]["selector"]["matchLabels"]]
+    {
+        for (k, v) in selector.as_mapping().expect("selector") {
+            assert_eq!(&labels[k], v, "selector {k:?} does not match the CA's pods");
+        }
+    }
+    assert!(
+        deployment["spec"]["replicas"].as_u64().is_some_and(|r| r >= 2),
+        "two replicas: a drain keeps one"
+    );
+    // RBAC: the CA may create TokenReviews and read pods; the agents may do neither of the first.
+    let rule = |docs: &[Value], role: &str, group: &str, resource: &str, verb: &str| {
+        docs.iter().filter(|d| d["kind"] == "ClusterRole" && d["metadata"]["name"] == role).any(|r| {
+            r["rules"].as_sequence().into_iter().flatten().any(|rule| {
+                let has = |field: &str, want: &str| {
+                    rule[field].as_sequence().is_some_and(|s| s.iter().any(|x| x.as_str() == Some(want)))
+                };
+                has("apiGroups", group) && has("resources", resource) && has("verbs", verb)
+            })
+        })
+    };
+    let ca_rbac = documents("daemonset/ca/rbac.yaml");
+    assert!(rule(&ca_rbac, "ambit-ca", "authentication.k8s.io", "tokenreviews", "create"));
+    for verb in ["get", "list", "watch"] {
+        assert!(rule(&ca_rbac, "ambit-ca", "", "pods", verb), "pods {verb}");
+    }
+    let agent_rbac = documents("daemonset/rbac.yaml");
+    assert!(!rule(&agent_rbac, "ambit-agent", "authentication.k8s.io", "tokenreviews", "create"));
+    assert!(
+        !agent_rbac.iter().any(|d| d["kind"] == "ClusterRole"
+            && d["rules"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .any(|r| r["resources"].as_sequence().is_some_and(|s| s.iter().any(|x| x == "secrets")))),
+        "the agent may not read Secrets"
+    );
 }
