@@ -186,6 +186,8 @@ pub struct PodContext {
     pub stats: Arc<PodStats>,
     /// The TLS server side of its HBONE listener.
     pub server_tls: Arc<ServerConfig>,
+    /// The `baggage` its outbound CONNECTs carry.
+    pub baggage: String,
 }
 
 /// Settings of the proxies.

@@ -564,6 +564,7 @@ impl Redirector {
             cookie,
             stats: stats.clone(),
             server_tls,
+            baggage: crate::telemetry::baggage(workload),
         });
         let to_tokio = |(addr, socket): (SocketAddr, Socket)| {
             TcpListener::from_std(socket.into()).map_err(|source| RedirectError::Listen {

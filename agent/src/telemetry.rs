@@ -116,6 +116,8 @@ pub struct ConnectionRecord {
     pub error: Option<String>,
     /// Whether it reached its destination (counted as opened).
     pub opened: bool,
+    /// The peer's own account of its workload (HBONE `baggage`): telemetry, never trusted.
+    pub peer_baggage: Option<String>,
 }
 
 impl ConnectionRecord {
@@ -139,6 +141,7 @@ impl ConnectionRecord {
             duration: Duration::ZERO,
             error: None,
             opened: false,
+            peer_baggage: None,
         }
     }
 
@@ -190,9 +193,48 @@ impl ConnectionRecord {
             bytes_recv = self.bytes_received,
             duration_ms = self.duration.as_millis() as u64,
             error = self.error.as_deref(),
+            peer.baggage = self.peer_baggage.as_deref(),
             "connection complete"
         );
     }
+}
+
+/// The longest `baggage` value kept from a peer.
+const MAX_BAGGAGE: usize = 512;
+
+/// The `baggage` header ambit sends on an HBONE CONNECT, as ztunnel does (W3C baggage with
+/// OpenTelemetry's Kubernetes keys), so that the peer's telemetry names the source workload:
+/// namespace, workload (the `app` label's Deployment-style name, else the pod), canonical
+/// service and revision (Istio's label precedence).
+pub fn baggage(workload: &Workload) -> String {
+    // Kubernetes names and label values are plain ASCII; a hand-written cluster file may hold
+    // anything, and one bad byte must not fail the connection.
+    let clean = |v: &str| -> String {
+        v.chars().filter(|c| c.is_ascii_graphic() && !matches!(c, ',' | ';' | '=' | '"' | '\\')).collect()
+    };
+    let label = |keys: &[&str]| keys.iter().find_map(|k| workload.labels.get(*k)).map(|v| clean(v));
+    let workload_name = match workload.labels.get("app") {
+        Some(app) => format!("k8s.deployment.name={}", clean(app)),
+        None => format!("k8s.pod.name={}", clean(&workload.key.name)),
+    };
+    let service = label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
+        .unwrap_or_else(|| clean(&workload.key.name));
+    let version = label(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"])
+        .unwrap_or_else(|| "latest".into());
+    [
+        format!("k8s.namespace.name={}", clean(&workload.key.namespace)),
+        workload_name,
+        format!("service.name={service}"),
+        format!("service.version={version}"),
+    ]
+    .join(",")
+}
+
+/// A peer's `baggage`, kept for the access log: printable, and short.
+pub fn peer_baggage(value: &[u8]) -> Option<String> {
+    let text: String =
+        String::from_utf8_lossy(value).chars().filter(|c| !c.is_control()).take(MAX_BAGGAGE).collect();
+    (!text.is_empty()).then_some(text)
 }
 
 /// An error with all its causes, `outer: inner: innermost`, for messages that must say why.
@@ -209,4 +251,44 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::{Enrollment, ObjectKey};
+
+    fn pod(labels: &[(&str, &str)]) -> Workload {
+        Workload {
+            key: ObjectKey { namespace: "shop".into(), name: "web-7d4".into() },
+            uid: String::new(),
+            node: None,
+            service_account: "web".into(),
+            ips: Vec::new(),
+            netns: None,
+            enrollment: Enrollment::Ambient,
+            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            named_ports: Default::default(),
+        }
+    }
+
+    #[test]
+    fn baggage_names_the_workload_as_ztunnel_reads_it() {
+        assert_eq!(
+            baggage(&pod(&[("app", "web"), ("version", "v2")])),
+            "k8s.namespace.name=shop,k8s.deployment.name=web,service.name=web,service.version=v2"
+        );
+        assert_eq!(
+            baggage(&pod(&[])),
+            "k8s.namespace.name=shop,k8s.pod.name=web-7d4,service.name=web-7d4,service.version=latest"
+        );
+        let canonical = pod(&[("app", "web"), ("service.istio.io/canonical-name", "shop-web")]);
+        assert!(baggage(&canonical).contains("service.name=shop-web"));
+        // What would break the header or its format is left out.
+        let hostile = baggage(&pod(&[("app", "a,b=c\r\nx: y")]));
+        assert!(http::HeaderValue::from_str(&hostile).is_ok(), "{hostile}");
+        assert!(hostile.contains("k8s.deployment.name=abcx:y"), "{hostile}");
+        assert_eq!(peer_baggage(b"k8s.namespace.name=a\x00\x07"), Some("k8s.namespace.name=a".into()));
+        assert_eq!(peer_baggage(&[b'x'; 4096]).map(|b| b.len()), Some(MAX_BAGGAGE));
+    }
 }

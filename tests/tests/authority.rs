@@ -217,6 +217,16 @@ fn node_agents_get_their_pods_certificates_from_the_ca_and_hold_no_ca_key() {
     let agent_b = mesh.start_agent("b", &[]);
     let _server = mesh.cluster.pod("server").echo_server(HTTP).expect("server");
     mesh.roundtrip(b"through the mesh, certificates from the CA").expect("client to server over mTLS");
+    // The CONNECT carried the source's baggage, as ztunnel sends it (telemetry only).
+    let inbound = agent_b
+        .wait_for_event(Duration::from_secs(5), |e| e["target"] == "access" && e["direction"] == "inbound")
+        .expect("inbound record");
+    assert_eq!(inbound["security"], "mutual_tls");
+    assert_eq!(
+        inbound["peer.baggage"],
+        "k8s.namespace.name=shop,k8s.pod.name=client,service.name=client,service.version=latest",
+        "{inbound}"
+    );
 
     let root = fingerprint(&mesh.bundle);
     for (agent, id) in [(&agent_a, identity("shop", "client-sa")), (&agent_b, identity("shop", "server-sa"))]

@@ -142,16 +142,19 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream to `authority` (the original destination) through the pool entry
-    /// `key`, creating a TLS connection from `netns` when none has room.
+    /// `key`, creating a TLS connection from `netns` when none has room; `baggage` tells the
+    /// peer's telemetry who the source is ([`crate::telemetry::baggage`]).
     pub async fn connect(
         &self,
         netns: &Netns,
         key: &PoolKey,
         authority: SocketAddr,
+        baggage: &str,
     ) -> Result<Tunnel, ProxyError> {
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(authority.to_string())
+            .header("baggage", baggage)
             .body(())
             .map_err(|e| ProxyError::Hbone(format!("building CONNECT {authority}: {e}")))?;
         if let Some(tunnel) = self.on_pooled(key, &request).await? {

@@ -274,6 +274,8 @@ impl Proxy {
         record.dst_workload = Some(pod.workload.clone());
         record.dst_identity = Some(pod.identity.clone());
         record.hbone_addr = Some(local);
+        record.peer_baggage =
+            request.headers().get("baggage").and_then(|v| crate::telemetry::peer_baggage(v.as_bytes()));
         let result = async {
             let dst = match connect_target(&request, local) {
                 Ok(dst) => dst,

@@ -124,7 +124,7 @@ impl Proxy {
                 };
                 // Boxed: opening a tunnel may take a TLS and an HTTP/2 handshake, whose state
                 // would otherwise stay in every connection's task for its whole life.
-                let tunnel = match Box::pin(self.pool.connect(&pod.netns, &key, dst)).await {
+                let tunnel = match Box::pin(self.pool.connect(&pod.netns, &key, dst, &pod.baggage)).await {
                     Ok(tunnel) => tunnel,
                     Err(e) => {
                         let verdict = if matches!(e, ProxyError::Denied(_)) { "denied" } else { "error" };
