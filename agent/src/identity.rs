@@ -145,7 +145,9 @@ struct CaHealth {
     failing_since: Option<SystemTime>,
 }
 
-/// The SVIDs of this node's workloads.
+/// The SVIDs of this node's workloads. `svids`, `asking` and `health` are each locked alone,
+/// never one while holding another: handshakes, the main loop and finished requests all take
+/// them, from different threads.
 pub struct Identities {
     me: Weak<Identities>,
     issuer: Issuer,
@@ -332,53 +334,63 @@ impl Identities {
         let identity = identity.clone();
         runtime.spawn(async move {
             let Issuer::Remote(client) = &me.issuer else { return };
+            let started = std::time::Instant::now();
             let result = client.fetch(&identity, me.ttl).await;
-            me.finish(&identity, result);
+            me.finish(&identity, result, started.elapsed());
         });
         state
     }
 
-    /// Records the end of a request.
-    fn finish(&self, identity: &Identity, result: Result<Svid, IdentityError>) {
+    /// Records the end of a request that took `took` (key, CSR, round trip, checks).
+    fn finish(&self, identity: &Identity, result: Result<Svid, IdentityError>, took: Duration) {
         let now = SystemTime::now();
-        {
-            let mut asking = self.asking.lock().unwrap_or_else(|e| e.into_inner());
-            let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
-            match result {
-                Ok(svid) => {
-                    let renewed = self.read().contains_key(identity);
-                    info!(identity = %identity, serial = %svid.serial, renewed, "certificate issued by the CA");
-                    asking.remove(identity);
+        match result {
+            Ok(svid) => {
+                let serial = svid.serial.clone();
+                let renewed = self
+                    .svids
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(identity.clone(), Arc::new(svid))
+                    .is_some();
+                self.asking.lock().unwrap_or_else(|e| e.into_inner()).remove(identity);
+                {
+                    let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
                     health.last_issued = Some(now);
                     health.failing_since = None;
-                    self.svids
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(identity.clone(), Arc::new(svid));
                 }
-                Err(e) => {
+                let took_ms = took.as_secs_f64() * 1000.0;
+                info!(identity = %identity, serial = %serial, renewed, took_ms, "certificate issued by the CA");
+            }
+            Err(e) => {
+                let held = self.read().get(identity).map(|s| s.not_after);
+                // Back off, but try a few more times before the current certificate expires.
+                let left = held.and_then(|until| until.duration_since(now).ok()).unwrap_or(RETRY_MAX);
+                let pause = {
+                    let mut asking = self.asking.lock().unwrap_or_else(|e| e.into_inner());
                     let entry = asking.entry(identity.clone()).or_default();
-                    entry.in_flight = false;
-                    let held = self.read().get(identity).map(|s| s.not_after);
-                    // Back off, but try a few more times before the current certificate expires.
-                    let left = held.and_then(|until| until.duration_since(now).ok()).unwrap_or(RETRY_MAX);
                     let pause = RETRY_FIRST
                         .saturating_mul(1 << entry.failures.min(10))
                         .min(RETRY_MAX)
                         .min((left / 4).max(RETRY_FIRST));
+                    entry.in_flight = false;
                     entry.failures += 1;
                     entry.retry_at = Some(now + pause);
-                    match held {
-                        Some(until) if until > now => {
-                            warn!(identity = %identity, error = %e, retry_in = ?pause, "certificate renewal failed; the current one serves until it expires")
-                        }
-                        _ => {
-                            error!(identity = %identity, error = %e, retry_in = ?pause, "no certificate: the CA did not issue one; this identity's mTLS fails closed")
-                        }
-                    }
                     entry.last_error = Some(e.to_string());
+                    pause
+                };
+                {
+                    let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
                     health.last_error = Some(e.to_string());
                     health.failing_since.get_or_insert(now);
+                }
+                match held {
+                    Some(until) if until > now => {
+                        warn!(identity = %identity, error = %e, retry_in = ?pause, "certificate renewal failed; the current one serves until it expires")
+                    }
+                    _ => {
+                        error!(identity = %identity, error = %e, retry_in = ?pause, "no certificate: the CA did not issue one; this identity's mTLS fails closed")
+                    }
                 }
             }
         }
@@ -490,15 +502,17 @@ impl Identities {
     /// How long until the next certificate must be renewed, dropped or retried.
     pub fn next_refresh(&self, now: SystemTime) -> Duration {
         let left = |t: SystemTime| t.duration_since(now).unwrap_or(Duration::ZERO);
-        let svids = self.read();
-        let asking = self.asking.lock().unwrap_or_else(|e| e.into_inner());
-        svids
+        let held: Vec<(Identity, SystemTime, SystemTime)> = self
+            .read()
             .values()
-            .flat_map(|svid| {
-                // A renewal in flight is not due again; its expiry still is.
-                let renewing =
-                    asking.get(&svid.identity).is_some_and(|a| a.in_flight || a.retry_at.is_some());
-                [(!renewing).then(|| left(svid.refresh_at(REFRESH_AT))), Some(left(svid.not_after))]
+            .map(|svid| (svid.identity.clone(), svid.refresh_at(REFRESH_AT), svid.not_after))
+            .collect();
+        let asking = self.asking.lock().unwrap_or_else(|e| e.into_inner());
+        held.iter()
+            .flat_map(|(identity, refresh_at, not_after)| {
+                // A renewal in flight or waiting for its retry is not due again; expiry still is.
+                let renewing = asking.get(identity).is_some_and(|a| a.in_flight || a.retry_at.is_some());
+                [(!renewing).then(|| left(*refresh_at)), Some(left(*not_after))]
             })
             .flatten()
             .chain(asking.values().filter(|a| !a.in_flight).filter_map(|a| a.retry_at.map(left)))
@@ -529,16 +543,15 @@ impl Identities {
     /// The issuer's state, for `ambit status`.
     pub fn ca_report(&self) -> CaReport {
         let health = self.health.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut pending: Vec<String> = {
-            let held = self.read();
-            self.asking
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .keys()
-                .filter(|id| !held.contains_key(*id))
-                .map(ToString::to_string)
-                .collect()
-        };
+        let held: HashSet<Identity> = self.read().keys().cloned().collect();
+        let mut pending: Vec<String> = self
+            .asking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|id| !held.contains(*id))
+            .map(ToString::to_string)
+            .collect();
         pending.sort();
         CaReport {
             issuer: match &self.issuer {

@@ -56,7 +56,12 @@ impl Mesh {
     /// it is given; agent tokens: node a's carries the API server's node claim, node b's only
     /// its pod (the CA looks the node up).
     fn new(make_ca: impl FnOnce(&Path) -> PathBuf) -> Self {
-        let cluster = Cluster::builder().client_server().node(CA_NODE).build().expect("cluster");
+        Self::on(Cluster::builder().client_server(), make_ca)
+    }
+
+    /// As [`Mesh::new`], on the cluster `builder` describes (nodes a and b among its nodes).
+    fn on(builder: ambit_tests::ClusterBuilder, make_ca: impl FnOnce(&Path) -> PathBuf) -> Self {
+        let cluster = builder.node(CA_NODE).build().expect("cluster");
         let first = cluster.dir().join("ca-v1");
         std::fs::create_dir_all(&first).expect("ca dir");
         // Where a rotation puts the next CA; exists from the start so agents can be kept from it.
@@ -773,4 +778,42 @@ fn the_agents_and_the_ca_started_as_the_manifests_start_them_serve_mtls() {
     let status = agents[0].admin_json("/status").expect("status");
     assert_eq!(status["ca"]["issuer"], "ambit-ca.ambit-system.svc:15012");
     drop(processes);
+}
+
+/// Forty pods of forty service accounts start at once on one node: every identity is asked for
+/// once (one CSR round trip each, all in flight together), the agent becomes ready, and its
+/// endpoints answer throughout (a lock-order deadlock once froze it here).
+#[test]
+fn forty_new_identities_at_once_are_each_one_csr() {
+    let mut builder = Cluster::builder().node("a").node("b").namespace("shop", true);
+    for i in 0..40 {
+        builder = builder
+            .pod(ambit_tests::PodSpec::new("shop", &format!("p{i}"), "a").service_account(&format!("sa{i}")));
+    }
+    let mesh = Mesh::on(builder, |dir| {
+        ambit(&["ca", "init", "--dir", dir.to_str().expect("utf-8")]);
+        dir.join("ca-cert.pem")
+    });
+    let agent = mesh.spawn_agent("a", &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = agent.readiness().expect("the readiness endpoint answers once it listens");
+        if ready == Some(200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not ready:\n{}", agent.log_text());
+        if ready.is_some() {
+            assert!(agent.admin_json("/status").is_some(), "the admin API answers while certificates arrive");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let held = certs(&agent);
+    assert_eq!(held.len(), 40, "{held:?}");
+    let issued: Vec<Value> =
+        mesh.ca().log_events().into_iter().filter(|e| e["message"] == "certificate issued").collect();
+    for i in 0..40 {
+        let id = identity("shop", &format!("sa{i}"));
+        let n = issued.iter().filter(|e| e["identity"] == id.as_str()).count();
+        assert_eq!(n, 1, "{id} asked for {n} times");
+    }
 }

@@ -31,11 +31,15 @@ pub(crate) struct Options {
     /// Idle connections opened to measure memory per connection.
     #[arg(long, default_value_t = 1000)]
     idle_connections: usize,
-    /// Only these measures (comma-separated): bulk, rr, cps, policies, memory, tracing; and
-    /// `soak` (not in the default set): connections held open while others churn, for minutes,
-    /// with the agents' memory, descriptors and CPU sampled.
-    #[arg(long, value_delimiter = ',', default_value = "bulk,rr,cps,policies,memory,tracing")]
+    /// Only these measures (comma-separated): bulk, rr, cps, policies, memory, tracing, ca (the
+    /// mesh CA: 100 new identities at once, and CSRs signed per CA core); and `soak` (not in the
+    /// default set): connections held open while others churn, for minutes, with the agents'
+    /// memory, descriptors and CPU sampled.
+    #[arg(long, value_delimiter = ',', default_value = "bulk,rr,cps,policies,memory,tracing,ca")]
     only: Vec<String>,
+    /// CA: pods (each the first of its service account) starting at once on one node.
+    #[arg(long, default_value_t = 100)]
+    ca_pods: usize,
     /// Soak: connections held open throughout.
     #[arg(long, default_value_t = 10_000)]
     soak_connections: usize,
@@ -68,6 +72,9 @@ impl Path2<'_> {
 pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
     raise_fd_limit();
     let secs = Duration::from_secs(options.seconds);
+    let wanted = |m: &str| options.only.iter().any(|o| o == m);
+    // On a cluster of its own, before the other one exists, so that the cores are free.
+    let ca_rows = if wanted("ca") { ca(options)? } else { Vec::new() };
     let cluster = Cluster::builder()
         .node("a")
         .node("b")
@@ -105,7 +112,6 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
     let mut rows: Vec<Vec<String>> = Vec::new();
     rows.push(["measure", "direct", "mesh", "mesh/direct", "ztunnel bar"].map(String::from).to_vec());
 
-    let wanted = |m: &str| options.only.iter().any(|o| o == m);
     for streams in [1usize, 4].into_iter().filter(|_| wanted("bulk")) {
         let d = bulk(&direct, streams, secs)?;
         let m = bulk(&mesh, streams, secs)?;
@@ -223,6 +229,7 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
         ]);
     }
 
+    rows.extend(ca_rows);
     if rows.len() > 1 {
         crate::table::print(&rows);
         println!(
@@ -365,6 +372,127 @@ fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     ticks as f64 / hz
+}
+
+/// The mesh CA: `ca_pods` pods of as many service accounts start at once on node a, whose agent
+/// gets their certificates from `ambit ca serve` in a node of its own (the mock API answering
+/// TokenReview). Reports each new identity's wait (key, CSR, round trip, checks; from the
+/// agent's log) and how many CSRs one CA core signs: the CA pinned to core 0, gRPC's Python
+/// client on core 1 asking as fast as it can, issued certificates divided by the CA's CPU time.
+fn ca(options: &Options) -> anyhow::Result<Vec<Vec<String>>> {
+    let n = options.ca_pods.clamp(1, 250);
+    let mut builder = Cluster::builder().node("a").node("ca").namespace("mesh", true);
+    for i in 0..n {
+        builder = builder.pod(PodSpec::new("mesh", &format!("p{i}"), "a").service_account(&format!("sa{i}")));
+    }
+    let cluster = builder.build().context("building the CA bench cluster")?;
+    let dir = cluster.dir().join("mesh-ca");
+    let init = std::process::Command::new(ambit_tests::ambit_binary())
+        .args(["ca", "init", "--dir"])
+        .arg(&dir)
+        .output()?;
+    anyhow::ensure!(init.status.success(), "ambit ca init: {}", String::from_utf8_lossy(&init.stderr));
+    let api = cluster.mock_api().context("mock API")?;
+    api.sync_yaml(&cluster.manifest()).context("pods into the mock API")?;
+    api.apply(
+        "/api/v1/pods",
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "ambit-a", "namespace": "ambit-system", "uid": "uid-ambit-a"},
+            "spec": {"nodeName": "a", "serviceAccountName": "ambit", "containers": [{"name": "agent", "image": "ambit"}]},
+            "status": {"phase": "Running"},
+        }),
+    );
+    api.add_token("bench-token", "ambit-system", "ambit", Some("ambit-a"), Some("a"), &["istio-ca"]);
+    let token = cluster.dir().join("token");
+    std::fs::write(&token, "bench-token")?;
+    let ca = cluster.spawn_ca("ca", &dir, &[]).context("starting the CA")?;
+    ca.wait_ready(Duration::from_secs(20)).context("CA readiness")?;
+    let pin = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", &ca.pid().to_string()])
+        .output()?;
+    anyhow::ensure!(pin.status.success(), "taskset: {}", String::from_utf8_lossy(&pin.stderr));
+
+    let url = format!("https://{}:15012", cluster.node("ca").ip());
+    let root = dir.join("ca-cert.pem");
+    let started = Instant::now();
+    let agent = cluster
+        .spawn_agent(
+            "a",
+            &[
+                "--ca-addr",
+                &url,
+                "--ca-root",
+                &root.display().to_string(),
+                "--ca-token",
+                &token.display().to_string(),
+            ],
+        )
+        .context("starting the agent")?;
+    if let Err(e) = agent.wait_ready(Duration::from_secs(120)) {
+        let log = agent.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        anyhow::bail!(
+            "agent not ready: {e}; last log lines:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let ready = started.elapsed();
+    let mut waits: Vec<f64> = agent
+        .log_events()
+        .iter()
+        .filter(|e| e["message"] == "certificate issued by the CA")
+        .filter_map(|e| e["took_ms"].as_f64())
+        .collect();
+    waits.sort_by(f64::total_cmp);
+    anyhow::ensure!(waits.len() >= n, "{} of {n} identities issued", waits.len());
+    let pct = |p: f64| waits[((waits.len() as f64 * p) as usize).min(waits.len() - 1)];
+    drop(agent);
+
+    let seconds = options.seconds.max(3) as f64;
+    let client = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/ca/client.py");
+    let mut load = std::process::Command::new("taskset");
+    load.args(["-c", "1", "python3"])
+        .arg(&client)
+        .args(["--addr", &format!("{}:15012", cluster.node("ca").ip()), "--root"])
+        .arg(&root)
+        .arg("--token")
+        .arg(&token)
+        .args([
+            "--identity",
+            "spiffe://cluster.local/ns/mesh/sa/sa0",
+            "--load",
+            &seconds.to_string(),
+            "--concurrency",
+            "64",
+        ]);
+    let cpu_before = cpu_seconds(ca.pid());
+    let out = cluster
+        .node("a")
+        .command_output(load, Duration::from_secs_f64(seconds + 60.0))
+        .context("load client")?;
+    let cpu = cpu_seconds(ca.pid()) - cpu_before;
+    let counts: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("load client: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let issued = counts["issued"].as_f64().unwrap_or(0.0);
+    anyhow::ensure!(issued > 0.0 && counts["refused"] == 0, "load: {counts}");
+    let dash = || "-".to_owned();
+    Ok(vec![
+        vec![
+            format!("new identity waits (CSR round trip), p50 / p99, {n} pods at once"),
+            dash(),
+            format!("{:.1} / {:.1} ms", pct(0.5), pct(0.99)),
+            format!("all ready in {:.2} s", ready.as_secs_f64()),
+            "-".into(),
+        ],
+        vec![
+            "CSRs signed per CA core-second".into(),
+            dash(),
+            format!("{:.0}", issued / cpu.max(1e-3)),
+            format!("{:.0}/s at {:.0}% of the core", issued / seconds, cpu / seconds * 100.0),
+            "-".into(),
+        ],
+    ])
 }
 
 /// 999 AuthorizationPolicies in the server's namespace that do not match the bench client
