@@ -332,7 +332,7 @@ pub async fn bind_readiness(
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: not every enrolled pod is captured\n".into(),
+                    "not ready: not every enrolled pod is captured with its certificate (see `ambit status`)\n".into(),
                 )
             }
         }

@@ -458,18 +458,8 @@ pub async fn status(args: &OperatorArgs) -> Result<String, CliError> {
         }
     };
     t.row(["datapath", &datapath]);
-    let now = crate::discovery::local::unix_now();
     let ca = &status.ca;
-    let ca_state = match (ca.failing_since, &ca.last_error, ca.last_issued) {
-        (Some(since), Some(e), _) => {
-            format!("{}: FAILING for {}: {e}", ca.issuer, human(now.saturating_sub(since)))
-        }
-        (_, _, Some(last)) => {
-            format!("{}: ok (last certificate {} ago)", ca.issuer, human(now.saturating_sub(last)))
-        }
-        _ => ca.issuer.clone(),
-    };
-    t.row(["CA", &ca_state]);
+    t.row(["CA", &ca_state(ca)]);
     let bundle = ca.bundle_file.as_deref().map(|f| format!(" from {f}")).unwrap_or_default();
     for (i, root) in ca.roots.iter().enumerate() {
         let label = if i == 0 { format!("trust bundle{bundle}") } else { String::new() };
@@ -479,6 +469,25 @@ pub async fn status(args: &OperatorArgs) -> Result<String, CliError> {
         ]);
     }
     Ok(t.render_plain())
+}
+
+/// The CA's state in one line: where certificates come from, and whether that works.
+fn ca_state(ca: &crate::identity::CaReport) -> String {
+    let now = crate::discovery::local::unix_now();
+    let pending = if ca.pending.is_empty() {
+        String::new()
+    } else {
+        format!("; waiting for {}", ca.pending.join(", "))
+    };
+    match (ca.failing_since, &ca.last_error, ca.last_issued) {
+        (Some(since), Some(e), _) => {
+            format!("{}: FAILING for {}: {e}{pending}", ca.issuer, human(now.saturating_sub(since)))
+        }
+        (_, _, Some(last)) => {
+            format!("{}: ok (last certificate {} ago){pending}", ca.issuer, human(now.saturating_sub(last)))
+        }
+        _ => format!("{}{pending}", ca.issuer),
+    }
 }
 
 /// `ambit workloads`.
@@ -542,6 +551,12 @@ pub async fn certs(args: &CertsArgs) -> Result<String, CliError> {
         });
     }
     let now = crate::discovery::local::unix_now();
+    // The CA's state heads the table: a certificate about to expire means more with it.
+    let status = client::get(admin, "/status", TIMEOUT).await.ok();
+    let header = match status.and_then(|b| serde_json::from_slice::<StatusReport>(&b).ok()) {
+        Some(status) => format!("CA: {}\n\n", ca_state(&status.ca)),
+        None => String::new(),
+    };
     let mut t = Table::new(["IDENTITY", "SERIAL", "VALID FROM", "VALID UNTIL", "REFRESH IN", "ROOT", "PODS"]);
     for c in &certs {
         let refresh = c.refresh_at.saturating_sub(now);
@@ -557,7 +572,7 @@ pub async fn certs(args: &CertsArgs) -> Result<String, CliError> {
             &c.pods.join(","),
         ]);
     }
-    Ok(t.render())
+    Ok(header + &t.render())
 }
 
 /// Seconds since the epoch as `YYYY-MM-DD HH:MM:SSZ`.

@@ -420,6 +420,11 @@ fn issued_certificates_outlive_a_ca_outage_and_renewal_resumes() {
         Some(200),
         "still ready on the certificates it holds"
     );
+    for command in ["status", "certs"] {
+        let out = mesh.cluster.node("a").ambit(&[command]).expect("ambit");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("FAILING for") && text.contains("unreachable"), "ambit {command}:\n{text}");
+    }
 
     mesh.start_ca(&[]);
     let renewed = Instant::now();
