@@ -1,4 +1,11 @@
 # The ambit agent image: `docker build -t ambit .` from the repository root.
+#
+# Without a registry (`cargo xtask image`): the `prebuilt` stage takes a binary built on the
+# host and a locally made base image, e.g.
+#   podman build --target prebuilt --build-arg RUNTIME_BASE=localhost/ambit-base:bookworm -f Dockerfile DIR
+# where DIR holds only `ambit`.
+ARG RUNTIME_BASE=debian:bookworm-slim
+
 # Build stage: the same setup as `cargo xtask setup` (LLVM 22 for bpf-linker, rust-src), then a
 # release build of the agent with its eBPF programs embedded.
 FROM rust:1.95-bookworm AS build
@@ -12,8 +19,14 @@ WORKDIR /src
 COPY . .
 RUN cargo build --release --package ambit --bin ambit
 
-# Run stage: the binary and nothing else it does not need.
-FROM debian:bookworm-slim
+# The same run stage from a binary built on the host (`cargo xtask image`).
+FROM ${RUNTIME_BASE} AS prebuilt
+COPY ambit /usr/local/bin/ambit
+ENTRYPOINT ["/usr/local/bin/ambit"]
+CMD ["agent"]
+
+# Run stage (the default target): the binary and nothing else it does not need.
+FROM ${RUNTIME_BASE}
 COPY --from=build /src/target/release/ambit /usr/local/bin/ambit
 ENTRYPOINT ["/usr/local/bin/ambit"]
 CMD ["agent"]

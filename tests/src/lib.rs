@@ -13,6 +13,7 @@ mod apps;
 mod capture;
 mod cluster;
 mod kubeapi;
+pub mod manifest;
 mod sys;
 
 pub use agent::{Agent, AgentOutput, Container};

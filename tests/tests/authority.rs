@@ -622,68 +622,37 @@ fn chains_through_an_intermediate_ca_verify_at_both_ends() {
     assert!(!verify(false), "control: the leaf alone does not");
 }
 
-/// A manifest of `daemonset/`, parsed.
-fn manifest(path: &str) -> serde_yaml_ng::Value {
-    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../daemonset").join(path);
-    serde_yaml_ng::from_str(&std::fs::read_to_string(&file).expect("manifest")).expect("yaml")
-}
-
-/// How a manifest's pod template starts its first container here: the environment it gets
-/// (values, the node name, ConfigMap keys and `envFrom`), its volumes mounted where and as
-/// read-only as it says (each ConfigMap, Secret or projected volume from `sources`, by volume
-/// name; host paths as the host has them), and its user. Returns the container's arguments.
+/// The process-level view of a pod template (`ambit_tests::manifest`): its environment, its
+/// volumes bound where and as read-only as the manifest says (each non-host volume from
+/// `sources`, by name; host paths as the host has them), its user. Returns its arguments.
 fn as_manifest_starts(
-    pod: &serde_yaml_ng::Value,
+    path: &str,
     node: &str,
     sources: &[(&str, PathBuf)],
     container: &mut Container,
 ) -> Vec<String> {
-    let config = manifest("configmap.yaml");
-    let data = |key: &str| config["data"][key].as_str().unwrap_or_default().to_owned();
-    let spec = &pod["containers"][0];
-    for entry in spec["env"].as_sequence().into_iter().flatten() {
-        let name = entry["name"].as_str().expect("env name").to_owned();
-        let value = match (&entry["value"], &entry["valueFrom"]) {
-            (serde_yaml_ng::Value::String(v), _) => v.clone(),
-            (_, from) if from["fieldRef"]["fieldPath"] == "spec.nodeName" => node.to_owned(),
-            (_, from) if from["configMapKeyRef"]["name"] == "ambit-config" => {
-                data(from["configMapKeyRef"]["key"].as_str().expect("key"))
+    let template = ambit_tests::manifest::pod_template(path, node).expect("pod template");
+    container.env.extend(template.env);
+    for mount in template.mounts {
+        match mount.source {
+            ambit_tests::manifest::Source::Host(host) => {
+                assert_eq!(host, mount.target, "host paths are mounted where they are");
+                if mount.read_only {
+                    container.read_only.push(mount.target);
+                }
             }
-            other => panic!("env {name}: no stand-in for {other:?}"),
-        };
-        container.env.push((name, value));
-    }
-    for from in spec["envFrom"].as_sequence().into_iter().flatten() {
-        assert_eq!(from["configMapRef"]["name"], "ambit-config");
-        for (k, v) in config["data"].as_mapping().expect("data") {
-            container.env.push((k.as_str().expect("key").to_owned(), v.as_str().expect("value").to_owned()));
+            ambit_tests::manifest::Source::Volume(name) => {
+                let (_, source) = sources
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .unwrap_or_else(|| panic!("no source for volume {name}"));
+                assert!(mount.read_only, "volume {name} must be mounted read-only");
+                container.files.push((source.clone(), mount.target));
+            }
         }
     }
-    let volumes = pod["volumes"].as_sequence().expect("volumes");
-    for mount in spec["volumeMounts"].as_sequence().into_iter().flatten() {
-        let (name, path) = (
-            mount["name"].as_str().expect("name"),
-            PathBuf::from(mount["mountPath"].as_str().expect("path")),
-        );
-        let read_only = mount["readOnly"] == serde_yaml_ng::Value::Bool(true);
-        let volume = volumes.iter().find(|v| v["name"] == name).expect("volume of the mount");
-        if let Some(host) = volume["hostPath"]["path"].as_str() {
-            assert_eq!(Path::new(host), path, "host paths are mounted where they are");
-            if read_only {
-                container.read_only.push(path);
-            }
-            continue;
-        }
-        let (_, source) =
-            sources.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no source for volume {name}"));
-        assert!(read_only, "volume {name} must be mounted read-only");
-        container.files.push((source.clone(), path));
-    }
-    if let Some(uid) = pod["securityContext"]["runAsUser"].as_u64() {
-        let gid = pod["securityContext"]["runAsGroup"].as_u64().unwrap_or(uid);
-        container.user = Some((uid as u32, gid as u32));
-    }
-    spec["args"].as_sequence().expect("args").iter().map(|a| a.as_str().expect("arg").to_owned()).collect()
+    container.user = template.user;
+    template.args
 }
 
 /// Both halves as `daemonset/` runs them: the CA as its Deployment starts it (arguments,
@@ -701,24 +670,20 @@ fn the_agents_and_the_ca_started_as_the_manifests_start_them_serve_mtls() {
     let processes = cluster.start_pod_processes().expect("pod processes");
 
     // The Secret, as the kubelet writes it for the Deployment (defaultMode, fsGroup).
-    let deployment = manifest("ca/deployment.yaml");
+    let deployment = ambit_tests::manifest::manifest("ca/deployment.yaml").expect("deployment");
     let ca_pod = &deployment["spec"]["template"]["spec"];
     let secret = cluster.dir().join("secret-ambit-ca");
     ambit(&["ca", "init", "--dir", secret.to_str().expect("utf-8")]);
     let fs_group = ca_pod["securityContext"]["fsGroup"].as_u64().expect("fsGroup") as u32;
     for file in std::fs::read_dir(&secret).expect("secret").flatten() {
         std::os::unix::fs::chown(file.path(), Some(0), Some(fs_group)).expect("chown");
-        // `0440` is octal to Kubernetes (YAML 1.1), whichever way this parser reads it.
-        let mode = match &ca_pod["volumes"][0]["secret"]["defaultMode"] {
-            serde_yaml_ng::Value::Number(n) => n.to_string(),
-            other => other.as_str().expect("mode").to_owned(),
-        };
-        let mode = u32::from_str_radix(&mode, 8).expect("octal mode");
+        let mode = ambit_tests::manifest::default_mode(&ca_pod["volumes"][0]).expect("defaultMode");
         std::fs::set_permissions(file.path(), std::os::unix::fs::PermissionsExt::from_mode(mode))
             .expect("chmod");
     }
     let mut ca_container = Container::default();
-    let ca_args = as_manifest_starts(ca_pod, CA_NODE, &[("cacerts", secret.clone())], &mut ca_container);
+    let ca_args =
+        as_manifest_starts("ca/deployment.yaml", CA_NODE, &[("cacerts", secret.clone())], &mut ca_container);
     let ca_args: Vec<&str> = ca_args.iter().map(String::as_str).collect();
     let ca = cluster.spawn_ca_with(CA_NODE, &ca_args, &ca_container).expect("CA");
     ca.wait_ready(Duration::from_secs(20)).expect("the CA is ready as its Deployment starts it");
@@ -737,8 +702,6 @@ fn the_agents_and_the_ca_started_as_the_manifests_start_them_serve_mtls() {
         ),
     )
     .expect("hosts");
-    let daemonset = manifest("daemonset.yaml");
-    let agent_pod_spec = &daemonset["spec"]["template"]["spec"];
     let mut agents = Vec::new();
     for node in ["a", "b"] {
         api.add_token(
@@ -755,7 +718,7 @@ fn the_agents_and_the_ca_started_as_the_manifests_start_them_serve_mtls() {
         let mut container =
             Container { files: vec![(hosts.clone(), PathBuf::from("/etc/hosts"))], ..Container::default() };
         let args = as_manifest_starts(
-            agent_pod_spec,
+            "daemonset.yaml",
             node,
             &[("ca-root", bundle.clone()), ("istio-token", token)],
             &mut container,
