@@ -97,6 +97,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if uid != 0 {
         return Err(AgentError::NotRoot(uid));
     }
+    crate::capability::report();
     raise_fd_limit();
     // The descriptor given up at the open-files limit to refuse a connection fast.
     crate::listener::reserve_spare();

@@ -32,6 +32,7 @@ use aya::{
 use tracing::{debug, info, warn};
 
 use self::tracefs::Format;
+use crate::capability::{self, Capability};
 
 /// The kernel programs, built by `build.rs` from the `ambit-ebpf` crate.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
@@ -63,11 +64,29 @@ pub enum BpfError {
         /// Why.
         source: io::Error,
     },
+    /// bpffs is not mounted, and a mount made here would not outlive this process's mount
+    /// namespace (a container whose volume does not propagate mounts back to the host).
+    #[error(
+        "bpffs is not mounted at {path}, and a bpffs mounted from here would vanish with this \
+         container (its mount is {propagation}, not shared with the host), taking the pinned \
+         programs and their enforcement with it; mount it on the node (`mount -t bpf bpf {path}`; \
+         systemd does on most distributions)"
+    )]
+    BpffsNotShared {
+        /// The mount point.
+        path: PathBuf,
+        /// The propagation of the mount that holds it (`a slave of the host's`, `private`).
+        propagation: &'static str,
+    },
     /// No cgroup v2 hierarchy was found.
     #[error(
-        "no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); ambit needs cgroup v2 to capture connections"
+        "no mount of the cgroup v2 root in /proc/self/mountinfo{seen}; ambit needs cgroup v2 to \
+         capture connections (in a container: the host's /sys/fs/cgroup as a volume)"
     )]
-    NoCgroup2,
+    NoCgroup2 {
+        /// What was mounted instead (a namespace's part of the hierarchy), if anything.
+        seen: String,
+    },
     /// A file-system operation on a pin or cgroup failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -81,6 +100,15 @@ pub enum BpfError {
     /// The object file could not be loaded (usually a kernel without the needed features).
     #[error("loading ambit's eBPF programs failed: {0}")]
     Load(#[from] aya::EbpfError),
+    /// The object file could not be loaded, and the agent lacks the capability to load it.
+    #[error("loading ambit's eBPF programs needs {capability}, which the agent lacks")]
+    Unprivileged {
+        /// `CAP_…`.
+        capability: &'static str,
+        /// What the kernel answered.
+        #[source]
+        source: aya::EbpfError,
+    },
     /// A program is missing from the object file.
     #[error("eBPF program {0} is missing from the object file")]
     MissingProgram(&'static str),
@@ -274,7 +302,10 @@ impl Datapath {
                 BpfError::Io { what: "reading the netns cookie of", path: "/proc/self/ns/net".into(), source }
             })?;
         loader.override_global("HOST_NETNS", &host_netns, true);
-        let mut ebpf = loader.load(PROGRAMS)?;
+        let mut ebpf = loader.load(PROGRAMS).map_err(|source| match Capability::SysAdmin.held() {
+            true => BpfError::Load(source),
+            false => BpfError::Unprivileged { capability: Capability::SysAdmin.name(), source },
+        })?;
 
         let cgroup = File::open(&cgroup_root).map_err(|source| BpfError::Io {
             what: "opening cgroup",
@@ -665,7 +696,7 @@ fn loaded(name: &'static str, result: Result<(), ProgramError>) -> Result<(), Bp
         Ok(()) => Ok(()),
         Err(ProgramError::LoadError { io_error, verifier_log }) => {
             debug!(program = name, %verifier_log, "verifier log");
-            Err(BpfError::Rejected { name, reason: io_error })
+            Err(BpfError::Rejected { name, reason: capability::explain(io_error, Capability::SysAdmin) })
         }
         Err(source) => Err(BpfError::Program { name, source }),
     }
@@ -779,10 +810,31 @@ fn remove_pin(path: &Path) -> Result<(), BpfError> {
     old.unpin().map(drop).map_err(|source| BpfError::Io { what: "unpinning", path: path.to_owned(), source })
 }
 
-/// Mounts bpffs at `path` unless it is already there (a fresh host or VM may not mount it).
+/// Mounts bpffs at `path` unless it is already there (a fresh host or VM may not mount it),
+/// but only where the mount reaches the host: a bpffs mounted inside a container whose volume
+/// only receives the host's mounts would die with the container, and every pinned program
+/// with it, so the agent refuses instead (fail closed, not open).
 fn ensure_bpffs(path: &Path) -> Result<(), BpfError> {
     if fs_magic(path) == Some(BPF_FS_MAGIC) {
         return Ok(());
+    }
+    let mounts = mountinfo()?;
+    if let Some(holder) = mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.components().count())
+    {
+        let propagation = match holder.propagation() {
+            Propagation::Shared => None,
+            Propagation::Slave => Some("a slave of the host's"),
+            // Private is the rule on a host without systemd; only a mount namespace other than
+            // init's (a container's, seen through hostPID) is sure to end with this process.
+            Propagation::Private if !in_init_mount_namespace() => Some("private"),
+            Propagation::Private => None,
+        };
+        if let Some(propagation) = propagation {
+            return Err(BpfError::BpffsNotShared { path: path.to_owned(), propagation });
+        }
     }
     let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| BpfError::Bpffs { path: path.to_owned(), source: io::Error::other(e) })?;
@@ -805,28 +857,127 @@ pub(crate) fn fs_magic(path: &Path) -> Option<i64> {
     (rc == 0).then_some(stat.f_type as i64)
 }
 
-/// Finds the cgroup v2 hierarchy: `/sys/fs/cgroup` on most nodes, `/sys/fs/cgroup/unified` on
-/// hybrid hosts. Read from mountinfo rather than assumed.
-pub fn cgroup2_root() -> Result<PathBuf, BpfError> {
+/// Whether this process shares the mount namespace of PID 1 and of its parent (the container
+/// runtime's shim, for a container with hostPID): `false` when either is readable and differs,
+/// which is a container's own mount namespace, ended with it.
+fn in_init_mount_namespace() -> bool {
+    let Ok(own) = fs::read_link("/proc/self/ns/mnt") else { return true };
+    let parent = std::os::unix::process::parent_id();
+    ["/proc/1/ns/mnt".to_owned(), format!("/proc/{parent}/ns/mnt")]
+        .iter()
+        .filter_map(|p| fs::read_link(p).ok())
+        .all(|other| other == own)
+}
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Debug, PartialEq, Eq)]
+struct Mount {
+    /// The mounted directory of the file system, as seen from this process's namespaces
+    /// (`/..` components when it lies above this process's cgroup namespace root).
+    root: String,
+    mount_point: PathBuf,
+    /// The optional fields (`shared:N`, `master:N`...).
+    tags: Vec<String>,
+    fstype: String,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Propagation {
+    /// Mounts made below it reach its peers (the host's, for a shared or bidirectional mount).
+    Shared,
+    /// It receives the host's mounts and sends none back (`HostToContainer`).
+    Slave,
+    Private,
+}
+
+impl Mount {
+    fn parse(line: &str) -> Option<Self> {
+        // Fields: id parent major:minor root mount-point options [tags...] - fstype source ...
+        let (pre, post) = line.split_once(" - ")?;
+        let mut fields = pre.split_whitespace();
+        let root = fields.nth(3)?.to_owned();
+        let mount_point = PathBuf::from(unescape_octal(fields.next()?));
+        let tags = fields.skip(1).map(str::to_owned).collect();
+        let fstype = post.split_whitespace().next()?.to_owned();
+        Some(Self { root, mount_point, tags, fstype })
+    }
+
+    fn propagation(&self) -> Propagation {
+        if self.tags.iter().any(|t| t.starts_with("shared:")) {
+            Propagation::Shared
+        } else if self.tags.iter().any(|t| t.starts_with("master:")) {
+            Propagation::Slave
+        } else {
+            Propagation::Private
+        }
+    }
+
+    /// Whether this is all of a cgroup v2 hierarchy: mounted from its root, or from above the
+    /// cgroup namespace this process is in (a container's view of the host's hierarchy reads
+    /// `/../..`), and with no `cgroup.events`, which every cgroup but the root has.
+    fn is_cgroup2_root(&self) -> bool {
+        self.fstype == "cgroup2"
+            && self.root.split('/').all(|c| c.is_empty() || c == "..")
+            && !self.mount_point.join("cgroup.events").exists()
+    }
+}
+
+/// Mount points in mountinfo escape space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let code = bytes
+            .get(i + 1..i + 4)
+            .and_then(|o| std::str::from_utf8(o).ok())
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match (bytes[i], code) {
+            (b'\\', Some(code)) => {
+                out.push(code);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn mountinfo() -> Result<Vec<Mount>, BpfError> {
     let path = Path::new("/proc/self/mountinfo");
-    let mountinfo = fs::read_to_string(path).map_err(|source| BpfError::Io {
+    let text = fs::read_to_string(path).map_err(|source| BpfError::Io {
         what: "reading",
         path: path.to_owned(),
         source,
     })?;
-    let mut found: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| {
-            // Fields: id parent major:minor root mount-point options ... - fstype source ...
-            let (pre, post) = line.split_once(" - ")?;
-            let fstype = post.split_whitespace().next()?;
-            let root = pre.split_whitespace().nth(3)?;
-            let mount_point = pre.split_whitespace().nth(4)?;
-            (fstype == "cgroup2" && root == "/").then(|| PathBuf::from(mount_point))
-        })
+    Ok(text.lines().filter_map(Mount::parse).collect())
+}
+
+/// Finds the cgroup v2 hierarchy: `/sys/fs/cgroup` on most nodes, `/sys/fs/cgroup/unified` on
+/// hybrid hosts, the host's hierarchy mounted into a container. Read from mountinfo rather
+/// than assumed; a cgroup namespace's own part of the hierarchy is not enough (programs
+/// attached there would miss every other pod).
+pub fn cgroup2_root() -> Result<PathBuf, BpfError> {
+    let mounts = mountinfo()?;
+    let mut found: Vec<&Mount> = mounts.iter().filter(|m| m.is_cgroup2_root()).collect();
+    found.sort_by_key(|m| m.mount_point.components().count());
+    if let Some(root) = found.first() {
+        return Ok(root.mount_point.clone());
+    }
+    let partial: Vec<String> = mounts
+        .iter()
+        .filter(|m| m.fstype == "cgroup2")
+        .map(|m| format!("{} (a cgroup's subtree, not the root)", m.mount_point.display()))
         .collect();
-    found.sort_by_key(|p| p.components().count());
-    found.into_iter().next().ok_or(BpfError::NoCgroup2)
+    let seen = if partial.is_empty() {
+        String::new()
+    } else {
+        format!(", only a part of it: {}", partial.join(", "))
+    };
+    Err(BpfError::NoCgroup2 { seen })
 }
 
 /// The netns cookie (`SO_NETNS_COOKIE`) of the namespace a socket lives in.
@@ -884,6 +1035,44 @@ pub fn from_kernel(addr: SockAddr) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_mountinfo_lines_as_a_container_sees_them() {
+        // A container's view (private cgroup namespace) of the host's hierarchy, podman's
+        // own namespaced cgroup mount, a HostToContainer volume and a shared host mount.
+        let host = Mount::parse("102 92 0:38 /../.. /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw")
+            .expect("parses");
+        assert_eq!(
+            (host.root.as_str(), host.mount_point.as_path()),
+            ("/../..", Path::new("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(host.propagation(), Propagation::Private);
+        let slave = Mount::parse("103 84 0:22 /fs/bpf /sys/fs/bpf rw,relatime master:7 - sysfs sysfs rw")
+            .expect("parses");
+        assert_eq!(slave.propagation(), Propagation::Slave);
+        let shared = Mount::parse("24 1 0:22 / /sys rw,nosuid shared:7 - sysfs sysfs rw").expect("parses");
+        assert_eq!(shared.propagation(), Propagation::Shared);
+        let spaced = Mount::parse(r"30 1 0:40 / /mnt/with\040space rw - tmpfs tmpfs rw").expect("parses");
+        assert_eq!(spaced.mount_point, Path::new("/mnt/with space"));
+        assert_eq!(Mount::parse("garbage"), None);
+    }
+
+    #[test]
+    fn a_cgroup_namespaces_own_part_is_not_the_root() {
+        let real = cgroup2_root().expect("cgroup2 mounted");
+        let line = |root: &str, at: &Path| format!("1 1 0:1 {root} {} rw - cgroup2 cgroup2 rw", at.display());
+        assert!(Mount::parse(&line("/", &real)).expect("parses").is_cgroup2_root());
+        assert!(Mount::parse(&line("/../..", &real)).expect("parses").is_cgroup2_root());
+        // A cgroup below the root, mounted as a namespace's root would be: it has cgroup.events.
+        let child = std::fs::read_dir(&real)
+            .expect("cgroup root")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("cgroup.events").exists())
+            .expect("a child cgroup");
+        assert!(!Mount::parse(&line("/", &child)).expect("parses").is_cgroup2_root());
+        assert!(!Mount::parse(&line("/kubepods", &real)).expect("parses").is_cgroup2_root());
+    }
 
     #[test]
     fn finds_a_cgroup2_mount() {

@@ -20,6 +20,7 @@ pub mod admin;
 pub mod agent;
 pub mod authority;
 pub mod bpf;
+mod capability;
 pub mod cli;
 pub mod discovery;
 pub mod identity;

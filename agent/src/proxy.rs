@@ -34,6 +34,7 @@ use tokio::{
 
 use crate::{
     bpf::ProxyMaps,
+    capability::{self, Capability},
     discovery::{Cluster, Workload},
     identity::{Identities, Identity},
     listener::{self, Admission, Limits},
@@ -359,7 +360,7 @@ async fn open(
         .run(|| -> io::Result<Socket> {
             let socket =
                 Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
-            socket.set_mark(AGENT_MARK)?;
+            socket.set_mark(AGENT_MARK).map_err(|e| capability::explain(e, Capability::NetAdmin))?;
             if abortive {
                 socket.set_linger(Some(Duration::ZERO))?;
             }

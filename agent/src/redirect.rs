@@ -31,6 +31,7 @@ use tracing::{debug, error, info, warn};
 use self::netns::Netns;
 use crate::{
     bpf::{self, BpfError, Datapath, DatapathCheck},
+    capability::{self, Capability},
     discovery::{Cluster, ObjectKey, Workload},
     identity::{Identities, Identity},
     proxy::{PodContext, PodStats, Proxy},
@@ -828,7 +829,7 @@ fn listen_socket(addr: SocketAddr) -> io::Result<Socket> {
     // agent closes, and with `tcp_migrate_req` its queued ones move to the new one.
     socket.set_reuse_port(true)?;
     // Accepted sockets inherit the mark: the tracer then knows them as the agent's, not the app's.
-    socket.set_mark(ambit_common::AGENT_MARK)?;
+    socket.set_mark(ambit_common::AGENT_MARK).map_err(|e| capability::explain(e, Capability::NetAdmin))?;
     // And an abortive close: the applications' connections end with a reset unless the relay
     // ends them cleanly, so that an agent that dies never looks like a clean end of stream.
     // (HBONE's own connections are closed by TLS and HTTP/2.)

@@ -186,6 +186,7 @@ impl ClusterBuilder {
     /// Creates the namespaces, links and cgroups, and writes the cluster file.
     pub fn build(self) -> io::Result<Cluster> {
         sys::sweep_dead_runs();
+        sys::node_bpffs()?;
         let run = format!("{PREFIX}{}x{}", std::process::id(), RUNS.fetch_add(1, Ordering::Relaxed));
         let dir = std::env::temp_dir().join(&run);
         std::fs::create_dir_all(&dir)?;
@@ -691,6 +692,11 @@ impl NodeHandle<'_> {
     /// Node name.
     pub fn name(&self) -> &str {
         &self.node.name
+    }
+
+    /// The node's network namespace (what `hostNetwork` pods of the node share).
+    pub fn netns_path(&self) -> PathBuf {
+        sys::netns_path(&self.node.netns)
     }
 
     /// The node's address on the cluster network.

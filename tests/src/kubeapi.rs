@@ -92,7 +92,7 @@ impl MockApi {
     }
 
     /// Writes a kubeconfig that points at the server (whether or not it runs yet).
-    pub(crate) fn write_kubeconfig(path: &Path) -> io::Result<()> {
+    pub fn write_kubeconfig(path: &Path) -> io::Result<()> {
         std::fs::write(
             path,
             format!(
@@ -221,6 +221,20 @@ impl MockApi {
     pub fn set_down(&self, down: bool, gone: bool) {
         self.state.0.lock().unwrap_or_else(|e| e.into_inner()).down = down;
         self.drop_watches(gone);
+    }
+
+    /// Adds a running node-agent pod (`ambit-system`, service account `ambit`) on `node`, as
+    /// the CA's pod index must see the DaemonSet's pods.
+    pub fn add_agent_pod(&self, name: &str, node: &str) {
+        self.apply(
+            "/api/v1/pods",
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "ambit-system", "uid": format!("uid-{name}")},
+                "spec": {"nodeName": node, "serviceAccountName": "ambit", "containers": [{"name": "agent", "image": "ambit"}]},
+                "status": {"phase": "Running", "podIP": "10.90.0.99"},
+            }),
+        );
     }
 
     /// Makes `token` a valid token of service account `namespace/name` for `audiences`, bound

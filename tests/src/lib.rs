@@ -14,6 +14,7 @@ mod capture;
 mod cluster;
 mod kubeapi;
 pub mod manifest;
+pub mod podman;
 mod sys;
 
 pub use agent::{Agent, AgentOutput, Container};

@@ -198,3 +198,22 @@ pub fn ambit_binary() -> PathBuf {
     }
     dir.join("ambit")
 }
+
+/// Mounts bpffs at `/sys/fs/bpf` on the host unless it is there, as systemd does on a node:
+/// agents in mount namespaces of their own (containers, read-only volumes) see it, and refuse
+/// to mount one themselves.
+pub(crate) fn node_bpffs() -> io::Result<()> {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
+    if !mounted {
+        let out = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "mount -t bpf bpf /sys/fs/bpf: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    Ok(())
+}

@@ -12,7 +12,7 @@ use std::{
 };
 
 use ambit_tests::{Agent, Cluster, Container, MockApi, contains, echo_roundtrip};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const HTTP: u16 = 8080;
 /// The node the CA service runs in (a namespace of its own, like a Deployment's pod).
@@ -41,16 +41,6 @@ fn identity(ns: &str, sa: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{sa}")
 }
 
-/// A running node-agent pod, as the CA's pod index must see it.
-fn agent_pod(name: &str, node: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "ambit-system", "uid": format!("uid-{name}")},
-        "spec": {"nodeName": node, "serviceAccountName": "ambit", "containers": [{"name": "agent", "image": "ambit"}]},
-        "status": {"phase": "Running", "podIP": "10.90.0.99"},
-    })
-}
-
 impl Mesh {
     /// `client_server` plus a CA node; the CA's key material made by `make_ca` in the directory
     /// it is given; agent tokens: node a's carries the API server's node claim, node b's only
@@ -74,8 +64,8 @@ impl Mesh {
 
         let api = cluster.mock_api().expect("mock API");
         api.sync_yaml(&cluster.manifest()).expect("pods into the API");
-        api.apply("/api/v1/pods", agent_pod("ambit-a", "a"));
-        api.apply("/api/v1/pods", agent_pod("ambit-b", "b"));
+        api.add_agent_pod("ambit-a", "a");
+        api.add_agent_pod("ambit-b", "b");
         api.add_token("token-a", "ambit-system", "ambit", Some("ambit-a"), Some("a"), &[AUDIENCE]);
         api.add_token("token-b", "ambit-system", "ambit", Some("ambit-b"), None, &[AUDIENCE]);
         for node in ["a", "b"] {
@@ -665,8 +655,8 @@ fn the_agents_and_the_ca_started_as_the_manifests_start_them_serve_mtls() {
     let cluster = Cluster::builder().client_server().node(CA_NODE).build().expect("cluster");
     let api = cluster.mock_api().expect("mock API");
     api.sync_yaml(&cluster.manifest()).expect("pods");
-    api.apply("/api/v1/pods", agent_pod("ambit-a", "a"));
-    api.apply("/api/v1/pods", agent_pod("ambit-b", "b"));
+    api.add_agent_pod("ambit-a", "a");
+    api.add_agent_pod("ambit-b", "b");
     let processes = cluster.start_pod_processes().expect("pod processes");
 
     // The Secret, as the kubelet writes it for the Deployment (defaultMode, fsGroup).

@@ -4,9 +4,11 @@
 //! - `cargo xtask test`: set up, build, and run every test (unit and privileged end-to-end)
 //! - `cargo xtask demo`: set up, build, and run the "shop" demo on two simulated nodes
 //! - `cargo xtask bench`: set up, build, and measure the mesh against direct pod-to-pod TCP
+//! - `cargo xtask image`: set up, build, and make the agent's image without a registry (podman)
 
 mod bench;
 mod demo;
+mod image;
 mod setup;
 mod table;
 
@@ -39,6 +41,12 @@ enum Task {
     Demo,
     /// Set up, build, and benchmark the mesh against direct TCP (needs root).
     Bench(bench::Options),
+    /// Set up, build, and make the agent's image with podman, without a registry (needs root).
+    Image {
+        /// The image's name.
+        #[arg(long, default_value = "localhost/ambit:0.1.0")]
+        tag: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +61,14 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(options) => {
             let ambit = prepare_release()?;
             bench::run(&ambit, &options)
+        }
+        Task::Image { tag } => {
+            let ambit = prepare_release()?;
+            image::build(&ambit, &tag)?;
+            println!(
+                "built {tag}. Load it where there is no registry:\n  podman save {tag} | ctr -n k8s.io images import -   (containerd nodes)\n  podman save -o ambit.tar {tag} && kind load image-archive ambit.tar   (kind)\nand set it under `images:` in daemonset/kustomization.yaml."
+            );
+            Ok(())
         }
     }
 }
@@ -90,6 +106,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let mut build = cargo();
     build.args(["build", "--package", "ambit", "--bin", "ambit"]);
     run(build)?;
+    // The container tests run this binary in the agent's image, as the DaemonSet would.
+    image::build(&root().join("target/debug/ambit"), "localhost/ambit:test")?;
     let mut test = cargo();
     test.args(["test", "--workspace", "--exclude", "ambit-ebpf"])
         .args(args)
@@ -125,7 +143,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 
 /// Sets up and builds the release binary used by the demo and the bench.
 fn prepare_release() -> anyhow::Result<PathBuf> {
-    require_root("demo/bench")?;
+    require_root("demo/bench/image")?;
     setup::run()?;
     let mut build = cargo();
     build.args(["build", "--release", "--package", "ambit", "--bin", "ambit"]);

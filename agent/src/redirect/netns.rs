@@ -17,6 +17,8 @@ use std::{
     sync::OnceLock,
 };
 
+use crate::capability::{self, Capability};
+
 /// An open network namespace.
 #[derive(Debug)]
 pub struct Netns {
@@ -32,7 +34,7 @@ static INIT: OnceLock<Option<(u64, u64)>> = OnceLock::new();
 impl Netns {
     /// Opens the namespace at `path` (`/var/run/netns/NAME`, `/proc/PID/ns/net`, ...).
     pub fn open(path: &Path) -> io::Result<Self> {
-        let file = File::open(path)?;
+        let file = File::open(path).map_err(|e| capability::explain(e, Capability::SysPtrace))?;
         let meta = file.metadata()?;
         // A namespace file is on nsfs; anything else means a wrong path or a stale bind mount.
         if !is_nsfs(&file) {
@@ -114,7 +116,7 @@ impl Drop for ReturnHome {
 fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: a valid namespace fd; CLONE_NEWNET only changes this thread's network namespace.
     let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 { Ok(()) } else { Err(capability::explain(io::Error::last_os_error(), Capability::SysAdmin)) }
 }
 
 fn is_nsfs(file: &File) -> bool {
