@@ -20,6 +20,12 @@ fn exists(image: &str) -> bool {
     podman().args(["image", "exists", image]).status().is_ok_and(|s| s.success())
 }
 
+/// The image ID `tag` names, if any.
+fn id(tag: &str) -> Option<String> {
+    let out = podman().args(["image", "inspect", "--format", "{{.Id}}", tag]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 /// The base image, made if podman does not have it.
 fn base() -> anyhow::Result<()> {
     if exists(BASE) {
@@ -51,6 +57,7 @@ pub(crate) fn build(binary: &Path, tag: &str) -> anyhow::Result<()> {
     let mut strip = Command::new("llvm-strip-22");
     strip.arg("--strip-debug").arg("-o").arg(context.join("ambit")).arg(binary);
     crate::run(strip).context("llvm-strip-22 (from the llvm-22 packages setup installs)")?;
+    let previous = id(tag);
     let mut build = podman();
     build
         .args(["build", "--quiet", "--target", "prebuilt", "--build-arg"])
@@ -61,6 +68,10 @@ pub(crate) fn build(binary: &Path, tag: &str) -> anyhow::Result<()> {
     let out = build.output().context("podman build")?;
     if !out.status.success() {
         bail!("podman build failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The image this tag named before is now untagged; every test run would leave one behind.
+    if let Some(old) = previous.filter(|old| id(tag).as_ref() != Some(old)) {
+        let _ = podman().args(["rmi", &old]).output();
     }
     Ok(())
 }
