@@ -19,23 +19,32 @@ use std::{
 use ambit_tests::{Cluster, PodSpec};
 use anyhow::Context as _;
 
+use self::datapath::{ECHO, Measure, Pair};
+
+mod datapath;
+
 const SINK: u16 = 5001;
-const ECHO: u16 = 5002;
 
 /// Bench options.
 #[derive(clap::Args)]
 pub(crate) struct Options {
-    /// Seconds per measure and path.
+    /// Seconds per measure, path and run.
     #[arg(long, default_value_t = 3)]
     seconds: u64,
+    /// Repetitions of the data-path measures (medians and ranges are reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
     /// Idle connections opened to measure memory per connection.
     #[arg(long, default_value_t = 1000)]
     idle_connections: usize,
-    /// Only these measures (comma-separated): bulk, rr, cps, policies, memory, tracing, ca (the
-    /// mesh CA: 100 new identities at once, and CSRs signed per CA core); and `soak` (not in the
-    /// default set): connections held open while others churn, for minutes, with the agents'
-    /// memory, descriptors and CPU sampled.
-    #[arg(long, value_delimiter = ',', default_value = "bulk,rr,cps,policies,memory,tracing,ca")]
+    /// Only these measures (comma-separated): datapath (iperf3 1 and 4 streams, sockperf
+    /// ping-pong closed loop and at 1,000 msg/s, new connections; cross-node and same-node,
+    /// direct and mesh interleaved, the agents' CPU per unit), policies, memory, tracing (the
+    /// data-path measures with the kernel tracer on and off), ca (the mesh CA: 100 new
+    /// identities at once, and CSRs signed per CA core); and `soak` (not in the default set):
+    /// connections held open while others churn, for minutes, with the agents' memory,
+    /// descriptors and CPU sampled.
+    #[arg(long, value_delimiter = ',', default_value = "datapath,policies,memory,tracing,ca")]
     only: Vec<String>,
     /// CA: pods (each the first of its service account) starting at once on one node.
     #[arg(long, default_value_t = 100)]
@@ -84,21 +93,27 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
         .pod(PodSpec::new("mesh", "mserver", "b").service_account("server"))
         .pod(PodSpec::new("direct", "dclient", "a"))
         .pod(PodSpec::new("direct", "dserver", "b"))
+        // Same-node servers, beside the clients on node a.
+        .pod(PodSpec::new("mesh", "mlocal", "a").service_account("local"))
+        .pod(PodSpec::new("direct", "dlocal", "a"))
         .build()
         .context("building the bench cluster")?;
     let agent_a = cluster.start_agent("a")?;
     let agent_b = cluster.start_agent("b")?;
+    // Before any traffic: what an agent holds doing nothing.
+    std::thread::sleep(Duration::from_millis(500));
+    let idle_rss = [agent_a.pid(), agent_b.pid()].map(rss_kib);
     let mut servers = Vec::new();
-    for pod in ["mserver", "dserver"] {
+    for pod in ["mserver", "dserver", "mlocal", "dlocal"] {
         servers.push((cluster.pod(pod).sink_server(SINK)?, cluster.pod(pod).echo_server(ECHO)?));
     }
-    for pod in ["mclient", "dclient", "mserver", "dserver"] {
+    let tools = datapath::Servers::start(&cluster, &["mserver", "dserver", "mlocal", "dlocal"])?;
+    for pod in ["mclient", "dclient", "mserver", "dserver", "mlocal", "dlocal"] {
         // Many short connections: every pod (and the agents inside them) may reuse TIME_WAIT
         // ports, alike on both paths.
         cluster.pod(pod).sysctl("ipv4/tcp_tw_reuse", "1")?;
         cluster.pod(pod).sysctl("ipv4/ip_local_port_range", "1024 65000")?;
     }
-    let direct = Path2 { cluster: &cluster, client: "dclient", server: "dserver" };
     let mesh = Path2 { cluster: &cluster, client: "mclient", server: "mserver" };
 
     println!(
@@ -110,49 +125,33 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
     println!("  direct = pod to pod over veth and a bridge, no agent; mesh = the same through both agents\n");
 
     let mut rows: Vec<Vec<String>> = Vec::new();
-    rows.push(["measure", "direct", "mesh", "mesh/direct", "ztunnel bar"].map(String::from).to_vec());
+    rows.push(
+        ["measure (medians)", "direct", "mesh", "mesh/direct (range)", "both agents' CPU / bar"]
+            .map(String::from)
+            .to_vec(),
+    );
 
-    for streams in [1usize, 4].into_iter().filter(|_| wanted("bulk")) {
-        let d = bulk(&direct, streams, secs)?;
-        let m = bulk(&mesh, streams, secs)?;
-        let bar = if streams == 1 { ">= 0.40" } else { ">= 0.18" };
+    let topologies = [
+        (
+            "cross-node",
+            Pair { cluster: &cluster, client: "dclient", server: "dserver" },
+            Pair { cluster: &cluster, client: "mclient", server: "mserver" },
+        ),
+        (
+            "same-node",
+            Pair { cluster: &cluster, client: "dclient", server: "dlocal" },
+            Pair { cluster: &cluster, client: "mclient", server: "mlocal" },
+        ),
+    ];
+    if wanted("datapath") {
+        let results = datapath::measure(&topologies, &[agent_a.pid(), agent_b.pid()], options.runs, secs)?;
+        rows.extend(datapath::rows(&results));
         rows.push(vec![
-            format!("bulk throughput, {streams} stream{}", if streams > 1 { "s" } else { "" }),
-            gbps(d),
-            gbps(m),
-            format!("{:.2}", m / d),
-            bar.into(),
-        ]);
-    }
-
-    if wanted("rr") {
-        let d = ping_pong(&direct, secs)?;
-        let m = ping_pong(&mesh, secs)?;
-        rows.push(vec![
-            "request/response p50".into(),
-            us(d.0),
-            us(m.0),
-            format!("+{:.0} us", m.0 - d.0),
-            "<= +53 us".into(),
-        ]);
-        rows.push(vec![
-            "request/response p99".into(),
-            us(d.1),
-            us(m.1),
-            format!("+{:.0} us", m.1 - d.1),
-            "<= +71 us".into(),
-        ]);
-    }
-
-    if wanted("cps") {
-        let d = connections_per_second(&direct, secs)?;
-        let m = connections_per_second(&mesh, secs)?;
-        rows.push(vec![
-            "new connections/s (16 B echo)".into(),
-            format!("{d:.0}"),
-            format!("{m:.0}"),
-            format!("{:.2}", m / d),
-            ">= 2,100/s".into(),
+            "idle RSS per agent".into(),
+            "-".into(),
+            format!("{:.1} / {:.1} MiB", idle_rss[0] as f64 / 1024.0, idle_rss[1] as f64 / 1024.0),
+            "a / b".into(),
+            String::new(),
         ]);
     }
 
@@ -192,12 +191,12 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
     }
 
     if wanted("tracing") {
-        // The mesh path with the kernel tracer on and off, alternating agents three times and
-        // keeping each side's best run: on this kind of machine the run-to-run noise is larger
-        // than the effect being measured.
-        let (mut on, mut off) = ((0f64, 0f64), (0f64, 0f64));
+        // The cross-node mesh path with the kernel tracer on and off, the agents restarted
+        // between, alternating `runs` times each; medians, as for the data path.
+        let mesh_pair = topologies[0].2;
+        let mut samples: Vec<(bool, Measure, datapath::Sample)> = Vec::new();
         let mut agents = vec![agent_a, agent_b];
-        for round in 0..6 {
+        for round in 0..2 * options.runs {
             let tracing = round % 2 == 0;
             for mut agent in agents.drain(..) {
                 agent.kill();
@@ -209,24 +208,41 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
             for agent in &agents {
                 agent.wait_ready(Duration::from_secs(20))?;
             }
-            let measured = (bulk(&mesh, 1, secs)?, connections_per_second(&mesh, secs)?);
-            let best = if tracing { &mut on } else { &mut off };
-            *best = (best.0.max(measured.0), best.1.max(measured.1));
+            for measure in Measure::ALL {
+                samples.push((tracing, measure, measure.run(mesh_pair, secs)?));
+            }
         }
-        rows.push(vec![
-            "bulk 1 stream, tracing on vs off".into(),
-            format!("{} (off)", gbps(off.0)),
-            gbps(on.0),
-            format!("{:.2}", on.0 / off.0),
-            ">= 0.97 of off".into(),
-        ]);
-        rows.push(vec![
-            "new connections/s, tracing on vs off".into(),
-            format!("{:.0} (off)", off.1),
-            format!("{:.0}", on.1),
-            format!("{:.2}", on.1 / off.1),
-            ">= 0.97 of off".into(),
-        ]);
+        for measure in Measure::ALL {
+            let median = |on: bool| {
+                datapath::spread(
+                    samples
+                        .iter()
+                        .filter(|(t, m, _)| *t == on && *m == measure)
+                        .map(|(_, _, s)| s.value)
+                        .collect(),
+                )
+                .0
+            };
+            let (on, off) = (median(true), median(false));
+            // Higher is better for throughput and rates, lower for latency.
+            let (shown, ratio) = match measure {
+                Measure::PingPong | Measure::PingPongPaced => (format!("{on:.1} us"), off / on),
+                Measure::Connections => (format!("{on:.0}/s"), on / off),
+                Measure::Iperf1 | Measure::Iperf4 => (format!("{:.2} Gbit/s", on / 1e9), on / off),
+            };
+            let off_shown = match measure {
+                Measure::PingPong | Measure::PingPongPaced => format!("{off:.1} us (off)"),
+                Measure::Connections => format!("{off:.0}/s (off)"),
+                Measure::Iperf1 | Measure::Iperf4 => format!("{:.2} Gbit/s (off)", off / 1e9),
+            };
+            rows.push(vec![
+                format!("tracing on vs off: {measure:?}"),
+                off_shown,
+                shown,
+                format!("{ratio:.2}"),
+                ">= 0.97 of off".into(),
+            ]);
+        }
     }
 
     rows.extend(ca_rows);
@@ -236,6 +252,7 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
             "\nmesh = through both agents: HBONE (HTTP/2 CONNECT over mutual TLS 1.3) between the nodes."
         );
     }
+    drop(tools);
     drop(servers);
     Ok(())
 }
@@ -515,51 +532,6 @@ fn thousand_policies() -> String {
     yaml
 }
 
-/// Bytes per second over `streams` parallel connections for `time`.
-fn bulk(path: &Path2<'_>, streams: usize, time: Duration) -> anyhow::Result<f64> {
-    let total = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut connections = Vec::new();
-    for _ in 0..streams {
-        connections.push(path.connect(SINK)?);
-    }
-    let started = Instant::now();
-    std::thread::scope(|scope| {
-        for mut stream in connections {
-            let (total, stop) = (total.clone(), stop.clone());
-            scope.spawn(move || {
-                let buf = vec![0x5au8; 128 * 1024];
-                while !stop.load(Ordering::Relaxed) {
-                    match stream.write(&buf) {
-                        Ok(n) => total.fetch_add(n as u64, Ordering::Relaxed),
-                        Err(_) => break,
-                    };
-                }
-            });
-        }
-        std::thread::sleep(time);
-        stop.store(true, Ordering::Relaxed);
-    });
-    Ok(total.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
-}
-
-/// p50 and p99 round-trip time in microseconds of 1-byte ping-pong on one connection.
-fn ping_pong(path: &Path2<'_>, time: Duration) -> anyhow::Result<(f64, f64)> {
-    let mut stream = path.connect(ECHO)?;
-    let mut samples = Vec::with_capacity(100_000);
-    let mut byte = [0u8; 1];
-    let end = Instant::now() + time;
-    while Instant::now() < end {
-        let t = Instant::now();
-        stream.write_all(b"p")?;
-        stream.read_exact(&mut byte)?;
-        samples.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    samples.sort_by(f64::total_cmp);
-    let pick = |q: f64| samples[((samples.len() as f64 - 1.0) * q) as usize];
-    Ok((pick(0.50), pick(0.99)))
-}
-
 /// Connect, 16-byte echo, close, as fast as one client can, for `time`.
 fn connections_per_second(path: &Path2<'_>, time: Duration) -> anyhow::Result<f64> {
     let addr = path.addr(ECHO);
@@ -629,12 +601,4 @@ fn raise_fd_limit() {
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{cores} cores")
-}
-
-fn gbps(bytes_per_sec: f64) -> String {
-    format!("{:.2} Gbit/s", bytes_per_sec * 8.0 / 1e9)
-}
-
-fn us(v: f64) -> String {
-    format!("{v:.0} us")
 }
