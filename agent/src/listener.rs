@@ -15,7 +15,10 @@ use std::{
     fs::File,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd as _,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -128,12 +131,30 @@ pub(crate) fn in_reserve(fd: u64, keep_free: u64) -> bool {
     keep_free > 0 && fd.saturating_add(keep_free) >= limit
 }
 
-/// The soft limit on open files (`RLIMIT_NOFILE`), read each time: an operator may change it
-/// while the agent runs.
+/// The soft limit on open files (`RLIMIT_NOFILE`). An operator may change it while the agent
+/// runs, so it is read again when the last reading is older than `LIMIT_TTL`: not once per
+/// accepted connection (a system call each).
 fn open_files_limit() -> u64 {
+    const LIMIT_TTL: Duration = Duration::from_secs(1);
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    static CACHED: AtomicU64 = AtomicU64::new(0);
+    /// When `CACHED` was read, in milliseconds since `START` plus one (0: never).
+    static READ_AT: AtomicU64 = AtomicU64::new(0);
+    let now = START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1;
+    let read_at = READ_AT.load(Ordering::Relaxed);
+    if read_at != 0 && now.saturating_sub(read_at) < LIMIT_TTL.as_millis() as u64 {
+        return CACHED.load(Ordering::Relaxed);
+    }
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: a valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 { limit.rlim_cur } else { u64::MAX }
+    let value = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur
+    } else {
+        u64::MAX
+    };
+    CACHED.store(value, Ordering::Relaxed);
+    READ_AT.store(now, Ordering::Relaxed);
+    value
 }
 
 /// The spare descriptor given up at the open-files limit.

@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Agent(args) => {
-            let _logs = ambit::telemetry::init_logging();
+            let Some(_logs) = logging("agent") else { return ExitCode::from(1) };
             // Before the runtime: its threads inherit this thread's namespace, which becomes
             // the one every pod-namespace excursion returns to.
             if let Err(e) = ambit::agent::init_host_netns() {
@@ -34,10 +34,15 @@ fn main() -> ExitCode {
             offline("ca finish", cli::ca_finish(&dir, &trust_domain))
         }
         Command::Ca(cli::CaCommand::Serve(args)) => {
-            let _logs = ambit::telemetry::init_logging();
+            let Some(_logs) = logging("ca serve") else { return ExitCode::from(1) };
             daemon("ca serve", ambit::authority::serve(*args), ambit::authority::AuthorityError::exit_code)
         }
     }
+}
+
+/// The log of a long-lived command, or `None` after saying why there is none.
+fn logging(what: &str) -> Option<ambit::telemetry::LogGuard> {
+    ambit::telemetry::init_logging().map_err(|e| eprintln!("ambit {what}: starting the log writer: {e}")).ok()
 }
 
 /// Runs a long-lived command on a multi-threaded runtime until it ends; its error is logged

@@ -4,25 +4,27 @@
 
 pub mod flows;
 pub mod metrics;
+mod writer;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{io::IsTerminal as _, net::SocketAddr, sync::Arc, time::Duration};
 
 use tracing::info;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::{discovery::Workload, identity::Identity};
 
-/// Keeps the log writer thread running; logs still queued are written when it is dropped.
-pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+/// Keeps the log writer thread running; logs still buffered are written when it is dropped.
+pub type LogGuard = writer::Flush;
 
-/// Sets up logging: `RUST_LOG` filters (default `info`), `LOG_FORMAT=json` selects JSON lines.
-/// Lines are written by a dedicated thread, so a slow stdout never stalls a proxy; when its queue
-/// is full, loggers wait rather than drop records.
-pub fn init_logging() -> LogGuard {
+/// Sets up logging: `RUST_LOG` filters (default `info`), `LOG_FORMAT=json` selects JSON lines;
+/// colours only when stdout is a terminal (`kubectl logs` shows no escape codes). Lines are
+/// written in batches by a thread of their own (see [`writer`]): a slow stdout never stalls a
+/// proxy, and when the buffer is full loggers wait rather than drop records.
+pub fn init_logging() -> std::io::Result<LogGuard> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let (writer, guard) =
-        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(false).finish(std::io::stdout());
+    let colour = std::io::stdout().is_terminal();
+    let (writer, guard) = writer::BatchWriter::new(std::io::stdout())?;
     let registry = tracing_subscriber::registry().with(filter);
     if json {
         registry
@@ -36,9 +38,9 @@ pub fn init_logging() -> LogGuard {
             )
             .init();
     } else {
-        registry.with(fmt::layer().with_target(true).with_writer(writer)).init();
+        registry.with(fmt::layer().with_target(true).with_ansi(colour).with_writer(writer)).init();
     }
-    guard
+    Ok(guard)
 }
 
 /// Which way a connection goes, seen from the pod the agent serves.
@@ -166,10 +168,17 @@ impl ConnectionRecord {
 
     /// Emits the access-log event (target `access`, Istio's field names).
     pub fn log(&self) {
-        let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
-        let name = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.key.name.clone());
-        let ns = |w: &Option<Arc<Workload>>| w.as_ref().map(|w| w.key.namespace.clone());
-        let id = |i: &Option<Identity>| i.as_ref().map(ToString::to_string);
+        // Borrowed and displayed in place: no string is built for a record but the line itself.
+        let addr = |a: Option<SocketAddr>| a.map(tracing::field::display);
+        fn name(w: &Option<Arc<Workload>>) -> Option<&str> {
+            w.as_deref().map(|w| w.key.name.as_str())
+        }
+        fn ns(w: &Option<Arc<Workload>>) -> Option<&str> {
+            w.as_deref().map(|w| w.key.namespace.as_str())
+        }
+        fn id(i: &Option<Identity>) -> Option<tracing::field::DisplayValue<&Identity>> {
+            i.as_ref().map(tracing::field::display)
+        }
         info!(
             target: "access",
             direction = self.direction.as_str(),

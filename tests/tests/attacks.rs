@@ -429,6 +429,8 @@ fn at_the_descriptor_limit_new_connections_fail_fast() {
         // SAFETY: as above, setting only.
         let rc = unsafe { libc::prlimit(b.pid() as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
         assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+        // The agent reads its limit again at most a second after it last did.
+        std::thread::sleep(Duration::from_millis(1100));
     };
     limit(b.open_fds() as u64 + 100);
     // Plaintext connections into the server hold two descriptors each at the agent (PERMISSIVE).

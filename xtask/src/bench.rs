@@ -46,6 +46,12 @@ pub(crate) struct Options {
     /// descriptors and CPU sampled.
     #[arg(long, value_delimiter = ',', default_value = "datapath,policies,memory,tracing,ca")]
     only: Vec<String>,
+    /// Data path and tracing: only these measures.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = Measure::ALL)]
+    measures: Vec<Measure>,
+    /// Data path: only these topologies (cross-node, same-node).
+    #[arg(long, value_delimiter = ',', default_value = "cross-node,same-node")]
+    topologies: Vec<String>,
     /// CA: pods (each the first of its service account) starting at once on one node.
     #[arg(long, default_value_t = 100)]
     ca_pods: usize,
@@ -144,7 +150,15 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
         ),
     ];
     if wanted("datapath") {
-        let results = datapath::measure(&topologies, &[agent_a.pid(), agent_b.pid()], options.runs, secs)?;
+        let topologies: Vec<_> =
+            topologies.iter().filter(|t| options.topologies.iter().any(|o| o == t.0)).copied().collect();
+        let results = datapath::measure(
+            &topologies,
+            &options.measures,
+            &[agent_a.pid(), agent_b.pid()],
+            options.runs,
+            secs,
+        )?;
         rows.extend(datapath::rows(&results));
         rows.push(vec![
             "idle RSS per agent".into(),
@@ -208,11 +222,11 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
             for agent in &agents {
                 agent.wait_ready(Duration::from_secs(20))?;
             }
-            for measure in Measure::ALL {
+            for &measure in &options.measures {
                 samples.push((tracing, measure, measure.run(mesh_pair, secs)?));
             }
         }
-        for measure in Measure::ALL {
+        for &measure in &options.measures {
             let median = |on: bool| {
                 datapath::spread(
                     samples

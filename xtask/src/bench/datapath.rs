@@ -92,8 +92,8 @@ pub(super) struct Sample {
 }
 
 /// A data-path measure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Measure {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub(crate) enum Measure {
     Iperf1,
     Iperf4,
     PingPong,
@@ -210,6 +210,7 @@ pub(super) type Results = BTreeMap<(&'static str, Measure), Vec<Paired>>;
 /// their order alternating from run to run.
 pub(super) fn measure(
     topologies: &[(&'static str, Pair<'_>, Pair<'_>)],
+    measures: &[Measure],
     agents: &[u32],
     runs: usize,
     time: Duration,
@@ -217,7 +218,7 @@ pub(super) fn measure(
     let mut results = Results::new();
     for run in 0..runs {
         for (topology, direct, mesh) in topologies {
-            for measure in Measure::ALL {
+            for &measure in measures {
                 let one = |pair: Pair<'_>| -> anyhow::Result<(Sample, f64)> {
                     let before: f64 = agents.iter().map(|p| super::cpu_seconds(*p)).sum();
                     let sample =
