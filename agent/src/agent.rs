@@ -204,6 +204,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         root_namespace: args.root_namespace.clone(),
         flows: flows.clone(),
         metrics: metrics.clone(),
+        same_node_hbone: args.same_node_hbone,
     };
     let proxy =
         Arc::new(Proxy::new(proxy_maps, cluster_rx.clone(), identities.clone(), tls.clone(), settings));

@@ -122,6 +122,11 @@ pub struct AgentArgs {
     /// traffic shows up as such).
     #[arg(long, env = "AMBIT_TRACE_ALL", conflicts_with = "no_flows")]
     pub trace_all: bool,
+    /// Send connections between two pods of this node through HBONE (mutual TLS from the agent
+    /// to itself) instead of joining them in the agent. The bytes stay in the node either way;
+    /// this is for operators whose rules require TLS on every hop.
+    #[arg(long, env = "AMBIT_SAME_NODE_HBONE")]
+    pub same_node_hbone: bool,
     /// Do not trace connections in the kernel (no flow records; capture and policy unchanged).
     #[arg(long)]
     pub no_flows: bool,

@@ -9,6 +9,7 @@
 
 pub mod hbone;
 pub mod inbound;
+mod local;
 pub mod outbound;
 pub mod relay;
 pub mod tracker;
@@ -200,6 +201,9 @@ pub struct Settings {
     pub flows: Arc<crate::telemetry::flows::Flows>,
     /// Istio's TCP metrics.
     pub metrics: Arc<crate::telemetry::metrics::Metrics>,
+    /// Connections between two pods of this node go through HBONE (mutual TLS to the agent
+    /// itself) instead of being joined in the agent ([`local`]).
+    pub same_node_hbone: bool,
 }
 
 /// State shared by all proxies of the agent.
@@ -209,6 +213,7 @@ pub struct Proxy {
     cluster: watch::Receiver<Arc<Cluster>>,
     identities: Arc<Identities>,
     pool: hbone::Pool,
+    local: local::LocalPods,
     settings: Settings,
     /// Connections being relayed (outbound, inbound plaintext, HBONE streams).
     active: Arc<AtomicU64>,
@@ -246,6 +251,7 @@ impl Proxy {
             maps,
             cluster,
             pool: hbone::Pool::new(tls, identities.clone()),
+            local: local::LocalPods::default(),
             identities,
             settings,
             active: Arc::default(),
@@ -264,6 +270,12 @@ impl Proxy {
     pub fn drain(&self) {
         self.draining.send_replace(true);
         self.pool.close_idle();
+    }
+
+    /// Records that this agent serves `pod` (for same-node connections, until its listeners
+    /// stop).
+    pub fn serving(&self, pod: &Arc<PodContext>) {
+        self.local.insert(pod);
     }
 
     /// The HBONE connection pool.

@@ -567,6 +567,7 @@ impl Redirector {
             server_tls,
             baggage: crate::telemetry::baggage(workload),
         });
+        self.proxy.serving(&context);
         let to_tokio = |(addr, socket): (SocketAddr, Socket)| {
             TcpListener::from_std(socket.into()).map_err(|source| RedirectError::Listen {
                 pod: pod.clone(),

@@ -342,7 +342,7 @@ impl Proxy {
 
 impl Proxy {
     /// Tells the flow table who is really behind the agent's connection to the app.
-    fn note_delivery(&self, pod: &PodContext, upstream: &TcpStream, note: Note) {
+    pub(super) fn note_delivery(&self, pod: &PodContext, upstream: &TcpStream, note: Note) {
         if let Ok(local) = upstream.local_addr() {
             self.settings.flows.note(pod.cookie, local.port(), note);
         }
@@ -350,7 +350,7 @@ impl Proxy {
 
     /// Records a connection stopped before it reached the app (no app socket to trace).
     #[allow(clippy::too_many_arguments)]
-    fn flow_refused(
+    pub(super) fn flow_refused(
         &self,
         pod: &PodContext,
         src: SocketAddr,

@@ -96,6 +96,9 @@ impl Proxy {
         record.dst_workload = dst_workload.clone();
 
         match dst_workload.filter(|w| w.enrollment.is_enrolled()) {
+            Some(dst_workload) if let Some(local) = self.local_destination(&dst_workload) => {
+                self.same_node(pod, &local, client, peer.port(), dst, record).await?;
+            }
             Some(dst_workload) => {
                 // In the mesh: mutual TLS to the destination pod's HBONE port, which must present
                 // the destination workload's identity.

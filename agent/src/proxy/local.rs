@@ -1,0 +1,161 @@
+//! Same-node connections: both pods are served by this agent, so it is both ends of what
+//! would be an HBONE tunnel to itself. It decides the connection exactly as the destination
+//! side of HBONE does (the source identity is the one this agent would have presented: it
+//! captured the connection in the source pod's own network namespace), connects to the
+//! destination app from the destination pod's namespace, and relays without TLS: the bytes
+//! never leave the node's kernel and this process, whose root could read them on either path.
+//! Both access records (outbound for the source, inbound for the destination), both flow notes
+//! and the metrics are the ones the HBONE path writes. `--same-node-hbone` turns this off.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Weak},
+    time::Instant,
+};
+
+use tokio::net::TcpStream;
+
+use super::{PodContext, Proxy, ProxyError, connect_from, count, relay};
+use crate::{
+    discovery::Workload,
+    listener::reset,
+    policy::{ConnectionInput, InboundDecision},
+    telemetry::flows::Note,
+    telemetry::{ConnectionRecord, Direction, Security},
+};
+
+/// The pods this agent serves, by address, for the same-node path.
+#[derive(Default)]
+pub(crate) struct LocalPods(std::sync::RwLock<std::collections::HashMap<IpAddr, Weak<PodContext>>>);
+
+impl LocalPods {
+    /// Records that `pod` is served here (until its listeners stop and drop it).
+    pub(crate) fn insert(&self, pod: &Arc<PodContext>) {
+        let mut pods = self.0.write().unwrap_or_else(|e| e.into_inner());
+        pods.retain(|_, p| p.strong_count() > 0);
+        for ip in &pod.workload.ips {
+            pods.insert(*ip, Arc::downgrade(pod));
+        }
+    }
+
+    /// The served pod that is `workload` (the same pod, not merely one at its address).
+    fn get(&self, workload: &Workload) -> Option<Arc<PodContext>> {
+        let pods = self.0.read().unwrap_or_else(|e| e.into_inner());
+        let pod = workload.ips.iter().find_map(|ip| pods.get(ip)?.upgrade())?;
+        (pod.workload.key == workload.key && pod.workload.uid == workload.uid).then_some(pod)
+    }
+}
+
+impl Proxy {
+    /// The context of `workload` when this agent serves it and same-node connections are
+    /// joined here.
+    pub(super) fn local_destination(&self, workload: &Workload) -> Option<Arc<PodContext>> {
+        if self.settings.same_node_hbone {
+            return None;
+        }
+        self.local.get(workload)
+    }
+
+    /// Serves a connection from `src` (captured on its outbound listener from client port
+    /// `port`) to `dst` on `dst_pod`, also served here. `record` is the outbound record.
+    pub(super) async fn same_node(
+        &self,
+        src: &PodContext,
+        dst_pod: &PodContext,
+        client: TcpStream,
+        port: u16,
+        dst: SocketAddr,
+        record: &mut ConnectionRecord,
+    ) -> Result<(), ProxyError> {
+        let start = Instant::now();
+        dst_pod.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        record.security = Security::MutualTls;
+        record.dst_identity = Some(dst_pod.identity.clone());
+        // The source's address on the pod network, as an HBONE connection from it would have.
+        let source_ip =
+            src.workload.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.is_ipv4()).unwrap_or(dst.ip());
+        let mut inbound = ConnectionRecord::new(Direction::Inbound);
+        inbound.security = Security::MutualTls;
+        inbound.src_addr = Some(SocketAddr::new(source_ip, port));
+        inbound.src_identity = Some(src.identity.clone());
+        inbound.src_workload = Some(src.workload.clone());
+        inbound.dst_workload = Some(dst_pod.workload.clone());
+        inbound.dst_identity = Some(dst_pod.identity.clone());
+        inbound.dst_addr = Some(dst);
+        let service = record.dst_service.clone();
+        let outbound_note = |verdict, reason: Option<String>| Note {
+            security: "mutual_tls",
+            peer: Some(dst),
+            service: service.clone(),
+            src_identity: Some(src.identity.to_string()),
+            dst_identity: Some(dst_pod.identity.to_string()),
+            verdict,
+            policy: None,
+            reason,
+        };
+        let result = async {
+            let input = ConnectionInput {
+                principal: Some(src.identity.principal()),
+                namespace: Some(src.identity.namespace.clone()),
+                source_ip,
+                destination: dst,
+            };
+            let cluster = self.cluster();
+            let decision =
+                InboundDecision::new(&cluster, &dst_pod.workload, &input, &self.settings.root_namespace);
+            inbound.authorization = decision.verdict().cloned();
+            let verdict = match decision {
+                InboundDecision::Authorized { verdict, .. } if verdict.allowed => verdict,
+                refused => {
+                    reset(client);
+                    let policy = refused.verdict().and_then(|v| v.policy.clone());
+                    let reason = refused.reason();
+                    self.flow_refused(dst_pod, inbound.src_addr.unwrap_or(dst), Some(&src.identity), dst, "denied", policy, &reason);
+                    return Err(ProxyError::Denied(reason));
+                }
+            };
+            let (_registration, revoked) = self.tracker.register(dst_pod.workload.key.clone(), input);
+            let upstream = match Box::pin(connect_from(&dst_pod.netns, dst)).await {
+                Ok(upstream) => upstream,
+                Err(e) => {
+                    reset(client);
+                    return Err(e);
+                }
+            };
+            self.settings.flows.note(src.cookie, port, outbound_note("allowed", None));
+            record.mark_opened(&self.settings.metrics);
+            inbound.mark_opened(&self.settings.metrics);
+            self.note_delivery(dst_pod, &upstream, Note {
+                security: "mutual_tls",
+                peer: inbound.src_addr,
+                src_identity: Some(src.identity.to_string()),
+                dst_identity: Some(dst_pod.identity.to_string()),
+                verdict: "allowed",
+                policy: verdict.policy.clone(),
+                reason: Some(verdict.reason.clone()),
+                ..Note::default()
+            });
+            let moved = tokio::select! {
+                moved = relay::tcp_to_tcp(client, upstream) => moved.map_err(ProxyError::Relay)?,
+                Ok(reason) = revoked => return Err(ProxyError::Denied(format!("closed by a policy change: {reason}"))),
+            };
+            for r in [&mut *record, &mut inbound] {
+                r.bytes_sent = moved.sent;
+                r.bytes_received = moved.received;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = &result
+            && !record.opened
+        {
+            let verdict = if matches!(e, ProxyError::Denied(_)) { "denied" } else { "error" };
+            self.settings.flows.note(src.cookie, port, outbound_note(verdict, Some(e.to_string())));
+        }
+        count(dst_pod, inbound.bytes_received, inbound.bytes_sent, result.is_err());
+        // The destination's record, as its HBONE side would have written it; the caller
+        // finishes the source's.
+        inbound.finish(start, result.as_ref().err(), &self.settings.metrics);
+        result
+    }
+}
