@@ -78,6 +78,11 @@ pub enum BpfError {
         /// The propagation of the mount that holds it (`a slave of the host's`, `private`).
         propagation: &'static str,
     },
+    /// This binary was built without its kernel programs.
+    #[error(
+        "this ambit was built with AYA_BUILD_SKIP=1 and holds no kernel programs; build it without that to run the agent"
+    )]
+    NotBuilt,
     /// No cgroup v2 hierarchy was found.
     #[error(
         "no mount of the cgroup v2 root in /proc/self/mountinfo{seen}; ambit needs cgroup v2 to \
@@ -275,6 +280,9 @@ impl Datapath {
         instance: &str,
         flow_buffer_bytes: u32,
     ) -> Result<(Self, ProxyMaps, TraceMaps), BpfError> {
+        if PROGRAMS.is_empty() {
+            return Err(BpfError::NotBuilt);
+        }
         ensure_bpffs(Path::new(BPFFS))?;
         let cgroup_root = cgroup2_root()?;
         let pin_dir = pin_root.join(instance);
