@@ -297,7 +297,8 @@ pub fn ca_finish(
 /// `ambit check` options.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// The source pod: `namespace/name` (or `name` when unambiguous).
+    /// The source: a pod (`namespace/name`, or `name` when unambiguous), or a client outside
+    /// the mesh by address (`10.0.0.5`) or CIDR block (`10.0.0.0/24`: both ends are checked).
     pub src: String,
     /// The destination and port: `namespace/pod:8080`, `namespace/service:80` or `10.0.0.3:8080`
     /// (`[fd00::3]:8080`).

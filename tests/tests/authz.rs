@@ -325,3 +325,37 @@ fn allow_rules_with_http_attributes_are_dropped_as_istio_does() {
         "shop/no-admin"
     );
 }
+
+/// `ambit check` for clients that are not pods: an address, a CIDR block, and a pod named by
+/// its address; STRICT refuses the plaintext client as the agents do (the control: a real
+/// plaintext connection from the outsider pod is refused too).
+#[test]
+fn check_answers_for_addresses_outside_the_mesh() {
+    let (cluster, _a, _b) = shop();
+    let _backend = cluster.pod("backend").echo_server(HTTP).expect("app");
+    let address = check(&cluster, "192.0.2.7", "shop/backend", HTTP);
+    assert_eq!(address["verdict"], "refused", "{address}");
+    assert!(address["source"]["pod"].is_null() && address["source"]["in_mesh"] == false, "{address}");
+    assert_eq!(address["source"]["ip"], "192.0.2.7");
+    let hints = address["hints"].to_string();
+    assert!(hints.contains("192.0.2.7 is outside the mesh") && hints.contains("portLevelMtls"), "{hints}");
+    let block = check(&cluster, "192.0.2.0/24", "shop/backend", HTTP);
+    assert_eq!(block["verdict"], "refused", "{block}");
+    assert!(block["hints"].to_string().contains("192.0.2.0 and 192.0.2.255"), "{block}");
+    // A pod's address is that pod.
+    let outsider_ip = cluster.pod("outsider").ip().to_string();
+    let by_ip = check(&cluster, &outsider_ip, "shop/backend", HTTP);
+    assert_eq!(by_ip["source"]["pod"], "legacy/outsider", "{by_ip}");
+    assert_eq!(by_ip["verdict"], "refused");
+    assert!(
+        attempt(&cluster, "outsider", cluster.pod("backend").addr(HTTP)).is_err(),
+        "and the agents refuse it"
+    );
+    let bad = cluster.node("a").ambit(&["check", "10.0.0.0/99", "shop/backend:8080"]).expect("check");
+    assert_eq!(bad.status.code(), Some(1), "the agent names what it cannot answer, as for an unknown pod");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("10.0.0.0/99"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}

@@ -15,8 +15,8 @@ use crate::{
 /// Why a check could not be answered.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CheckError {
-    /// SRC must be a pod.
-    #[error("source {0:?} is not a pod this agent knows (use namespace/name)")]
+    /// SRC must be a pod, an IP address or a CIDR block.
+    #[error("source {0:?} is not a pod this agent knows (use namespace/name), an IP address or a CIDR block")]
     UnknownSource(String),
     /// DST is neither a pod, a Service nor an IP.
     #[error("destination {0:?} is not a pod, Service or IP address this agent knows")]
@@ -93,13 +93,31 @@ pub fn check(
     dst: &str,
     port: u16,
 ) -> Result<CheckReport, CheckError> {
-    let source = find_pod(cluster, src).ok_or_else(|| CheckError::UnknownSource(src.to_owned()))?;
+    let (source, src_ip) = match resolve_source(cluster, src)? {
+        Source::Pod(pod) => {
+            (Some(pod), pod.ips.first().copied().ok_or_else(|| CheckError::UnknownSource(src.to_owned()))?)
+        }
+        Source::Address(ip) => (None, ip),
+        Source::Block { first, last } => {
+            // Address rules (ipBlocks) may treat the block's ends differently: say so.
+            let mut report = check(cluster, trust_domain, root_namespace, &first.to_string(), dst, port)?;
+            let other = check(cluster, trust_domain, root_namespace, &last.to_string(), dst, port)?;
+            report.hints.push(if other.verdict == report.verdict {
+                format!("evaluated for {first} and {last}, the ends of {src}: the same answer")
+            } else {
+                format!(
+                    "the answer depends on the address within {src}: {first} is {}, {last} is {}",
+                    report.verdict, other.verdict
+                )
+            });
+            return Ok(report);
+        }
+    };
     let (destination, service, port) = resolve_destination(cluster, dst, port)?;
-    let src_ip = source.ips.first().copied().ok_or_else(|| CheckError::UnknownSource(src.to_owned()))?;
     let identity = |w: &Workload| {
         w.enrollment.is_enrolled().then(|| Identity::new(trust_domain, &w.key.namespace, &w.service_account))
     };
-    let src_id = identity(source);
+    let src_id = source.and_then(identity);
     let (dst_pod, dst_ip, dst_id) = match &destination {
         Destination::Pod(w) => {
             (Some(*w), w.ips.first().copied().unwrap_or(IpAddr::from([0, 0, 0, 0])), identity(w))
@@ -118,7 +136,7 @@ pub fn check(
         in_mesh: id.is_some(),
     };
     let mut report = CheckReport {
-        source: end(Some(source), src_ip, &src_id),
+        source: end(source, src_ip, &src_id),
         destination: end(dst_pod, dst_ip, &dst_id),
         service,
         port,
@@ -130,7 +148,9 @@ pub fn check(
         hints: Vec::new(),
     };
 
-    if dst_pod.is_some_and(|d| d.key == source.key) {
+    if let (Some(d), Some(s)) = (dst_pod, source)
+        && d.key == s.key
+    {
         report.transport = "local".into();
         report.transport_reason =
             "a pod reaching its own address stays inside its network namespace: not captured, no policy applies".into();
@@ -167,15 +187,20 @@ pub fn check(
     match decision {
         InboundDecision::Strict(_) => {
             report.verdict = "refused".into();
-            report.hints.push(format!(
-                "enroll {} in the mesh (label its namespace or pod istio.io/dataplane-mode=ambient) or add a PERMISSIVE port-level exception",
-                source.key
-            ));
+            report.hints.push(match source {
+                Some(source) => format!(
+                    "enroll {} in the mesh (label its namespace or pod istio.io/dataplane-mode=ambient) or add a PERMISSIVE port-level exception",
+                    source.key
+                ),
+                None => format!(
+                    "{src_ip} is outside the mesh: a plaintext client there is refused under STRICT; a port-level PERMISSIVE exception for port {port} (portLevelMtls) admits it"
+                ),
+            });
         }
         InboundDecision::Authorized { verdict, .. } => {
             if !verdict.allowed {
                 report.verdict = "denied".into();
-                report.hints.extend(hints(cluster, source, dst_workload, &input));
+                report.hints.extend(hints(cluster, source, src_ip, dst_workload, &input));
             }
             report.authorization = Some(verdict);
         }
@@ -184,7 +209,14 @@ pub fn check(
 }
 
 /// Likely causes of a denial, in words.
-fn hints(cluster: &Cluster, source: &Workload, dst: &Workload, input: &ConnectionInput) -> Vec<String> {
+fn hints(
+    cluster: &Cluster,
+    source: Option<&Workload>,
+    src_ip: IpAddr,
+    dst: &Workload,
+    input: &ConnectionInput,
+) -> Vec<String> {
+    let who = source.map_or_else(|| src_ip.to_string(), |s| s.key.to_string());
     let named: Vec<&str> = cluster
         .authorization
         .for_workload(&dst.key)
@@ -194,10 +226,10 @@ fn hints(cluster: &Cluster, source: &Workload, dst: &Workload, input: &Connectio
     let mut hints = Vec::new();
     match &input.principal {
         None if !named.is_empty() => hints.push(format!(
-            "{} is not in the mesh, so its connection has no identity; rules that name principals or namespaces never match it",
-            source.key
+            "{who} is not in the mesh, so its connection has no identity; rules that name principals or namespaces never match it"
         )),
         Some(principal) => {
+            let Some(source) = source else { return hints };
             let same_ns: Vec<&&str> =
                 named.iter().filter(|p| p.split('/').nth(2) == Some(source.key.namespace.as_str())).collect();
             if !same_ns.is_empty() && !named.iter().any(|p| super::authorization::pattern_matches(p, principal)) {
@@ -221,6 +253,54 @@ fn hints(cluster: &Cluster, source: &Workload, dst: &Workload, input: &Connectio
         hints.extend(policy.http_warnings().map(|w| format!("ALLOW policy {}: {w}", policy.name)));
     }
     hints
+}
+
+enum Source<'a> {
+    Pod(&'a Workload),
+    /// An address no pod has: a client outside the cluster's pods.
+    Address(IpAddr),
+    /// A CIDR block: its first and last addresses.
+    Block {
+        first: IpAddr,
+        last: IpAddr,
+    },
+}
+
+/// A pod (by name, or by one of its addresses), another address, or a CIDR block.
+fn resolve_source<'a>(cluster: &'a Cluster, src: &str) -> Result<Source<'a>, CheckError> {
+    if let Some(pod) = find_pod(cluster, src) {
+        return Ok(Source::Pod(pod));
+    }
+    let unknown = || CheckError::UnknownSource(src.to_owned());
+    if let Some((net, len)) = src.split_once('/')
+        && let (Ok(net), Ok(len)) = (net.parse::<IpAddr>(), len.parse::<u32>())
+    {
+        let (first, last) = match net {
+            IpAddr::V4(v4) if len <= 32 => {
+                let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+                let base = u32::from(v4) & mask;
+                (
+                    IpAddr::from(std::net::Ipv4Addr::from(base)),
+                    IpAddr::from(std::net::Ipv4Addr::from(base | !mask)),
+                )
+            }
+            IpAddr::V6(v6) if len <= 128 => {
+                let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+                let base = u128::from(v6) & mask;
+                (
+                    IpAddr::from(std::net::Ipv6Addr::from(base)),
+                    IpAddr::from(std::net::Ipv6Addr::from(base | !mask)),
+                )
+            }
+            _ => return Err(unknown()),
+        };
+        return Ok(Source::Block { first, last });
+    }
+    let ip: IpAddr = src.parse().map_err(|_| unknown())?;
+    Ok(match cluster.workload_by_ip(ip) {
+        Some(pod) => Source::Pod(pod),
+        None => Source::Address(ip),
+    })
 }
 
 enum Destination<'a> {
