@@ -67,6 +67,9 @@ fn make_target(target: &Path, dir: bool, created: &mut Vec<PathBuf>) -> io::Resu
     Ok(())
 }
 
+/// Longer than the agent's log batching delay (`telemetry::writer`), with room for the write.
+pub(crate) const LOG_BATCH: Duration = Duration::from_millis(25);
+
 /// How an agent process ended.
 #[derive(Debug)]
 pub struct AgentOutput {
@@ -302,6 +305,9 @@ impl Agent {
 
     /// Everything the agent logged.
     pub fn log_text(&self) -> String {
+        // The agent writes its log in batches, each at most 10 ms after its first line: what
+        // it logged before this call is in the file after this pause.
+        std::thread::sleep(LOG_BATCH);
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 

@@ -88,6 +88,7 @@ impl Running {
 
     /// Everything it wrote (stdout and stderr).
     pub fn logs(&self) -> String {
+        std::thread::sleep(crate::agent::LOG_BATCH);
         run(&["logs", &self.name])
             .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
             .unwrap_or_default()

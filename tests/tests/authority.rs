@@ -767,8 +767,12 @@ fn forty_new_identities_at_once_are_each_one_csr() {
     }
     let held = certs(&agent);
     assert_eq!(held.len(), 40, "{held:?}");
-    let issued: Vec<Value> =
-        mesh.ca().log_events().into_iter().filter(|e| e["message"] == "certificate issued").collect();
+    // The CA's log is written in batches: wait for its lines rather than read it once.
+    let issued = || -> Vec<Value> {
+        mesh.ca().log_events().into_iter().filter(|e| e["message"] == "certificate issued").collect()
+    };
+    wait_until("the CA's records of 40 certificates", Duration::from_secs(5), || issued().len() >= 40);
+    let issued = issued();
     for i in 0..40 {
         let id = identity("shop", &format!("sa{i}"));
         let n = issued.iter().filter(|e| e["identity"] == id.as_str()).count();
