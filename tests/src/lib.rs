@@ -44,3 +44,14 @@ pub fn connect_in(
 ) -> std::io::Result<std::net::TcpStream> {
     sys::in_netns(netns, || std::net::TcpStream::connect_timeout(&addr, timeout))?
 }
+
+/// Cluster-file YAML: STRICT mTLS in `namespace`, and an AuthorizationPolicy named `app` there
+/// that lets only `principal` (`cluster.local/ns/NS/sa/SA`) into the pods labelled `app=APP`.
+pub fn strict_allowing_only(namespace: &str, app: &str, principal: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: {namespace}}}\n\
+         spec: {{mtls: {{mode: STRICT}}}}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+         metadata: {{name: {app}, namespace: {namespace}}}\nspec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  \
+         action: ALLOW\n  rules:\n  - from: [{{source: {{principals: [{principal}]}}}}]\n"
+    )
+}

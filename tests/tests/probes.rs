@@ -11,22 +11,6 @@ const HTTP: u16 = 8080;
 const NODE_PORT: u16 = 30080;
 const STEP: Duration = Duration::from_secs(5);
 
-const POLICIES: &str = "\
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: shop}
-spec: {mtls: {mode: STRICT}}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: app, namespace: shop}
-spec:
-  selector: {matchLabels: {app: app}}
-  action: ALLOW
-  rules:
-  - from: [{source: {principals: [cluster.local/ns/shop/sa/frontend-sa]}}]
-";
-
 fn cluster() -> Cluster {
     let cluster = Cluster::builder()
         .node("a")
@@ -37,7 +21,11 @@ fn cluster() -> Cluster {
         .pod(PodSpec::new("legacy", "plain", "a"))
         .build()
         .expect("cluster");
-    cluster.set_extra_yaml(POLICIES);
+    cluster.set_extra_yaml(&ambit_tests::strict_allowing_only(
+        "shop",
+        "app",
+        "cluster.local/ns/shop/sa/frontend-sa",
+    ));
     cluster.write_manifest().expect("write");
     cluster
 }

@@ -6,7 +6,8 @@ use anyhow::{Context as _, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker (rustc's LLVM is 22), iproute2 for the test
 /// harness, tcpdump and openssl as independent judges in the tests, nftables for the NodePort
-/// DNAT a test builds in a node (never used by ambit itself), iperf3 and sockperf for the
+/// DNAT a test builds in a node (never used by ambit itself), nginx as the ingress proxy of a
+/// test, iperf3 and sockperf for the
 /// bench, podman with runc and mmdebstrap
 /// for the agent's image and the tests that run it as the DaemonSet does.
 const PACKAGES: &[&str] = &[
@@ -20,6 +21,7 @@ const PACKAGES: &[&str] = &[
     "openssl",
     "nftables",
     "iperf3",
+    "nginx-light",
     "sockperf",
     "python3",
     "python3-pip",
