@@ -9,7 +9,7 @@
 
 pub mod hbone;
 pub mod inbound;
-mod local;
+pub(crate) mod local;
 pub mod outbound;
 pub mod relay;
 pub mod tracker;
@@ -272,10 +272,10 @@ impl Proxy {
         self.pool.close_idle();
     }
 
-    /// Records that this agent serves `pod` (for same-node connections, until its listeners
-    /// stop).
-    pub fn serving(&self, pod: &Arc<PodContext>) {
-        self.local.insert(pod);
+    /// Records that this agent serves `pod`, for same-node connections, until the returned
+    /// entry is dropped (with the pod's listeners).
+    pub(crate) fn serving(&self, pod: &Arc<PodContext>) -> local::Served {
+        self.local.insert(pod)
     }
 
     /// The HBONE connection pool.

@@ -152,6 +152,8 @@ struct Serving {
     workload: Arc<Workload>,
     stats: Arc<PodStats>,
     tasks: Vec<JoinHandle<()>>,
+    /// Same-node connections reach the pod while this lives.
+    _local: crate::proxy::local::Served,
 }
 
 impl Drop for Serving {
@@ -567,7 +569,7 @@ impl Redirector {
             server_tls,
             baggage: crate::telemetry::baggage(workload),
         });
-        self.proxy.serving(&context);
+        let local = self.proxy.serving(&context);
         let to_tokio = |(addr, socket): (SocketAddr, Socket)| {
             TcpListener::from_std(socket.into()).map_err(|source| RedirectError::Listen {
                 pod: pod.clone(),
@@ -575,7 +577,7 @@ impl Redirector {
                 source,
             })
         };
-        let mut serving = Serving { workload: workload.clone(), stats, tasks: Vec::new() };
+        let mut serving = Serving { workload: workload.clone(), stats, tasks: Vec::new(), _local: local };
         for socket in outbound {
             let listener = to_tokio(socket)?;
             serving.tasks.push(tokio::spawn(self.proxy.clone().serve_outbound(context.clone(), listener)));

@@ -163,3 +163,52 @@ fn with_same_node_hbone_the_agent_tunnels_to_itself() {
     let outbound = record(&b, "outbound");
     assert_eq!(outbound["dst.hbone_addr"], format!("{db_ip}:15008"), "{outbound}");
 }
+
+/// A destination pod whose capture fails (an app holds the agent's ports in it) is closed to
+/// same-node connections as to every other: the agent does not deliver to a pod it does not
+/// serve. The control: once the ports are free and the pod is captured, the same connection
+/// works.
+#[test]
+fn a_destination_whose_capture_failed_is_closed_to_same_node_connections() {
+    let cluster = Cluster::builder().shop().build().expect("cluster");
+    cluster.set_extra_yaml(POLICIES);
+    cluster.write_manifest().expect("write");
+    let squat_inbound = cluster.pod("db").echo_server(15006).expect("app on 15006");
+    let squat_hbone = cluster.pod("db").echo_server(15008).expect("app on 15008");
+    let db = cluster.pod("db").echo_server(HTTP).expect("db");
+    let b = cluster.spawn_agent("b", &[]).expect("agent b");
+    b.wait_for_event(STEP, |e| {
+        e["message"] == "pod not captured; its traffic is refused; will retry" && e["pod"] == "shop/db"
+    })
+    .expect("db not captured");
+    let dst = cluster.pod("db").addr(HTTP);
+    wait_until_served(&cluster, "backend");
+    assert!(cluster.pod("backend").attempt(dst).is_err(), "db is not served: nothing delivers to it");
+    assert!(db.peers().is_empty() && squat_inbound.peers().is_empty() && squat_hbone.peers().is_empty());
+    drop((squat_inbound, squat_hbone));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.pod("backend").attempt(dst).is_err() {
+        assert!(Instant::now() < deadline, "db captured and served once its ports are free");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until `pod`'s outbound capture is in place (its agent lists it as captured).
+fn wait_until_served(cluster: &Cluster, pod: &str) {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let out = cluster.node("b").ambit(&["workloads", "-o", "json"]).expect("ambit workloads");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let captured = serde_json::from_str::<Value>(&text).ok().is_some_and(|v| {
+            v.as_array()
+                .into_iter()
+                .flatten()
+                .any(|w| w["namespace"] == "shop" && w["name"] == pod && w["state"] == "captured")
+        });
+        if captured {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{pod} not captured: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

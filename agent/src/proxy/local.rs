@@ -24,18 +24,24 @@ use crate::{
     telemetry::{ConnectionRecord, Direction, Security},
 };
 
-/// The pods this agent serves, by address, for the same-node path.
+type ByAddress = std::sync::RwLock<std::collections::HashMap<IpAddr, Weak<PodContext>>>;
+
+/// The pods this agent serves, by address, for the same-node path: only while their listeners
+/// run (a pod whose capture stopped is closed to same-node traffic too, as to any other).
 #[derive(Default)]
-pub(crate) struct LocalPods(std::sync::RwLock<std::collections::HashMap<IpAddr, Weak<PodContext>>>);
+pub(crate) struct LocalPods(Arc<ByAddress>);
+
+/// A pod's place in [`LocalPods`], removed when dropped (with the pod's listeners).
+pub(crate) struct Served(Arc<ByAddress>, Weak<PodContext>, Vec<IpAddr>);
 
 impl LocalPods {
-    /// Records that `pod` is served here (until its listeners stop and drop it).
-    pub(crate) fn insert(&self, pod: &Arc<PodContext>) {
+    /// Records that `pod` is served here, until the returned entry is dropped.
+    pub(crate) fn insert(&self, pod: &Arc<PodContext>) -> Served {
         let mut pods = self.0.write().unwrap_or_else(|e| e.into_inner());
-        pods.retain(|_, p| p.strong_count() > 0);
         for ip in &pod.workload.ips {
             pods.insert(*ip, Arc::downgrade(pod));
         }
+        Served(self.0.clone(), Arc::downgrade(pod), pod.workload.ips.clone())
     }
 
     /// The served pod that is `workload` (the same pod, not merely one at its address).
@@ -43,6 +49,18 @@ impl LocalPods {
         let pods = self.0.read().unwrap_or_else(|e| e.into_inner());
         let pod = workload.ips.iter().find_map(|ip| pods.get(ip)?.upgrade())?;
         (pod.workload.key == workload.key && pod.workload.uid == workload.uid).then_some(pod)
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let mut pods = self.0.write().unwrap_or_else(|e| e.into_inner());
+        for ip in &self.2 {
+            // Only this pod's entry: the address may belong to a newer pod by now.
+            if pods.get(ip).is_some_and(|p| Weak::ptr_eq(p, &self.1)) {
+                pods.remove(ip);
+            }
+        }
     }
 }
 
