@@ -618,10 +618,12 @@ impl Redirector {
                 reserve.push(key.clone());
             }
         }
+        // One /proc walk for all the pods to serve again, not one each.
+        let processes = OnceCell::new();
         for key in reserve {
             let Some(workload) = self.held.get(&key).map(|h| h.workload.clone()) else { continue };
             let mut claimed = HashMap::new();
-            if let Err(e) = self.enroll(cluster, &workload, &mut claimed, &OnceCell::new()) {
+            if let Err(e) = self.enroll(cluster, &workload, &mut claimed, &processes) {
                 check.broken.push(e.to_string());
             }
         }
