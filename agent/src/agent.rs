@@ -92,8 +92,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if args.node.is_empty() {
         return Err(AgentError::Usage("--node (or NODE_NAME) must not be empty".into()));
     }
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
+    let uid = nix::unistd::geteuid().as_raw();
     if uid != 0 {
         return Err(AgentError::NotRoot(uid));
     }
@@ -398,16 +397,11 @@ const VERIFY_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// Every proxied connection holds two sockets; the default soft limit of 1024 descriptors would
 /// cap a node at a few hundred connections. Raise it to the hard limit.
 fn raise_fd_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: a valid out-pointer, then the same struct back in.
-    let raised = unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
-        }
-    };
-    if !raised {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "could not raise the open-files limit");
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let raised = getrlimit(Resource::RLIMIT_NOFILE)
+        .and_then(|(_, hard)| setrlimit(Resource::RLIMIT_NOFILE, hard, hard));
+    if let Err(errno) = raised {
+        tracing::warn!(error = %errno, "could not raise the open-files limit");
     }
 }
 

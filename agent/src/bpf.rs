@@ -844,25 +844,15 @@ fn ensure_bpffs(path: &Path) -> Result<(), BpfError> {
             return Err(BpfError::BpffsNotShared { path: path.to_owned(), propagation });
         }
     }
-    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| BpfError::Bpffs { path: path.to_owned(), source: io::Error::other(e) })?;
-    // SAFETY: all pointers are valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
-    if rc != 0 {
-        return Err(BpfError::Bpffs { path: path.to_owned(), source: io::Error::last_os_error() });
-    }
+    nix::mount::mount(Some("bpf"), path, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|errno| BpfError::Bpffs { path: path.to_owned(), source: errno.into() })?;
     info!(path = %path.display(), "mounted bpffs");
     Ok(())
 }
 
 pub(crate) fn fs_magic(path: &Path) -> Option<i64> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statfs is plain old data; zeroed is a valid initial value.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid path pointer and a valid out-pointer.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
     #[allow(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
-    (rc == 0).then_some(stat.f_type as i64)
+    nix::sys::statfs::statfs(path).ok().map(|stat| stat.filesystem_type().0 as i64)
 }
 
 /// Whether this process shares the mount namespace of PID 1 and of its parent (the container

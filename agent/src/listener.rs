@@ -145,13 +145,8 @@ fn open_files_limit() -> u64 {
     if read_at != 0 && now.saturating_sub(read_at) < LIMIT_TTL.as_millis() as u64 {
         return CACHED.load(Ordering::Relaxed);
     }
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: a valid out-pointer.
-    let value = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
-        limit.rlim_cur
-    } else {
-        u64::MAX
-    };
+    let value = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(u64::MAX, |(soft, _)| soft);
     CACHED.store(value, Ordering::Relaxed);
     READ_AT.store(now, Ordering::Relaxed);
     value

@@ -66,17 +66,8 @@ pub fn ensure_mounted() -> io::Result<()> {
     if super::fs_magic(path) == Some(TRACEFS_MAGIC) {
         return Ok(());
     }
-    // SAFETY: valid NUL-terminated strings for the duration of the call.
-    let rc = unsafe {
-        libc::mount(
-            c"nodev".as_ptr(),
-            c"/sys/kernel/tracing".as_ptr(),
-            c"tracefs".as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    nix::mount::mount(Some("nodev"), path, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(io::Error::from)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 use std::{
     fs::{self, File},
     io::Write as _,
-    os::{fd::AsRawFd as _, unix::fs::OpenOptionsExt as _},
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -122,10 +122,9 @@ impl Ca {
                 .write(true)
                 .open(&lock_path)
                 .map_err(io(&lock_path))?;
-            // SAFETY: a valid fd; the lock is released when `lock` is closed.
-            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(io(&lock_path)(std::io::Error::last_os_error()));
-            }
+            // Released when the guard (and its file) is dropped.
+            let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, errno)| io(&lock_path)(errno.into()))?;
             match (cert_path.exists(), key_path.exists()) {
                 (false, false) => create(&cert_path, &key_path, trust_domain)?,
                 (true, false) => {

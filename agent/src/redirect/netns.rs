@@ -10,7 +10,7 @@ use std::{
     fs::File,
     io,
     os::{
-        fd::{AsFd, AsRawFd as _, BorrowedFd},
+        fd::{AsFd, BorrowedFd},
         unix::fs::MetadataExt as _,
     },
     path::{Path, PathBuf},
@@ -114,20 +114,13 @@ impl Drop for ReturnHome {
 }
 
 fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: a valid namespace fd; CLONE_NEWNET only changes this thread's network namespace.
-    let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc == 0 { Ok(()) } else { Err(capability::explain(io::Error::last_os_error(), Capability::SysAdmin)) }
+    // CLONE_NEWNET only changes this thread's network namespace.
+    nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(|errno| capability::explain(errno.into(), Capability::SysAdmin))
 }
 
 fn is_nsfs(file: &File) -> bool {
-    const NSFS_MAGIC: i64 = 0x6e73_6673;
-    // SAFETY: statfs is plain old data; zeroed is a valid initial value.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid fd and out-pointer.
-    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) };
-    #[allow(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
-    let magic = stat.f_type as i64;
-    rc == 0 && magic == NSFS_MAGIC
+    nix::sys::statfs::fstatfs(file).is_ok_and(|stat| stat.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
 }
 
 #[cfg(test)]
@@ -165,8 +158,8 @@ mod tests {
         assert!(Netns::open(Path::new(&own)).expect("own pid").not_a_pod().is_some());
         // The control: a namespace of its own is a pod's.
         let pod = std::thread::spawn(|| {
-            // SAFETY: unshare only changes this new thread's network namespace.
-            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "{}", io::Error::last_os_error());
+            // Only this new thread's network namespace changes.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
             Netns::open(Path::new("/proc/thread-self/ns/net")).expect("new netns").not_a_pod()
         })
         .join()
