@@ -89,9 +89,15 @@ impl Proxy {
         dst_pod.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         record.security = Security::MutualTls;
         record.dst_identity = Some(dst_pod.identity.clone());
-        // The source's address on the pod network, as an HBONE connection from it would have.
+        // The source's address on the pod network, as an HBONE connection from it would have;
+        // without one of that family, an address no ipBlocks rule names by accident.
+        let unspecified = if dst.is_ipv4() {
+            IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
+        } else {
+            IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+        };
         let source_ip =
-            src.workload.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.is_ipv4()).unwrap_or(dst.ip());
+            src.workload.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.is_ipv4()).unwrap_or(unspecified);
         let mut inbound = ConnectionRecord::new(Direction::Inbound);
         inbound.security = Security::MutualTls;
         inbound.src_addr = Some(SocketAddr::new(source_ip, port));
