@@ -126,6 +126,11 @@ fn the_destinations_policy_decides_same_node_connections_and_revokes_open_ones()
     let inbound = record(&b, "inbound");
     assert_eq!(inbound["authz.verdict"], "denied", "{inbound}");
     assert_eq!(inbound["src.identity"], "spiffe://cluster.local/ns/shop/sa/intruder-sa", "{inbound}");
+    // The agent's own ports in db are not a destination (as an HBONE CONNECT to them is
+    // refused); the control below is the same client reaching db's app port.
+    for port in [15006, 15008] {
+        assert!(cluster.pod("backend").attempt(cluster.pod("db").addr(port)).is_err(), "db:{port} refused");
+    }
     let mut open = cluster.pod("backend").connect(dst, STEP).expect("allowed");
     assert_eq!(echo_roundtrip(&mut open, b"before").expect("echo"), b"before");
 

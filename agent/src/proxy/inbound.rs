@@ -405,7 +405,7 @@ fn connect_target(request: &Request<h2::RecvStream>, local: SocketAddr) -> Resul
     Ok(dst)
 }
 
-fn is_reserved(port: u16) -> bool {
+pub(super) fn is_reserved(port: u16) -> bool {
     [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT].contains(&port)
 }
 

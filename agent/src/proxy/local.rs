@@ -118,6 +118,11 @@ impl Proxy {
             reason,
         };
         let result = async {
+            // As a CONNECT to one of the agent's own ports is refused: it would loop into them.
+            if super::inbound::is_reserved(dst.port()) {
+                reset(client);
+                return Err(ProxyError::ReservedPort(dst.port()));
+            }
             let input = ConnectionInput {
                 principal: Some(src.identity.principal()),
                 namespace: Some(src.identity.namespace.clone()),
