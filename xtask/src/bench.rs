@@ -238,21 +238,18 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
                 .0
             };
             let (on, off) = (median(true), median(false));
+            let show = |v: f64| match measure {
+                Measure::PingPong | Measure::PingPongPaced => format!("{v:.1} us"),
+                Measure::Connections => format!("{v:.0}/s"),
+                Measure::Iperf1 | Measure::Iperf4 => format!("{:.2} Gbit/s", v / 1e9),
+            };
             // Higher is better for throughput and rates, lower for latency.
-            let (shown, ratio) = match measure {
-                Measure::PingPong | Measure::PingPongPaced => (format!("{on:.1} us"), off / on),
-                Measure::Connections => (format!("{on:.0}/s"), on / off),
-                Measure::Iperf1 | Measure::Iperf4 => (format!("{:.2} Gbit/s", on / 1e9), on / off),
-            };
-            let off_shown = match measure {
-                Measure::PingPong | Measure::PingPongPaced => format!("{off:.1} us (off)"),
-                Measure::Connections => format!("{off:.0}/s (off)"),
-                Measure::Iperf1 | Measure::Iperf4 => format!("{:.2} Gbit/s (off)", off / 1e9),
-            };
+            let lower_is_better = matches!(measure, Measure::PingPong | Measure::PingPongPaced);
+            let ratio = if lower_is_better { off / on } else { on / off };
             rows.push(vec![
                 format!("tracing on vs off: {measure:?}"),
-                off_shown,
-                shown,
+                format!("{} (off)", show(off)),
+                show(on),
                 format!("{ratio:.2}"),
                 ">= 0.97 of off".into(),
             ]);

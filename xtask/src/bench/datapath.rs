@@ -261,11 +261,7 @@ pub(super) fn rows(results: &Results) -> Vec<Vec<String>> {
         let label = |what: &str| format!("{topology}: {what}");
         match measure {
             Measure::Iperf1 | Measure::Iperf4 => rows.push(vec![
-                label(&format!(
-                    "iperf3 {} stream{}",
-                    if *measure == Measure::Iperf1 { 1 } else { 4 },
-                    if *measure == Measure::Iperf1 { "" } else { "s" }
-                )),
+                label(if *measure == Measure::Iperf1 { "iperf3 1 stream" } else { "iperf3 4 streams" }),
                 format!("{:.2} Gbit/s", direct(|s| s.value) / 1e9),
                 format!("{:.2} Gbit/s", mesh(|s| s.value) / 1e9),
                 format!("{:.2} ({:.2}-{:.2})", ratio.0, ratio.1, ratio.2),
