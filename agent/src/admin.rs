@@ -149,7 +149,6 @@ impl AdminState {
         let policies: Vec<serde_json::Value> = cluster
             .authorization
             .all()
-            .iter()
             .map(|p| {
                 serde_json::json!({
                     "name": p.name,

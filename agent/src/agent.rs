@@ -82,7 +82,7 @@ impl AgentError {
 /// Where the agent learns about the cluster.
 enum Source {
     /// A local cluster file.
-    Local(std::path::PathBuf),
+    Local(Box<discovery::local::Reader>),
     /// The Kubernetes API.
     Kubernetes(::kube::Client),
 }
@@ -104,10 +104,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let (source, cluster, source_name, source_file) = match args.local.clone() {
         Some(file) => {
             let file = std::path::absolute(&file).unwrap_or(file);
-            let cluster = discovery::local::load(&file, &args.root_namespace)?;
+            let mut reader = discovery::local::Reader::new(&file, &args.root_namespace);
+            let cluster = reader.read()?;
             info!(file = %file.display(), pods = cluster.workloads.len(), node = %args.node, "cluster file loaded");
             let name = format!("local:{}", file.display());
-            (Source::Local(file.clone()), cluster, name, file)
+            (Source::Local(Box::new(reader)), cluster, name, file)
         }
         None => {
             let client = discovery::kube::client().await?;
@@ -211,12 +212,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         Redirector::new(args.node.clone(), datapath, proxy.clone(), identities.clone(), tls, tracing);
     let (synced_tx, synced) = watch::channel(false);
     match source {
-        Source::Local(file) => {
+        Source::Local(reader) => {
             synced_tx.send_replace(true);
-            tasks.spawn(
-                "cluster file watcher",
-                discovery::local::watch(file, args.root_namespace.clone(), cluster_tx, source_tx),
-            );
+            tasks.spawn("cluster file watcher", discovery::local::watch(*reader, cluster_tx, source_tx));
         }
         Source::Kubernetes(client) => {
             tasks.spawn(

@@ -6,19 +6,16 @@ pub mod kube;
 pub mod local;
 pub mod objects;
 pub mod services;
+mod snapshot;
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    fmt,
-    net::IpAddr,
-    path::PathBuf,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use self::objects::{EndpointSlice, Namespace, Pod, Service};
-use crate::policy::{AuthorizationPolicies, CompiledPolicy, PeerAuthentication, PeerAuthentications};
+pub(crate) use self::snapshot::Object;
+pub use self::snapshot::{Change, Cluster};
+use crate::policy::{CompiledPolicy, PeerAuthentication};
 
 /// Label that enrolls a Namespace or Pod (`ambient`) or opts a Pod out (`none`), as in Istio.
 pub const DATAPLANE_MODE_LABEL: &str = "istio.io/dataplane-mode";
@@ -63,6 +60,15 @@ pub enum DiscoveryError {
         /// What is wrong.
         message: String,
     },
+}
+
+/// The entries of `map` in `namespace`, in name order.
+pub(crate) fn in_namespace<'a, V>(
+    map: &'a imbl::OrdMap<ObjectKey, V>,
+    namespace: &'a str,
+) -> impl Iterator<Item = (&'a ObjectKey, &'a V)> + 'a {
+    let from = ObjectKey { namespace: namespace.to_owned(), name: String::new() };
+    map.range(from..).take_while(move |(k, _)| k.namespace == namespace)
 }
 
 /// Namespace and name of a namespaced object.
@@ -146,6 +152,10 @@ pub struct Workload {
     /// Named container ports, the targets of named Service ports.
     #[serde(skip, default)]
     pub named_ports: BTreeMap<String, u16>,
+    /// Whether the namespace's label decides the enrollment (the pod's own state and labels
+    /// do not), so that a namespace change re-derives it.
+    #[serde(skip, default)]
+    pub(crate) namespace_decides: bool,
 }
 
 impl Workload {
@@ -185,150 +195,6 @@ pub(crate) fn test_workload(namespace: &str, name: &str, labels: &[(&str, &str)]
         enrollment: Enrollment::Ambient,
         labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
         named_ports: BTreeMap::new(),
-    }
-}
-
-/// One consistent snapshot of the cluster.
-#[derive(Debug, Default)]
-pub struct Cluster {
-    /// Namespaces by name.
-    pub namespaces: BTreeMap<String, Namespace>,
-    /// Pods.
-    pub workloads: BTreeMap<ObjectKey, Arc<Workload>>,
-    /// Services.
-    pub services: BTreeMap<ObjectKey, Service>,
-    /// EndpointSlices.
-    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
-    /// Service virtual addresses and their endpoints.
-    pub services_index: services::ServiceIndex,
-    /// PeerAuthentications, indexed.
-    pub peer_authentications: PeerAuthentications,
-    /// AuthorizationPolicies, with the ones that apply to each workload.
-    pub authorization: AuthorizationPolicies,
-    by_ip: HashMap<IpAddr, ObjectKey>,
-    /// Addresses that two or more running pods claim, with the claimants: such an address has no
-    /// owner (no identity, no traffic) until the conflict is gone.
-    ip_conflicts: HashMap<IpAddr, Vec<ObjectKey>>,
-}
-
-impl Cluster {
-    /// Builds a snapshot from objects; pod IPs, enrollment and policy indexes are derived here
-    /// once, not per connection.
-    pub fn new(objects: Objects, root_namespace: &str) -> Self {
-        let Objects {
-            namespaces,
-            pods,
-            services,
-            endpoint_slices,
-            peer_authentications,
-            authorization_policies,
-        } = objects;
-        let mut workloads = BTreeMap::new();
-        let mut by_ip = HashMap::new();
-        let mut ip_conflicts: HashMap<IpAddr, Vec<ObjectKey>> = HashMap::new();
-        for pod in pods {
-            let workload = workload_of(&pod, &namespaces);
-            if workload.enrollment.owns_ips() {
-                for ip in &workload.ips {
-                    if let Some(first) = by_ip.insert(*ip, workload.key.clone()) {
-                        ip_conflicts.entry(*ip).or_insert_with(|| vec![first]).push(workload.key.clone());
-                    }
-                }
-            }
-            workloads.insert(workload.key.clone(), Arc::new(workload));
-        }
-        // Whichever pod came last must not win: neither gets the address.
-        for (ip, claimants) in &mut ip_conflicts {
-            by_ip.remove(ip);
-            claimants.sort();
-            claimants.dedup();
-        }
-        let authorization = AuthorizationPolicies::new(
-            authorization_policies,
-            workloads.values().map(|w| &**w),
-            root_namespace,
-        );
-        let services_index = services::ServiceIndex::new(&services, &endpoint_slices, &workloads);
-        Self {
-            namespaces,
-            authorization,
-            services_index,
-            workloads,
-            services,
-            endpoint_slices,
-            peer_authentications: PeerAuthentications::new(peer_authentications),
-            by_ip,
-            ip_conflicts,
-        }
-    }
-
-    /// The pods scheduled to `node`.
-    pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
-        self.workloads.values().filter(move |w| w.node.as_deref() == Some(node))
-    }
-
-    /// The number of a pod's named container port.
-    pub fn container_port(&self, pod: &ObjectKey, name: &str) -> Option<u16> {
-        self.workloads.get(pod)?.named_ports.get(name).copied()
-    }
-
-    /// The pod that owns `ip`, if any (host-network and finished pods own no IP, and neither of
-    /// two running pods claiming one does).
-    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.workloads.get(self.by_ip.get(&ip)?)
-    }
-
-    /// The running pods that claim `ip` when there is more than one.
-    pub fn ip_claimants(&self, ip: IpAddr) -> Option<&[ObjectKey]> {
-        self.ip_conflicts.get(&ip).map(Vec::as_slice)
-    }
-}
-
-fn workload_of(pod: &Pod, namespaces: &BTreeMap<String, Namespace>) -> Workload {
-    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
-    let pod_mode = pod.metadata.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
-    let ns_mode = namespaces
-        .get(&namespace)
-        .and_then(|ns| ns.metadata.labels.get(DATAPLANE_MODE_LABEL))
-        .map(String::as_str);
-    let finished = matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed"));
-    let enrollment = if pod.spec.host_network {
-        Enrollment::HostNetwork
-    } else if finished {
-        Enrollment::Finished
-    } else if pod_mode == Some("none") {
-        Enrollment::OptedOut
-    } else if pod_mode == Some("ambient") || ns_mode == Some("ambient") {
-        Enrollment::Ambient
-    } else {
-        Enrollment::NotEnrolled
-    };
-    let mut ips: Vec<IpAddr> = pod.status.pod_ips.iter().filter_map(|p| p.ip.parse().ok()).collect();
-    if let Some(ip) = pod.status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
-        && !ips.contains(&ip)
-    {
-        ips.insert(0, ip);
-    }
-    Workload {
-        key: ObjectKey { namespace, name: pod.metadata.name.clone() },
-        uid: pod.metadata.uid.clone().unwrap_or_default(),
-        node: pod.spec.node_name.clone(),
-        service_account: pod
-            .spec
-            .service_account_name
-            .clone()
-            .filter(|sa| !sa.is_empty())
-            .unwrap_or_else(|| "default".to_owned()),
-        ips,
-        netns: pod.metadata.annotations.get(NETNS_ANNOTATION).map(PathBuf::from),
-        enrollment,
-        labels: pod.metadata.labels.clone(),
-        named_ports: pod
-            .spec
-            .containers
-            .iter()
-            .flat_map(|c| &c.ports)
-            .filter_map(|p| Some((p.name.clone()?, p.container_port)))
-            .collect(),
+        namespace_decides: false,
     }
 }

@@ -278,6 +278,7 @@ mod tests {
             enrollment: Enrollment::Ambient,
             labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
             named_ports: Default::default(),
+            namespace_decides: false,
         }
     }
 

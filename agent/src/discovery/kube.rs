@@ -4,7 +4,7 @@
 //! from a half-listed cluster; until every kind has been listed once, nothing is published.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
     time::Duration,
 };
@@ -23,14 +23,15 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use super::{
-    Cluster, DiscoveryError, NETNS_ANNOTATION, ObjectKey, Objects,
+    Change, Cluster, DiscoveryError, NETNS_ANNOTATION, Object, ObjectKey,
     local::{SourceStatus, unix_now},
-    objects::{EndpointSlice, Namespace, Pod, Service},
+    objects::Pod,
 };
 use crate::policy::{AuthorizationPolicy, CompiledPolicy, PeerAuthentication};
 
-/// After a change, wait this long for more before building a snapshot (a re-list brings many).
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// After a change, wait this long for more before building the next snapshot: events that
+/// arrive together (a rollout, a re-list) cost one snapshot, and a lone event waits no longer.
+const DEBOUNCE: Duration = Duration::from_millis(10);
 
 /// The longest wait between attempts to reach the API server.
 const MAX_RETRY: Duration = Duration::from_secs(30);
@@ -87,7 +88,7 @@ impl Kind {
     }
 }
 
-enum Change {
+enum Event {
     Begin(Kind),
     Stage(Kind, DynamicObject),
     Commit(Kind),
@@ -96,21 +97,10 @@ enum Change {
     Failed(Kind, String),
 }
 
-/// An object as the agent keeps it: decoded once when it arrives, policies compiled.
-#[derive(Clone)]
-enum Stored {
-    Namespace(Namespace),
-    Pod(Pod),
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    PeerAuthentication(PeerAuthentication),
-    AuthorizationPolicy(CompiledPolicy),
-}
-
 /// The objects of one kind, and why some were rejected.
 #[derive(Default)]
 struct Listed {
-    objects: BTreeMap<ObjectKey, Stored>,
+    objects: BTreeMap<ObjectKey, Object>,
     rejected: BTreeMap<ObjectKey, String>,
 }
 
@@ -122,6 +112,10 @@ struct Store {
     staging: HashMap<Kind, Listed>,
     /// Kinds whose watch failed and has not delivered since, with the error.
     failing: BTreeMap<Kind, String>,
+    /// Objects that arrived or went since the last snapshot.
+    touched: BTreeSet<(Kind, ObjectKey)>,
+    /// The last snapshot published.
+    cluster: Cluster,
 }
 
 fn key_of(object: &DynamicObject) -> ObjectKey {
@@ -189,7 +183,7 @@ pub async fn watch(
             dirty |= store.apply(more, &mut listed);
         }
         if dirty && expected.iter().all(|k| listed.contains(k)) {
-            let cluster = store.snapshot(&root_namespace);
+            let cluster = store.publish(&root_namespace);
             // Synced first: the agent's loop wakes on the snapshot and must see it as complete.
             synced.send_replace(true);
             tx.send_replace(Arc::new(cluster));
@@ -250,18 +244,18 @@ async fn await_istio(client: Client) -> &'static str {
     }
 }
 
-async fn watch_kind(api: Api<DynamicObject>, kind: Kind, tx: mpsc::Sender<Change>) {
+async fn watch_kind(api: Api<DynamicObject>, kind: Kind, tx: mpsc::Sender<Event>) {
     let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
     while let Some(event) = events.next().await {
         let change = match event {
-            Ok(watcher::Event::Init) => Change::Begin(kind),
-            Ok(watcher::Event::InitApply(o)) => Change::Stage(kind, slim(o)),
-            Ok(watcher::Event::InitDone) => Change::Commit(kind),
-            Ok(watcher::Event::Apply(o)) => Change::Apply(kind, slim(o)),
-            Ok(watcher::Event::Delete(o)) => Change::Delete(kind, o),
+            Ok(watcher::Event::Init) => Event::Begin(kind),
+            Ok(watcher::Event::InitApply(o)) => Event::Stage(kind, slim(o)),
+            Ok(watcher::Event::InitDone) => Event::Commit(kind),
+            Ok(watcher::Event::Apply(o)) => Event::Apply(kind, slim(o)),
+            Ok(watcher::Event::Delete(o)) => Event::Delete(kind, o),
             // The watcher re-lists after errors (410 Gone included) with backoff; the last
             // complete list stays in force meanwhile.
-            Err(e) => Change::Failed(kind, e.to_string()),
+            Err(e) => Event::Failed(kind, e.to_string()),
         };
         if tx.send(change).await.is_err() {
             return;
@@ -281,55 +275,60 @@ fn slim(mut object: DynamicObject) -> DynamicObject {
 
 impl Store {
     /// Applies a change; true if the objects changed.
-    fn apply(&mut self, change: Change, listed: &mut Vec<Kind>) -> bool {
+    fn apply(&mut self, change: Event, listed: &mut Vec<Kind>) -> bool {
         let kind = match &change {
-            Change::Begin(k)
-            | Change::Stage(k, _)
-            | Change::Commit(k)
-            | Change::Apply(k, _)
-            | Change::Delete(k, _)
-            | Change::Failed(k, _) => *k,
+            Event::Begin(k)
+            | Event::Stage(k, _)
+            | Event::Commit(k)
+            | Event::Apply(k, _)
+            | Event::Delete(k, _)
+            | Event::Failed(k, _) => *k,
         };
         // Data from the server shows the watch works again (a restart alone does not).
-        if !matches!(change, Change::Failed(..) | Change::Begin(_)) {
+        if !matches!(change, Event::Failed(..) | Event::Begin(_)) {
             self.failing.remove(&kind);
         }
         match change {
-            Change::Begin(kind) => {
+            Event::Begin(kind) => {
                 self.staging.insert(kind, Listed::default());
                 false
             }
-            Change::Stage(kind, object) => {
+            Event::Stage(kind, object) => {
                 let key = key_of(&object);
                 let admitted =
                     admit(kind, &key, &object, self.current.get(&kind).and_then(|l| l.objects.get(&key)));
                 store(self.staging.entry(kind).or_default(), key, admitted);
                 false
             }
-            Change::Commit(kind) => {
+            Event::Commit(kind) => {
                 let listed_now = self.staging.remove(&kind).unwrap_or_default();
                 info!(?kind, objects = listed_now.objects.len(), "listed");
+                let before = self.current.get(&kind).into_iter().flat_map(|l| l.objects.keys());
+                let keys: Vec<ObjectKey> = before.chain(listed_now.objects.keys()).cloned().collect();
+                self.touched.extend(keys.into_iter().map(|key| (kind, key)));
                 self.current.insert(kind, listed_now);
                 if !listed.contains(&kind) {
                     listed.push(kind);
                 }
                 true
             }
-            Change::Apply(kind, object) => {
+            Event::Apply(kind, object) => {
                 let key = key_of(&object);
+                self.touched.insert((kind, key.clone()));
                 let current = self.current.entry(kind).or_default();
                 let admitted = admit(kind, &key, &object, current.objects.get(&key));
                 store(current, key, admitted);
                 true
             }
-            Change::Delete(kind, object) => {
+            Event::Delete(kind, object) => {
                 let key = key_of(&object);
+                self.touched.insert((kind, key.clone()));
                 let current = self.current.entry(kind).or_default();
                 current.objects.remove(&key);
                 current.rejected.remove(&key);
                 true
             }
-            Change::Failed(kind, message) => {
+            Event::Failed(kind, message) => {
                 warn!(?kind, error = %message, "watch failed; re-listing with backoff");
                 self.failing.insert(kind, format!("watching {kind:?}: {message}"));
                 false
@@ -337,26 +336,17 @@ impl Store {
         }
     }
 
-    /// A snapshot of what is in force.
-    fn snapshot(&self, root_namespace: &str) -> Cluster {
-        let mut objects = Objects::default();
-        for (key, stored) in self.current.values().flat_map(|l| &l.objects) {
-            match stored.clone() {
-                Stored::Namespace(ns) => {
-                    objects.namespaces.insert(key.name.clone(), ns);
-                }
-                Stored::Pod(pod) => objects.pods.push(pod),
-                Stored::Service(svc) => {
-                    objects.services.insert(key.clone(), svc);
-                }
-                Stored::EndpointSlice(slice) => {
-                    objects.endpoint_slices.insert(key.clone(), slice);
-                }
-                Stored::PeerAuthentication(p) => objects.peer_authentications.push(p),
-                Stored::AuthorizationPolicy(p) => objects.authorization_policies.push(p),
-            }
-        }
-        Cluster::new(objects, root_namespace)
+    /// The next snapshot: the last one with what arrived or went since applied.
+    fn publish(&mut self, root_namespace: &str) -> Cluster {
+        let changes: Vec<Change> = std::mem::take(&mut self.touched)
+            .into_iter()
+            .map(|(kind, key)| {
+                let stored = self.current.get(&kind).and_then(|l| l.objects.get(&key)).cloned();
+                change_of(kind, key, stored)
+            })
+            .collect();
+        self.cluster = self.cluster.with(changes, root_namespace);
+        self.cluster.clone()
     }
 
     /// Rejected objects and failing watches, until fixed or recovered.
@@ -370,6 +360,19 @@ impl Store {
     }
 }
 
+/// The change that puts `stored` at `key` in the snapshot, or with `None` takes what is there out.
+fn change_of(kind: Kind, key: ObjectKey, stored: Option<Object>) -> Change {
+    match (kind, stored) {
+        (_, Some(object)) => object.arrived(key),
+        (Kind::Namespace, None) => Change::Namespace(key.name, None),
+        (Kind::Pod, None) => Change::Pod(key, None),
+        (Kind::Service, None) => Change::Service(key, None),
+        (Kind::EndpointSlice, None) => Change::EndpointSlice(key, None),
+        (Kind::PeerAuthentication, None) => Change::PeerAuthentication(key, None),
+        (Kind::AuthorizationPolicy, None) => Change::AuthorizationPolicy(key, None),
+    }
+}
+
 /// What an object that arrived means for enforcement: the decoded (and compiled) object, or why
 /// it was rejected together with what stands in its place: its last good version, or for a new
 /// AuthorizationPolicy, a DENY of everything it selects (never open). `None` stored: nothing to
@@ -378,26 +381,26 @@ fn admit(
     kind: Kind,
     key: &ObjectKey,
     object: &DynamicObject,
-    last_good: Option<&Stored>,
-) -> (Option<Stored>, Option<String>) {
+    last_good: Option<&Object>,
+) -> (Option<Object>, Option<String>) {
     let value = match serde_json::to_value(object) {
         Ok(value) => value,
         Err(e) => return (last_good.cloned(), Some(e.to_string())),
     };
     let decoded = match kind {
-        Kind::Namespace => decode(&value).map(|ns| Some(Stored::Namespace(ns))),
+        Kind::Namespace => decode(&value).map(|ns| Some(Object::Namespace(ns))),
         Kind::Pod => decode::<Pod>(&value).and_then(|mut pod| {
             // Whoever may create a pod must not choose the namespace the agent enters: in a
             // cluster the netns is found only through the pod's own processes.
             if pod.metadata.annotations.remove(NETNS_ANNOTATION).is_some() {
                 warn!(pod = %key, annotation = NETNS_ANNOTATION, "ignoring the annotation: only a local cluster file may name a pod's network namespace");
             }
-            pod.validate().map(|()| Some(Stored::Pod(pod)))
+            pod.validate().map(|()| Some(Object::Pod(pod)))
         }),
-        Kind::Service => decode(&value).map(|svc| Some(Stored::Service(svc))),
-        Kind::EndpointSlice => decode(&value).map(|slice| Some(Stored::EndpointSlice(slice))),
+        Kind::Service => decode(&value).map(|svc| Some(Object::Service(svc))),
+        Kind::EndpointSlice => decode(&value).map(|slice| Some(Object::EndpointSlice(slice))),
         Kind::PeerAuthentication => decode::<PeerAuthentication>(&value)
-            .and_then(|p| p.validate().map(|()| Some(Stored::PeerAuthentication(p)))),
+            .and_then(|p| p.validate().map(|()| Some(Object::PeerAuthentication(p)))),
         Kind::AuthorizationPolicy => decode::<AuthorizationPolicy>(&value).and_then(|p| {
             if p.targets_waypoint() {
                 warn!(policy = %key, "ignoring an AuthorizationPolicy with targetRef(s): it is enforced by a waypoint, not the node agent");
@@ -407,7 +410,7 @@ fn admit(
             for warning in compiled.http_warnings() {
                 warn!(policy = %key, action = %compiled.action, "{warning}");
             }
-            Ok(Some(Stored::AuthorizationPolicy(compiled)))
+            Ok(Some(Object::AuthorizationPolicy(compiled)))
         }),
     };
     match decoded {
@@ -419,7 +422,7 @@ fn admit(
                 (None, Kind::AuthorizationPolicy) => {
                     let selector =
                         value.pointer("/spec/selector").and_then(|s| serde_json::from_value(s.clone()).ok());
-                    Some(Stored::AuthorizationPolicy(CompiledPolicy::deny_all(
+                    Some(Object::AuthorizationPolicy(CompiledPolicy::deny_all(
                         &key.namespace,
                         &key.name,
                         selector,
@@ -433,7 +436,7 @@ fn admit(
 }
 
 /// Keeps an admitted object (and its rejection, if any) in `listed`.
-fn store(listed: &mut Listed, key: ObjectKey, (stored, rejected): (Option<Stored>, Option<String>)) {
+fn store(listed: &mut Listed, key: ObjectKey, (stored, rejected): (Option<Object>, Option<String>)) {
     match stored {
         Some(stored) => listed.objects.insert(key.clone(), stored),
         None => listed.objects.remove(&key),
@@ -466,9 +469,9 @@ mod tests {
         .expect("object")
     }
 
-    fn policy_names(store: &Store) -> Vec<(String, Action)> {
-        let cluster = store.snapshot("istio-system");
-        cluster.authorization.all().iter().map(|p| (p.name.clone(), p.action)).collect()
+    fn policy_names(store: &mut Store) -> Vec<(String, Action)> {
+        let cluster = store.publish("istio-system");
+        cluster.authorization.all().map(|p| (p.name.clone(), p.action)).collect()
     }
 
     #[test]
@@ -476,23 +479,23 @@ mod tests {
         let mut store = Store::default();
         let mut listed = Vec::new();
         let kind = Kind::AuthorizationPolicy;
-        store.apply(Change::Begin(kind), &mut listed);
+        store.apply(Event::Begin(kind), &mut listed);
         store.apply(
-            Change::Stage(kind, object("AuthorizationPolicy", "old", serde_json::json!({"rules": [{}]}))),
+            Event::Stage(kind, object("AuthorizationPolicy", "old", serde_json::json!({"rules": [{}]}))),
             &mut listed,
         );
-        assert!(store.apply(Change::Commit(kind), &mut listed));
+        assert!(store.apply(Event::Commit(kind), &mut listed));
         assert_eq!(listed, [kind]);
 
         // Half-way through a re-list, the old list is still the truth.
-        assert!(!store.apply(Change::Begin(kind), &mut listed));
+        assert!(!store.apply(Event::Begin(kind), &mut listed));
         store.apply(
-            Change::Stage(kind, object("AuthorizationPolicy", "new", serde_json::json!({"rules": [{}]}))),
+            Event::Stage(kind, object("AuthorizationPolicy", "new", serde_json::json!({"rules": [{}]}))),
             &mut listed,
         );
-        assert_eq!(policy_names(&store), [("shop/old".to_owned(), Action::Allow)]);
-        assert!(store.apply(Change::Commit(kind), &mut listed));
-        assert_eq!(policy_names(&store), [("shop/new".to_owned(), Action::Allow)]);
+        assert_eq!(policy_names(&mut store), [("shop/old".to_owned(), Action::Allow)]);
+        assert!(store.apply(Event::Commit(kind), &mut listed));
+        assert_eq!(policy_names(&mut store), [("shop/new".to_owned(), Action::Allow)]);
     }
 
     #[test]
@@ -501,30 +504,34 @@ mod tests {
         let mut listed = Vec::new();
         let kind = Kind::AuthorizationPolicy;
         let good = serde_json::json!({"selector": {"matchLabels": {"app": "db"}}, "rules": [{}]});
-        store.apply(Change::Apply(kind, object("AuthorizationPolicy", "db", good)), &mut listed);
-        assert_eq!(policy_names(&store), [("shop/db".to_owned(), Action::Allow)]);
+        store.apply(Event::Apply(kind, object("AuthorizationPolicy", "db", good)), &mut listed);
+        assert_eq!(policy_names(&mut store), [("shop/db".to_owned(), Action::Allow)]);
 
         let bad = serde_json::json!({"selector": {"matchLabels": {"app": "db"}}, "action": "MAYBE"});
-        store.apply(Change::Apply(kind, object("AuthorizationPolicy", "db", bad.clone())), &mut listed);
-        let (cluster, errors) = (store.snapshot("istio-system"), store.errors());
-        assert_eq!(cluster.authorization.all().len(), 1);
-        assert_eq!(cluster.authorization.all()[0].action, Action::Allow, "last good version");
+        store.apply(Event::Apply(kind, object("AuthorizationPolicy", "db", bad.clone())), &mut listed);
+        let (cluster, errors) = (store.publish("istio-system"), store.errors());
+        assert_eq!(cluster.authorization.len(), 1);
+        assert_eq!(
+            cluster.authorization.all().next().expect("one").action,
+            Action::Allow,
+            "last good version"
+        );
         assert!(
             errors.iter().any(|e| e.contains("AuthorizationPolicy shop/db") && e.contains("MAYBE")),
             "{errors:?}"
         );
 
-        store.apply(Change::Apply(kind, object("AuthorizationPolicy", "fresh", bad.clone())), &mut listed);
-        let cluster = store.snapshot("istio-system");
-        let fresh = cluster.authorization.all().iter().find(|p| p.name == "shop/fresh").expect("stand-in");
+        store.apply(Event::Apply(kind, object("AuthorizationPolicy", "fresh", bad.clone())), &mut listed);
+        let cluster = store.publish("istio-system");
+        let fresh = cluster.authorization.all().find(|p| p.name == "shop/fresh").expect("stand-in");
         assert_eq!(fresh.action, Action::Deny);
         assert_eq!(fresh.selector.as_ref().map(|s| s.match_labels.len()), Some(1), "same pods");
 
         // Deleted, then created again broken: the deleted version does not come back.
-        store.apply(Change::Delete(kind, object("AuthorizationPolicy", "db", bad.clone())), &mut listed);
+        store.apply(Event::Delete(kind, object("AuthorizationPolicy", "db", bad.clone())), &mut listed);
         assert!(store.errors().iter().all(|e| !e.contains("shop/db")), "{:?}", store.errors());
-        store.apply(Change::Apply(kind, object("AuthorizationPolicy", "db", bad)), &mut listed);
-        let db: Vec<_> = policy_names(&store).into_iter().filter(|(name, _)| name == "shop/db").collect();
+        store.apply(Event::Apply(kind, object("AuthorizationPolicy", "db", bad)), &mut listed);
+        let db: Vec<_> = policy_names(&mut store).into_iter().filter(|(name, _)| name == "shop/db").collect();
         assert_eq!(db, [("shop/db".to_owned(), Action::Deny)], "stand-in, not the deleted version");
     }
 
@@ -545,10 +552,10 @@ mod tests {
     fn a_failed_watch_is_reported_until_data_flows_again() {
         let mut store = Store::default();
         let mut listed = Vec::new();
-        store.apply(Change::Failed(Kind::Pod, "connection refused".into()), &mut listed);
-        store.apply(Change::Begin(Kind::Pod), &mut listed);
+        store.apply(Event::Failed(Kind::Pod, "connection refused".into()), &mut listed);
+        store.apply(Event::Begin(Kind::Pod), &mut listed);
         assert!(store.failing.get(&Kind::Pod).is_some_and(|e| e.contains("connection refused")));
-        store.apply(Change::Commit(Kind::Pod), &mut listed);
+        store.apply(Event::Commit(Kind::Pod), &mut listed);
         assert!(store.failing.is_empty());
     }
 }

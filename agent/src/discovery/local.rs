@@ -3,7 +3,7 @@
 //! reported with file and line and the last good snapshot keeps serving.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
@@ -13,52 +13,118 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::policy::{AuthorizationPolicy, CompiledPolicy, PeerAuthentication};
+use crate::policy::{AuthorizationPolicy, PeerAuthentication};
 
 use super::{
-    Cluster, DiscoveryError, ObjectKey, Objects,
+    Cluster, DiscoveryError, Object, ObjectKey,
     objects::{EndpointSlice, Namespace, ObjectMeta, Pod, Service, TypeMeta},
 };
 
 /// How often the file is checked for changes. Polling is immune to editors that replace the
 /// file (rename over it) and to bind-mounted ConfigMaps, where inotify misses updates.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
+pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Reads and parses `file`.
 pub fn load(file: &Path, root_namespace: &str) -> Result<Cluster, DiscoveryError> {
-    let text = std::fs::read_to_string(file)
-        .map_err(|source| DiscoveryError::Read { file: file.to_owned(), source })?;
-    parse(file, &text, root_namespace)
+    Reader::new(file, root_namespace).read()
 }
 
 /// Parses the text of a cluster file; `file` only names it in errors. `root_namespace` is Istio's
 /// root namespace, where policies apply mesh-wide.
 pub fn parse(file: &Path, text: &str, root_namespace: &str) -> Result<Cluster, DiscoveryError> {
-    let mut parser = Parser {
-        file,
-        namespaces: BTreeMap::new(),
-        pods: BTreeMap::new(),
-        services: BTreeMap::new(),
-        slices: BTreeMap::new(),
-        peer_authentications: BTreeMap::new(),
-        authorization_policies: BTreeMap::new(),
-    };
-    for (first_line, doc) in documents(text) {
-        parser.document(first_line, doc)?;
+    Reader::new(file, root_namespace).parse(text)
+}
+
+/// The objects of one document (several for a `List`), each with its key.
+type Decoded = Arc<[(ObjectKey, Arc<Object>)]>;
+
+/// Reads a cluster file again and again at the cost of what changed: a document whose text is
+/// the same as at the last read is not decoded again, and only the objects that arrived,
+/// changed or went reach the snapshot ([`Cluster::with`]).
+pub struct Reader {
+    file: PathBuf,
+    root_namespace: String,
+    /// The documents of the last read, decoded, by the hash of their text.
+    decoded: HashMap<u128, Decoded>,
+    /// The objects of the last good read, by kind and key.
+    objects: BTreeMap<(&'static str, ObjectKey), Arc<Object>>,
+    cluster: Cluster,
+}
+
+impl Reader {
+    /// A reader of `file` that has read nothing yet.
+    pub fn new(file: &Path, root_namespace: &str) -> Self {
+        Self {
+            file: file.to_owned(),
+            root_namespace: root_namespace.to_owned(),
+            decoded: HashMap::new(),
+            objects: BTreeMap::new(),
+            cluster: Cluster::default(),
+        }
     }
-    let Parser { namespaces, pods, services, slices, peer_authentications, authorization_policies, .. } =
-        parser;
-    Ok(Cluster::new(
-        Objects {
-            namespaces: namespaces.into_iter().map(|(k, (_, v))| (k, v)).collect(),
-            pods: pods.into_values().map(|(_, pod)| pod).collect(),
-            services: services.into_iter().map(|(k, (_, v))| (k, v)).collect(),
-            endpoint_slices: slices.into_iter().map(|(k, (_, v))| (k, v)).collect(),
-            peer_authentications: peer_authentications.into_values().map(|(_, p)| p).collect(),
-            authorization_policies: authorization_policies.into_values().map(|(_, p)| p).collect(),
-        },
-        root_namespace,
-    ))
+
+    /// Reads the file: the new snapshot, or why the file is not acceptable (then the last
+    /// good one stays).
+    pub fn read(&mut self) -> Result<Cluster, DiscoveryError> {
+        let text = std::fs::read_to_string(&self.file)
+            .map_err(|source| DiscoveryError::Read { file: self.file.clone(), source })?;
+        self.parse(&text)
+    }
+
+    /// Takes `text` as the file's content.
+    pub fn parse(&mut self, text: &str) -> Result<Cluster, DiscoveryError> {
+        let parser = Parser { file: &self.file };
+        let mut decoded = HashMap::new();
+        let mut objects = BTreeMap::new();
+        let mut first_lines: HashMap<(&'static str, ObjectKey), usize> = HashMap::new();
+        for (line, doc) in documents(text) {
+            let hash = text_hash(&doc);
+            let items = match self.decoded.get(&hash) {
+                Some(items) => items.clone(),
+                None => {
+                    let mut items = Vec::new();
+                    parser.document(line, doc, &mut items)?;
+                    Decoded::from(items)
+                }
+            };
+            for (key, object) in items.iter() {
+                let at = (object.kind(), key.clone());
+                if let Some(first) = first_lines.insert(at.clone(), line) {
+                    let name = if object.kind() == "Namespace" { key.name.clone() } else { key.to_string() };
+                    return Err(parser.duplicate(line, first, format!("{} {name}", object.kind())));
+                }
+                objects.insert(at, object.clone());
+            }
+            decoded.insert(hash, items);
+        }
+        // Only what changed since the last good read; an object decoded again from changed text
+        // counts as changed.
+        let mut changes = Vec::new();
+        for ((kind, key), old) in &self.objects {
+            if !objects.contains_key(&(*kind, key.clone())) {
+                changes.push(old.gone(key.clone()));
+            }
+        }
+        for ((kind, key), object) in &objects {
+            if self.objects.get(&(*kind, key.clone())).is_none_or(|old| !Arc::ptr_eq(old, object)) {
+                changes.push((**object).clone().arrived(key.clone()));
+            }
+        }
+        self.cluster = self.cluster.with(changes, &self.root_namespace);
+        self.decoded = decoded;
+        self.objects = objects;
+        Ok(self.cluster.clone())
+    }
+}
+
+/// A 128-bit hash of a document's text: two keyed 64-bit hashes, so that a different text
+/// taken for an unchanged one is out of reach by accident.
+fn text_hash(text: &str) -> u128 {
+    use std::hash::BuildHasher as _;
+    static KEYS: std::sync::OnceLock<(std::hash::RandomState, std::hash::RandomState)> =
+        std::sync::OnceLock::new();
+    let (a, b) = KEYS.get_or_init(|| (std::hash::RandomState::new(), std::hash::RandomState::new()));
+    (u128::from(a.hash_one(text)) << 64) | u128::from(b.hash_one(text))
 }
 
 /// Splits a YAML stream at `---` lines, keeping the 1-based line where each document starts so
@@ -92,63 +158,53 @@ fn documents(text: &str) -> Vec<(usize, String)> {
 
 struct Parser<'a> {
     file: &'a Path,
-    namespaces: BTreeMap<String, (usize, Namespace)>,
-    pods: BTreeMap<ObjectKey, (usize, Pod)>,
-    services: BTreeMap<ObjectKey, (usize, Service)>,
-    slices: BTreeMap<ObjectKey, (usize, EndpointSlice)>,
-    peer_authentications: BTreeMap<ObjectKey, (usize, PeerAuthentication)>,
-    authorization_policies: BTreeMap<ObjectKey, (usize, CompiledPolicy)>,
 }
 
 impl Parser<'_> {
-    fn document(&mut self, line: usize, doc: String) -> Result<(), DiscoveryError> {
+    /// Decodes one document into `out`: its object, a List's items, or nothing for a kind
+    /// ambit does not use.
+    fn document(
+        &self,
+        line: usize,
+        doc: String,
+        out: &mut Vec<(ObjectKey, Arc<Object>)>,
+    ) -> Result<(), DiscoveryError> {
         let meta: TypeMeta = self.decode(line, &doc, "document")?;
         let group = meta.api_version.rsplit_once('/').map_or("", |(group, _)| group);
-        match (group, meta.kind.as_str()) {
+        let (key, object) = match (group, meta.kind.as_str()) {
             ("", "List") => {
                 let list: ListOf = self.decode(line, &doc, "List")?;
                 for item in list.items {
                     let item = serde_yaml_ng::to_string(&item).unwrap_or_default();
-                    self.document(line, item)?;
+                    self.document(line, item, out)?;
                 }
+                return Ok(());
             }
             ("", "Namespace") => {
                 let ns: Namespace = self.decode(line, &doc, "Namespace")?;
                 let name = self.name(line, "Namespace", &ns.metadata)?;
-                if let Some((first, _)) = self.namespaces.insert(name.clone(), (line, ns)) {
-                    return Err(self.duplicate(line, first, format!("Namespace {name}")));
-                }
+                (ObjectKey { namespace: String::new(), name }, Object::Namespace(ns))
             }
             ("", "Pod") => {
                 let pod: Pod = self.decode(line, &doc, "Pod")?;
                 let key = self.key(line, "Pod", &pod.metadata)?;
                 pod.validate().map_err(|m| self.invalid(line, format!("Pod {key}"), m))?;
-                if let Some((first, _)) = self.pods.insert(key.clone(), (line, pod)) {
-                    return Err(self.duplicate(line, first, format!("Pod {key}")));
-                }
+                (key, Object::Pod(pod))
             }
             ("", "Service") => {
                 let svc: Service = self.decode(line, &doc, "Service")?;
-                let key = self.key(line, "Service", &svc.metadata)?;
-                if let Some((first, _)) = self.services.insert(key.clone(), (line, svc)) {
-                    return Err(self.duplicate(line, first, format!("Service {key}")));
-                }
+                (self.key(line, "Service", &svc.metadata)?, Object::Service(svc))
             }
             ("discovery.k8s.io", "EndpointSlice") => {
                 let slice: EndpointSlice = self.decode(line, &doc, "EndpointSlice")?;
-                let key = self.key(line, "EndpointSlice", &slice.metadata)?;
-                if let Some((first, _)) = self.slices.insert(key.clone(), (line, slice)) {
-                    return Err(self.duplicate(line, first, format!("EndpointSlice {key}")));
-                }
+                (self.key(line, "EndpointSlice", &slice.metadata)?, Object::EndpointSlice(slice))
             }
             ("security.istio.io", "PeerAuthentication") => {
                 self.istio_version(line, &meta)?;
                 let policy: PeerAuthentication = self.decode(line, &doc, "PeerAuthentication")?;
                 let key = self.key(line, "PeerAuthentication", &policy.metadata)?;
                 policy.validate().map_err(|m| self.invalid(line, format!("PeerAuthentication {key}"), m))?;
-                if let Some((first, _)) = self.peer_authentications.insert(key.clone(), (line, policy)) {
-                    return Err(self.duplicate(line, first, format!("PeerAuthentication {key}")));
-                }
+                (key, Object::PeerAuthentication(policy))
             }
             ("security.istio.io", "AuthorizationPolicy") => {
                 self.istio_version(line, &meta)?;
@@ -164,17 +220,17 @@ impl Parser<'_> {
                 for warning in compiled.http_warnings() {
                     warn!(file = %self.file.display(), line, policy = %key, action = %compiled.action, "{warning}");
                 }
-                if let Some((first, _)) = self.authorization_policies.insert(key.clone(), (line, compiled)) {
-                    return Err(self.duplicate(line, first, format!("AuthorizationPolicy {key}")));
-                }
+                (key, Object::AuthorizationPolicy(compiled))
             }
             (_, "") => {
                 return Err(self.invalid(line, "document".into(), "missing `kind`".into()));
             }
             (_, kind) => {
                 warn!(file = %self.file.display(), line, kind, api_version = %meta.api_version, "ignoring an object of a kind ambit does not use");
+                return Ok(());
             }
-        }
+        };
+        out.push((key, Arc::new(object)));
         Ok(())
     }
 
@@ -245,14 +301,11 @@ pub struct SourceStatus {
     pub error: Option<String>,
 }
 
-/// Watches `file` and publishes each good snapshot on `tx`. Bad edits are logged and recorded in
-/// `status`; the last good snapshot stays published.
-pub async fn watch(
-    file: PathBuf,
-    root_namespace: String,
-    tx: watch::Sender<Arc<Cluster>>,
-    status: watch::Sender<SourceStatus>,
-) {
+/// Watches the reader's file and publishes each good snapshot on `tx`. Bad edits are logged and
+/// recorded in `status`; the last good snapshot stays published. A change takes effect within
+/// [`POLL_INTERVAL`] plus the read, which costs what changed.
+pub async fn watch(mut reader: Reader, tx: watch::Sender<Arc<Cluster>>, status: watch::Sender<SourceStatus>) {
+    let file = reader.file.clone();
     let mut last = fingerprint(&file);
     let mut interval = tokio::time::interval(POLL_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -263,12 +316,24 @@ pub async fn watch(
             continue;
         }
         last = now;
-        let path = file.clone();
-        let root = root_namespace.clone();
-        let result = tokio::task::spawn_blocking(move || load(&path, &root)).await;
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            let result = reader.read();
+            (reader, result)
+        })
+        .await;
+        let (back, result) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                // The reader went with the task: nothing can be read any more.
+                error!(error = %e, "cluster file reload task failed");
+                return;
+            }
+        };
+        reader = back;
         match result {
-            Ok(Ok(cluster)) => {
-                info!(file = %file.display(), pods = cluster.workloads.len(), "cluster file reloaded");
+            Ok(cluster) => {
+                info!(file = %file.display(), pods = cluster.workloads.len(), took = ?started.elapsed(), "cluster file reloaded");
                 tx.send_replace(Arc::new(cluster));
                 status.send_modify(|s| {
                     s.generation += 1;
@@ -276,11 +341,10 @@ pub async fn watch(
                     s.error = None;
                 });
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 error!(error = %e, "cluster file rejected; still serving the last good version");
                 status.send_modify(|s| s.error = Some(e.to_string()));
             }
-            Err(e) => error!(error = %e, "cluster file reload task failed"),
         }
     }
 }
@@ -464,5 +528,41 @@ metadata: {name: ignored}
         let cluster = parse_str("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Namespace\n  metadata: {name: a}\n")
             .expect("valid");
         assert!(cluster.namespaces.contains_key("a"));
+    }
+
+    #[test]
+    fn a_reread_touches_only_what_changed_and_a_bad_edit_changes_nothing() {
+        let mut reader = Reader::new(Path::new("cluster.yaml"), "istio-system");
+        let before = reader.parse(SHOP).expect("valid");
+        let key = |name: &str| ObjectKey { namespace: "shop".into(), name: name.into() };
+        // The frontend moves to another node; the rest of the file is as it was.
+        let edited = SHOP.replacen("nodeName: node-a", "nodeName: node-c", 1);
+        assert_ne!(edited, SHOP);
+        let after = reader.parse(&edited).expect("valid");
+        assert_eq!(after.workloads[&key("frontend")].node.as_deref(), Some("node-c"));
+        let unchanged: Vec<&ObjectKey> = before
+            .workloads
+            .keys()
+            .filter(|k| **k != key("frontend"))
+            .filter(|k| Arc::ptr_eq(&before.workloads[*k], &after.workloads[*k]))
+            .collect();
+        assert_eq!(
+            unchanged.len(),
+            before.workloads.len() - 1,
+            "every other pod is the same entry, not rebuilt"
+        );
+
+        // A bad edit is refused whole; the next good read is compared with the last good one.
+        let broken = format!("{edited}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: [}}\n");
+        assert!(reader.parse(&broken).is_err());
+        let without_frontend: String = edited
+            .split("\n---\n")
+            .filter(|doc| !doc.contains("name: frontend\n"))
+            .collect::<Vec<_>>()
+            .join("\n---\n");
+        let last = reader.parse(&without_frontend).expect("valid");
+        assert!(!last.workloads.contains_key(&key("frontend")), "the pod whose document went is gone");
+        assert_eq!(last.workloads.len(), before.workloads.len() - 1);
+        assert!(last.workload_by_ip("10.0.0.2".parse().expect("ip")).is_none(), "and its address with it");
     }
 }

@@ -3,7 +3,7 @@
 //! pods' container ports (named target ports resolved per pod).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
@@ -11,8 +11,10 @@ use std::{
     },
 };
 
+use imbl::OrdMap;
+
 use super::{
-    ObjectKey, Workload,
+    ObjectKey, Workload, in_namespace,
     objects::{EndpointSlice, IntOrString, Service},
 };
 
@@ -40,70 +42,106 @@ impl Backends {
     }
 }
 
-/// Service virtual addresses and their endpoints.
-#[derive(Debug, Default)]
+/// Service virtual addresses and their endpoints, updated per changed Service.
+#[derive(Clone, Debug, Default)]
 pub struct ServiceIndex {
-    by_vip: HashMap<SocketAddr, Arc<Backends>>,
+    /// The Services holding each address, by key: the last one serves it (two Services with
+    /// one virtual address only happen in a hand-written file).
+    by_vip: imbl::HashMap<SocketAddr, Vec<(ObjectKey, Arc<Backends>)>>,
+    /// The virtual addresses each Service holds in `by_vip`.
+    vips_of: OrdMap<ObjectKey, Arc<[SocketAddr]>>,
 }
 
 impl ServiceIndex {
-    /// Indexes `services` with their slices, falling back to selected pods.
-    pub fn new(
-        services: &BTreeMap<ObjectKey, Service>,
-        slices: &BTreeMap<ObjectKey, EndpointSlice>,
-        workloads: &BTreeMap<ObjectKey, Arc<Workload>>,
-    ) -> Self {
-        let mut by_vip = HashMap::new();
-        for (key, svc) in services {
-            let vips: Vec<IpAddr> = svc
-                .spec
-                .cluster_ip
-                .iter()
-                .chain(&svc.spec.cluster_ips)
-                .filter_map(|ip| ip.parse().ok())
-                .collect();
-            if vips.is_empty() {
-                // Headless: clients connect to pod IPs, which need no translation.
-                continue;
-            }
-            let own_slices: Vec<&EndpointSlice> = slices
-                .iter()
-                .filter(|(k, s)| {
-                    k.namespace == key.namespace
-                        && s.metadata.labels.get(SERVICE_NAME_LABEL).is_some_and(|n| *n == key.name)
-                })
-                .map(|(_, s)| s)
-                .collect();
-            for port in &svc.spec.ports {
-                if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
-                    continue;
-                }
-                let mut endpoints: Vec<SocketAddr> = if own_slices.is_empty() {
-                    from_selector(
-                        key,
-                        svc,
-                        port.target_port.as_ref().unwrap_or(&IntOrString::Int(port.port)),
-                        workloads,
-                    )
-                } else {
-                    from_slices(&own_slices, port.name.as_deref())
-                };
-                endpoints.sort();
-                endpoints.dedup();
-                let backends =
-                    Arc::new(Backends { service: key.to_string(), endpoints, next: AtomicUsize::new(0) });
-                for vip in &vips {
-                    by_vip.insert(SocketAddr::new(*vip, port.port), backends.clone());
-                }
-            }
-        }
-        Self { by_vip }
-    }
-
     /// The Service behind a virtual address, if it is one.
     pub fn get(&self, vip: SocketAddr) -> Option<&Arc<Backends>> {
-        self.by_vip.get(&vip)
+        self.by_vip.get(&vip)?.last().map(|(_, b)| b)
     }
+
+    /// Recomputes the entries of Service `key` from the snapshot's Services, EndpointSlices
+    /// (its ready endpoints) or, when it has none, the pods its selector picks.
+    pub(crate) fn service_changed(
+        &mut self,
+        key: &ObjectKey,
+        services: &OrdMap<ObjectKey, Service>,
+        slices: &OrdMap<ObjectKey, EndpointSlice>,
+        workloads: &OrdMap<ObjectKey, Arc<Workload>>,
+    ) {
+        for vip in self.vips_of.remove(key).iter().flat_map(|v| v.iter()) {
+            let rest: Vec<_> =
+                self.by_vip.get(vip).into_iter().flatten().filter(|(k, _)| k != key).cloned().collect();
+            if rest.is_empty() {
+                self.by_vip.remove(vip);
+            } else {
+                self.by_vip.insert(*vip, rest);
+            }
+        }
+        let Some(svc) = services.get(key) else { return };
+        let vips: Vec<IpAddr> = svc
+            .spec
+            .cluster_ip
+            .iter()
+            .chain(&svc.spec.cluster_ips)
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        if vips.is_empty() {
+            // Headless: clients connect to pod IPs, which need no translation.
+            return;
+        }
+        let own_slices: Vec<&EndpointSlice> = in_namespace(slices, &key.namespace)
+            .map(|(_, s)| s)
+            .filter(|s| s.metadata.labels.get(SERVICE_NAME_LABEL).is_some_and(|n| *n == key.name))
+            .collect();
+        let mut held = Vec::new();
+        for port in &svc.spec.ports {
+            if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+                continue;
+            }
+            let mut endpoints: Vec<SocketAddr> = if own_slices.is_empty() {
+                from_selector(
+                    key,
+                    svc,
+                    port.target_port.as_ref().unwrap_or(&IntOrString::Int(port.port)),
+                    workloads,
+                )
+            } else {
+                from_slices(&own_slices, port.name.as_deref())
+            };
+            endpoints.sort();
+            endpoints.dedup();
+            let backends =
+                Arc::new(Backends { service: key.to_string(), endpoints, next: AtomicUsize::new(0) });
+            for vip in &vips {
+                let vip = SocketAddr::new(*vip, port.port);
+                let holders = self.by_vip.entry(vip).or_default();
+                holders.retain(|(k, _)| k != key);
+                let at = holders.partition_point(|(k, _)| k < key);
+                holders.insert(at, (key.clone(), backends.clone()));
+                held.push(vip);
+            }
+        }
+        self.vips_of.insert(key.clone(), held.into());
+    }
+}
+
+/// The Services of `namespace` that select pods with `labels` (their endpoints may come from
+/// such pods).
+pub(crate) fn selecting<'a>(
+    services: &'a OrdMap<ObjectKey, Service>,
+    namespace: &'a str,
+    labels: &'a BTreeMap<String, String>,
+) -> impl Iterator<Item = &'a ObjectKey> + 'a {
+    in_namespace(services, namespace)
+        .filter(|(_, svc)| {
+            !svc.spec.selector.is_empty() && svc.spec.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        })
+        .map(|(k, _)| k)
+}
+
+/// The Service an EndpointSlice belongs to.
+pub(crate) fn service_of(key: &ObjectKey, slice: &EndpointSlice) -> Option<ObjectKey> {
+    let name = slice.metadata.labels.get(SERVICE_NAME_LABEL)?;
+    Some(ObjectKey { namespace: key.namespace.clone(), name: name.clone() })
 }
 
 fn from_slices(slices: &[&EndpointSlice], port_name: Option<&str>) -> Vec<SocketAddr> {
@@ -138,17 +176,14 @@ fn from_selector(
     key: &ObjectKey,
     svc: &Service,
     target: &IntOrString,
-    workloads: &BTreeMap<ObjectKey, Arc<Workload>>,
+    workloads: &OrdMap<ObjectKey, Arc<Workload>>,
 ) -> Vec<SocketAddr> {
     if svc.spec.selector.is_empty() {
         return Vec::new();
     }
-    workloads
-        .values()
-        .filter(|w| {
-            w.key.namespace == key.namespace
-                && svc.spec.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-        })
+    in_namespace(workloads, &key.namespace)
+        .map(|(_, w)| w)
+        .filter(|w| svc.spec.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
         .filter_map(|w| {
             let port = match target {
                 IntOrString::Int(p) => *p,

@@ -20,15 +20,17 @@
 //! and each is reported at load.
 
 use std::{
-    collections::BTreeMap,
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
 
+use imbl::OrdMap;
+
 use super::{Port, WorkloadSelector};
-use crate::discovery::{Workload, objects::ObjectMeta};
+use crate::discovery::{ObjectKey, Workload, in_namespace, objects::ObjectMeta};
 
 /// `security.istio.io/v1` (or `v1beta1`) `AuthorizationPolicy`.
 #[derive(Clone, Debug, Deserialize)]
@@ -573,6 +575,12 @@ fn compile_condition(c: &Condition, at: &str, unsupported: &mut Vec<String>) -> 
 }
 
 impl CompiledPolicy {
+    /// Namespace and name, as the snapshot keys it.
+    pub fn key(&self) -> ObjectKey {
+        let name = self.name.split_once('/').map_or(self.name.as_str(), |(_, name)| name);
+        ObjectKey { namespace: self.namespace.clone(), name: name.to_owned() }
+    }
+
     /// Whether the policy applies to `workload`, given Istio's root namespace.
     pub fn applies_to(&self, workload: &Workload, root_namespace: &str) -> bool {
         (self.namespace == workload.key.namespace || self.namespace == root_namespace)
@@ -651,83 +659,175 @@ pub fn evaluate<'a>(
     }
 }
 
-/// All AuthorizationPolicies, compiled, with the list that applies to each known workload.
-///
-/// Verdicts are a pure function of the snapshot and the connection, so they are memoized per
-/// (workload, connection input): with many policies, a client's second connection to a port costs
-/// a hash lookup instead of an evaluation. The memo lives and dies with the snapshot.
-#[derive(Debug, Default)]
+/// AuthorizationPolicies with the ones that apply to each workload. A snapshot shares what did
+/// not change with the one before it (cloning is cheap): a changed policy touches only the
+/// workloads it selects or selected, a changed workload only its own list, and each workload's
+/// memo of verdicts lives as long as its list of policies does.
+#[derive(Clone, Debug, Default)]
 pub struct AuthorizationPolicies {
-    policies: Vec<CompiledPolicy>,
-    by_workload: BTreeMap<crate::discovery::ObjectKey, Vec<usize>>,
-    memo:
-        std::sync::Mutex<std::collections::HashMap<(crate::discovery::ObjectKey, ConnectionInput), Verdict>>,
+    policies: OrdMap<ObjectKey, Arc<CompiledPolicy>>,
+    /// Only workloads at least one policy applies to.
+    by_workload: OrdMap<ObjectKey, Arc<Applying>>,
 }
 
-/// Memoized verdicts kept per snapshot before the memo starts over.
-const MEMO_LIMIT: usize = 16_384;
+/// The policies that apply to one workload, by name, and the verdicts they gave.
+#[derive(Debug, Default)]
+struct Applying {
+    policies: Vec<Arc<CompiledPolicy>>,
+    memo: std::sync::Mutex<std::collections::HashMap<ConnectionInput, Verdict>>,
+}
 
-impl Clone for AuthorizationPolicies {
-    fn clone(&self) -> Self {
-        Self {
-            policies: self.policies.clone(),
-            by_workload: self.by_workload.clone(),
-            memo: Default::default(),
-        }
+impl Applying {
+    fn new(mut policies: Vec<Arc<CompiledPolicy>>) -> Arc<Self> {
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
+        Arc::new(Self { policies, memo: Default::default() })
+    }
+
+    fn same_policies(&self, other: &[Arc<CompiledPolicy>]) -> bool {
+        self.policies.len() == other.len() && self.policies.iter().zip(other).all(|(a, b)| Arc::ptr_eq(a, b))
     }
 }
+
+/// Memoized verdicts kept per workload before its memo starts over.
+const MEMO_LIMIT: usize = 1024;
 
 impl AuthorizationPolicies {
     /// Indexes compiled policies for `workloads`, given the root namespace.
     pub fn new<'a>(
-        mut policies: Vec<CompiledPolicy>,
+        policies: Vec<CompiledPolicy>,
         workloads: impl Iterator<Item = &'a Workload>,
         root_namespace: &str,
     ) -> Self {
-        policies.sort_by(|a, b| a.name.cmp(&b.name));
-        let by_workload = workloads
-            .map(|w| {
-                let applying = policies
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, p)| p.applies_to(w, root_namespace))
-                    .map(|(i, _)| i)
-                    .collect();
-                (w.key.clone(), applying)
-            })
-            .collect();
-        Self { policies, by_workload, memo: Default::default() }
+        let mut this = Self::default();
+        for p in policies {
+            this.policies.insert(p.key(), Arc::new(p));
+        }
+        for w in workloads {
+            this.workload_changed(&w.key, Some(w), root_namespace);
+        }
+        this
     }
 
     /// The policies that apply to `workload`.
-    pub fn for_workload(
-        &self,
-        workload: &crate::discovery::ObjectKey,
-    ) -> impl Iterator<Item = &CompiledPolicy> + Clone {
-        self.by_workload.get(workload).into_iter().flatten().map(|i| &self.policies[*i])
+    pub fn for_workload(&self, workload: &ObjectKey) -> impl Iterator<Item = &CompiledPolicy> + Clone {
+        self.by_workload.get(workload).into_iter().flat_map(|a| a.policies.iter()).map(|p| &**p)
     }
 
     /// Decides a connection to `workload`.
-    pub fn evaluate(&self, workload: &crate::discovery::ObjectKey, c: &ConnectionInput) -> Verdict {
-        if self.by_workload.get(workload).is_none_or(Vec::is_empty) {
+    pub fn evaluate(&self, workload: &ObjectKey, c: &ConnectionInput) -> Verdict {
+        let Some(applying) = self.by_workload.get(workload) else {
             return evaluate(std::iter::empty(), c);
-        }
-        let key = (workload.clone(), c.clone());
-        if let Some(verdict) = self.memo.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        };
+        if let Some(verdict) = applying.memo.lock().unwrap_or_else(|e| e.into_inner()).get(c) {
             return verdict.clone();
         }
-        let verdict = evaluate(self.for_workload(workload), c);
-        let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+        let verdict = evaluate(applying.policies.iter().map(|p| &**p), c);
+        let mut memo = applying.memo.lock().unwrap_or_else(|e| e.into_inner());
         if memo.len() >= MEMO_LIMIT {
             memo.clear();
         }
-        memo.insert(key, verdict.clone());
+        memo.insert(c.clone(), verdict.clone());
         verdict
     }
 
-    /// Every policy.
-    pub fn all(&self) -> &[CompiledPolicy] {
-        &self.policies
+    /// Every policy, by namespace and name.
+    pub fn all(&self) -> impl Iterator<Item = &CompiledPolicy> {
+        self.policies.values().map(|p| &**p)
+    }
+
+    /// Number of policies.
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// Replaces (or with `None` removes) the policy `key`, updating the lists of the workloads
+    /// it selected or selects now; `workloads` is the snapshot's, `skip` those about to be
+    /// recomputed whole anyway.
+    pub(crate) fn policy_changed(
+        &mut self,
+        key: &ObjectKey,
+        policy: Option<CompiledPolicy>,
+        workloads: &OrdMap<ObjectKey, Arc<Workload>>,
+        skip: &impl Fn(&ObjectKey) -> bool,
+        root_namespace: &str,
+    ) {
+        let new = policy.map(Arc::new);
+        let old = match &new {
+            Some(p) => self.policies.insert(key.clone(), p.clone()),
+            None => self.policies.remove(key),
+        };
+        if old.is_none() && new.is_none() {
+            return;
+        }
+        // A policy of the root namespace may select any workload; another only its own namespace's.
+        let scope: Box<dyn Iterator<Item = &Arc<Workload>>> = if key.namespace == root_namespace {
+            Box::new(workloads.values())
+        } else {
+            Box::new(in_namespace(workloads, &key.namespace).map(|(_, w)| w))
+        };
+        for w in scope {
+            if skip(&w.key) {
+                continue;
+            }
+            let current = self.by_workload.get(&w.key);
+            let had = current
+                .is_some_and(|a| a.policies.iter().any(|p| old.as_ref().is_some_and(|o| Arc::ptr_eq(p, o))));
+            let applies = new.as_ref().is_some_and(|p| p.applies_to(w, root_namespace));
+            if !had && !applies {
+                continue;
+            }
+            let mut list: Vec<Arc<CompiledPolicy>> = current
+                .into_iter()
+                .flat_map(|a| a.policies.iter())
+                .filter(|p| !old.as_ref().is_some_and(|o| Arc::ptr_eq(p, o)))
+                .cloned()
+                .collect();
+            list.extend(new.iter().filter(|_| applies).cloned());
+            self.set_list(&w.key, list);
+        }
+    }
+
+    /// Recomputes the list of `key` (a workload that arrived, changed, or with `None` went).
+    pub(crate) fn workload_changed(
+        &mut self,
+        key: &ObjectKey,
+        workload: Option<&Workload>,
+        root_namespace: &str,
+    ) {
+        let Some(w) = workload else {
+            self.by_workload.remove(key);
+            return;
+        };
+        let mut list: Vec<Arc<CompiledPolicy>> = in_namespace(&self.policies, &w.key.namespace)
+            .map(|(_, p)| p)
+            .chain(
+                (w.key.namespace != root_namespace)
+                    .then(|| in_namespace(&self.policies, root_namespace).map(|(_, p)| p))
+                    .into_iter()
+                    .flatten(),
+            )
+            .filter(|p| p.applies_to(w, root_namespace))
+            .cloned()
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        // Unchanged: keep the memo.
+        if self.by_workload.get(key).is_some_and(|a| a.same_policies(&list)) {
+            return;
+        }
+        self.set_list(key, list);
+    }
+
+    fn set_list(&mut self, key: &ObjectKey, list: Vec<Arc<CompiledPolicy>>) {
+        if list.is_empty() {
+            self.by_workload.remove(key);
+        } else {
+            self.by_workload.insert(key.clone(), Applying::new(list));
+        }
     }
 }
 
