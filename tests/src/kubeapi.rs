@@ -51,6 +51,8 @@ struct State {
     istio_version: &'static str,
     /// Service-account tokens TokenReview knows: token → (user info, audiences).
     tokens: BTreeMap<String, (Value, Vec<String>)>,
+    /// Events sent on watch streams, and their bytes (JSON, before HTTP chunking).
+    watched: (u64, u64),
 }
 
 /// Where TokenReviews are created.
@@ -183,6 +185,17 @@ impl MockApi {
                     && (!path.contains("istio.io") || path.starts_with(&istio))
             })
             .map(str::to_owned)
+    }
+
+    /// The object stored at `collection`, `namespace`, `name`, as the API would return it.
+    pub fn get(&self, collection: &str, namespace: &str, name: &str) -> Option<Value> {
+        let state = self.state.0.lock().unwrap_or_else(|e| e.into_inner());
+        state.objects.get(&(collection.to_owned(), namespace.to_owned(), name.to_owned())).cloned()
+    }
+
+    /// Events sent on watch streams so far, and their bytes: what the watchers cost the server.
+    pub fn watched(&self) -> (u64, u64) {
+        self.state.0.lock().unwrap_or_else(|e| e.into_inner()).watched
     }
 
     /// Deletes an object, as DELETED.
@@ -440,7 +453,9 @@ fn serve(
                         drop(st);
                         return chunk(&mut out, "");
                     }
-                    if st.events.iter().any(|(v, c, ..)| *v > seen && c == path) {
+                    // Events are in version order: only the tail after `seen` can be new.
+                    let from = st.events.partition_point(|(v, ..)| *v <= seen);
+                    if st.events[from..].iter().any(|(_, c, ..)| c == path) {
                         break;
                     }
                     st = wake
@@ -448,12 +463,14 @@ fn serve(
                         .map(|(g, _)| g)
                         .unwrap_or_else(|e| e.into_inner().0);
                 }
-                let fresh: Vec<String> = st
-                    .events
+                let from = st.events.partition_point(|(v, ..)| *v <= seen);
+                let fresh: Vec<String> = st.events[from..]
                     .iter()
-                    .filter(|(v, c, ..)| *v > seen && c == path)
+                    .filter(|(_, c, ..)| c == path)
                     .map(|(_, _, kind, object)| format!("{}\n", json!({"type": kind, "object": object})))
                     .collect();
+                st.watched.0 += fresh.len() as u64;
+                st.watched.1 += fresh.iter().map(|e| e.len() as u64).sum::<u64>();
                 seen = st.version;
                 fresh
             };

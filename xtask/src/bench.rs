@@ -21,6 +21,7 @@ use anyhow::Context as _;
 
 use self::datapath::{ECHO, Measure, Pair};
 
+mod control;
 mod datapath;
 
 const SINK: u16 = 5001;
@@ -41,9 +42,11 @@ pub(crate) struct Options {
     /// ping-pong closed loop and at 1,000 msg/s, new connections; cross-node and same-node,
     /// direct and mesh interleaved, the agents' CPU per unit), policies, memory, tracing (the
     /// data-path measures with the kernel tracer on and off), ca (the mesh CA: 100 new
-    /// identities at once, and CSRs signed per CA core); and `soak` (not in the default set):
-    /// connections held open while others churn, for minutes, with the agents' memory,
-    /// descriptors and CPU sampled.
+    /// identities at once, and CSRs signed per CA core); and, not in the default set, `soak`
+    /// (connections held open while others churn, for minutes, with the agents' memory,
+    /// descriptors and CPU sampled) and `control` (10,000 pods and 1,000 policies from the
+    /// mock API and from a local file, pod and policy events at a steady rate: event to
+    /// enforcement, CPU per event, bytes per object).
     #[arg(long, value_delimiter = ',', default_value = "datapath,policies,memory,tracing,ca")]
     only: Vec<String>,
     /// Data path and tracing: only these measures.
@@ -64,6 +67,21 @@ pub(crate) struct Options {
     /// Soak: new connections per second (connect, 16 B echo, close) during the churn.
     #[arg(long, default_value_t = 100)]
     soak_rate: u32,
+    /// Control: pods of the synthetic cluster (on 100 nodes, none on the bench node).
+    #[arg(long, default_value_t = 10_000)]
+    control_pods: usize,
+    /// Control: AuthorizationPolicies of the synthetic cluster.
+    #[arg(long, default_value_t = 1_000)]
+    control_policies: usize,
+    /// Control: synthetic pod events per second during the churn.
+    #[arg(long, default_value_t = 50)]
+    control_pod_rate: u32,
+    /// Control: seconds of churn (two timed flips a second, pod and policy events by turns).
+    #[arg(long, default_value_t = 60)]
+    control_seconds: u64,
+    /// Control: one-pod edits of the local file, each timed until enforced.
+    #[arg(long, default_value_t = 20)]
+    control_file_flips: usize,
 }
 
 struct Path2<'a> {
@@ -90,6 +108,20 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
     let wanted = |m: &str| options.only.iter().any(|o| o == m);
     // On a cluster of its own, before the other one exists, so that the cores are free.
     let ca_rows = if wanted("ca") { ca(options)? } else { Vec::new() };
+    if wanted("control") {
+        let mut rows = vec![["control path", "before", "after", "cost", "bar"].map(String::from).to_vec()];
+        rows.extend(control::run(options)?);
+        crate::table::print(&rows);
+    }
+    let main = ["datapath", "policies", "memory", "tracing", "soak"];
+    if !main.iter().any(|m| wanted(m)) {
+        if !ca_rows.is_empty() {
+            let mut rows = vec![["measure", "-", "value", "", "bar"].map(String::from).to_vec()];
+            rows.extend(ca_rows);
+            crate::table::print(&rows);
+        }
+        return Ok(());
+    }
     let cluster = Cluster::builder()
         .node("a")
         .node("b")
