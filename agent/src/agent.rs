@@ -17,7 +17,7 @@ use crate::{
     identity::{Bundle, Ca, CaClient, Identities, IdentityError},
     proxy::{Proxy, Settings},
     redirect::Tracing,
-    redirect::{Redirector, netns::Netns},
+    redirect::{Redirector, Round, netns::Netns},
     telemetry::{
         flows::{self, Flows},
         metrics::Metrics,
@@ -253,10 +253,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         if *synced.borrow() {
             match wake {
                 Wake::Changed => {
-                    redirector.reconcile(&cluster);
+                    redirector.reconcile(&cluster, Round::Changes);
                     proxy.revalidate(&cluster);
                 }
-                Wake::Retry => redirector.reconcile(&cluster),
+                Wake::Retry => redirector.reconcile(&cluster, Round::Full),
                 Wake::Verify => {
                     redirector.verify(&cluster);
                     identities.reload_bundle();

@@ -225,6 +225,15 @@ pub enum Tracing {
     AllPods,
 }
 
+/// How much of a pod's state a reconcile round looks at again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Round {
+    /// After a new snapshot: the pods whose entry changed, and those not served yet.
+    Changes,
+    /// The periodic retry: every pod, its namespace looked for again.
+    Full,
+}
+
 /// Keeps the set of captured pods equal to the set of enrolled pods of this node.
 pub struct Redirector {
     tracing: Tracing,
@@ -324,8 +333,11 @@ impl Redirector {
         (&self.check, self.repairs)
     }
 
-    /// Brings capture in line with `cluster`.
-    pub fn reconcile(&mut self, cluster: &Cluster) {
+    /// Brings capture in line with `cluster`. With `Round::Changes`, a pod already served whose
+    /// workload is the same entry as when it was enrolled (the snapshot shares unchanged
+    /// entries) is not looked for again; `Round::Full`, the periodic retry, also looks for new
+    /// sandboxes of every pod. A new snapshot at a high event rate then costs no `/proc` walk.
+    pub fn reconcile(&mut self, cluster: &Cluster, round: Round) {
         if self.superseded() {
             return;
         }
@@ -351,6 +363,10 @@ impl Redirector {
             self.held.iter().map(|(key, held)| (held.netns.id(), key.clone())).collect();
         for (key, workload) in &wanted {
             let was_serving = self.held.get(key).is_some_and(|h| h.serving.is_some());
+            let unchanged = self.held.get(key).is_some_and(|h| Arc::ptr_eq(&h.workload, workload));
+            if round == Round::Changes && was_serving && unchanged && !previous_failures.contains_key(key) {
+                continue;
+            }
             match self.enroll(cluster, workload, &mut claimed, &processes) {
                 Ok(()) => {
                     if !was_serving && let Some(held) = self.held.get(key) {

@@ -176,10 +176,12 @@ pub async fn watch(
             }
         };
         let Some(change) = change else { break };
+        let mut relisted = matches!(change, Event::Commit(_));
         let mut dirty = store.apply(change, &mut listed);
         // Gather whatever else arrives shortly: one snapshot per burst.
         let deadline = tokio::time::Instant::now() + DEBOUNCE;
         while let Ok(Some(more)) = tokio::time::timeout_at(deadline, changes.recv()).await {
+            relisted |= matches!(more, Event::Commit(_));
             dirty |= store.apply(more, &mut listed);
         }
         if dirty && expected.iter().all(|k| listed.contains(k)) {
@@ -191,6 +193,9 @@ pub async fn watch(
                 s.generation += 1;
                 s.loaded_at = unix_now();
             });
+            if relisted {
+                super::snapshot::release_freed_memory();
+            }
         }
         // Rejected objects and failing watches, until fixed or recovered.
         let errors = store.errors();
@@ -410,7 +415,7 @@ fn admit(
             for warning in compiled.http_warnings() {
                 warn!(policy = %key, action = %compiled.action, "{warning}");
             }
-            Ok(Some(Object::AuthorizationPolicy(compiled)))
+            Ok(Some(Object::AuthorizationPolicy(Arc::new(compiled))))
         }),
     };
     match decoded {
@@ -422,11 +427,11 @@ fn admit(
                 (None, Kind::AuthorizationPolicy) => {
                     let selector =
                         value.pointer("/spec/selector").and_then(|s| serde_json::from_value(s.clone()).ok());
-                    Some(Object::AuthorizationPolicy(CompiledPolicy::deny_all(
+                    Some(Object::AuthorizationPolicy(Arc::new(CompiledPolicy::deny_all(
                         &key.namespace,
                         &key.name,
                         selector,
-                    )))
+                    ))))
                 }
                 (None, _) => None,
             };

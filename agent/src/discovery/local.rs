@@ -220,7 +220,7 @@ impl Parser<'_> {
                 for warning in compiled.http_warnings() {
                     warn!(file = %self.file.display(), line, policy = %key, action = %compiled.action, "{warning}");
                 }
-                (key, Object::AuthorizationPolicy(compiled))
+                (key, Object::AuthorizationPolicy(Arc::new(compiled)))
             }
             (_, "") => {
                 return Err(self.invalid(line, "document".into(), "missing `kind`".into()));
@@ -319,6 +319,7 @@ pub async fn watch(mut reader: Reader, tx: watch::Sender<Arc<Cluster>>, status: 
         let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             let result = reader.read();
+            super::snapshot::release_freed_memory();
             (reader, result)
         })
         .await;

@@ -751,12 +751,12 @@ impl AuthorizationPolicies {
     pub(crate) fn policy_changed(
         &mut self,
         key: &ObjectKey,
-        policy: Option<CompiledPolicy>,
+        policy: Option<Arc<CompiledPolicy>>,
         workloads: &OrdMap<ObjectKey, Arc<Workload>>,
         skip: &impl Fn(&ObjectKey) -> bool,
         root_namespace: &str,
     ) {
-        let new = policy.map(Arc::new);
+        let new = policy;
         let old = match &new {
             Some(p) => self.policies.insert(key.clone(), p.clone()),
             None => self.policies.remove(key),
