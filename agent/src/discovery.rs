@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use self::objects::{EndpointSlice, Namespace, Pod, Service};
 pub(crate) use self::snapshot::Object;
-pub use self::snapshot::{Change, Cluster};
+pub use self::snapshot::{Change, Cluster, Kind};
 use crate::policy::{CompiledPolicy, PeerAuthentication};
 
 /// Label that enrolls a Namespace or Pod (`ambient`) or opts a Pod out (`none`), as in Istio.

@@ -23,7 +23,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use super::{
-    Change, Cluster, DiscoveryError, NETNS_ANNOTATION, Object, ObjectKey,
+    Change, Cluster, DiscoveryError, Kind, NETNS_ANNOTATION, Object, ObjectKey,
     local::{SourceStatus, unix_now},
     objects::Pod,
 };
@@ -38,23 +38,6 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// How often to look again for Istio's CRDs when they are missing.
 const CRD_RECHECK: Duration = Duration::from_secs(30);
-
-/// The kinds the agent watches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    /// v1 Namespace.
-    Namespace,
-    /// v1 Pod.
-    Pod,
-    /// v1 Service.
-    Service,
-    /// discovery.k8s.io/v1 EndpointSlice.
-    EndpointSlice,
-    /// security.istio.io PeerAuthentication.
-    PeerAuthentication,
-    /// security.istio.io AuthorizationPolicy.
-    AuthorizationPolicy,
-}
 
 impl Kind {
     const ALL: [Kind; 6] = [
@@ -345,9 +328,9 @@ impl Store {
     fn publish(&mut self, root_namespace: &str) -> Cluster {
         let changes: Vec<Change> = std::mem::take(&mut self.touched)
             .into_iter()
-            .map(|(kind, key)| {
-                let stored = self.current.get(&kind).and_then(|l| l.objects.get(&key)).cloned();
-                change_of(kind, key, stored)
+            .map(|(kind, key)| match self.current.get(&kind).and_then(|l| l.objects.get(&key)) {
+                Some(object) => object.clone().arrived(key),
+                None => Change::gone(kind, key),
             })
             .collect();
         self.cluster = self.cluster.with(changes, root_namespace);
@@ -362,19 +345,6 @@ impl Store {
             .into_iter()
             .flat_map(|(kind, l)| l.rejected.iter().map(move |(key, e)| format!("{kind:?} {key}: {e}")));
         rejected.chain(self.failing.values().cloned()).collect()
-    }
-}
-
-/// The change that puts `stored` at `key` in the snapshot, or with `None` takes what is there out.
-fn change_of(kind: Kind, key: ObjectKey, stored: Option<Object>) -> Change {
-    match (kind, stored) {
-        (_, Some(object)) => object.arrived(key),
-        (Kind::Namespace, None) => Change::Namespace(key.name, None),
-        (Kind::Pod, None) => Change::Pod(key, None),
-        (Kind::Service, None) => Change::Service(key, None),
-        (Kind::EndpointSlice, None) => Change::EndpointSlice(key, None),
-        (Kind::PeerAuthentication, None) => Change::PeerAuthentication(key, None),
-        (Kind::AuthorizationPolicy, None) => Change::AuthorizationPolicy(key, None),
     }
 }
 

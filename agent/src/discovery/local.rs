@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 use crate::policy::{AuthorizationPolicy, PeerAuthentication};
 
 use super::{
-    Cluster, DiscoveryError, Object, ObjectKey,
+    Change, Cluster, DiscoveryError, Kind, Object, ObjectKey,
     objects::{EndpointSlice, Namespace, ObjectMeta, Pod, Service, TypeMeta},
 };
 
@@ -46,8 +46,8 @@ pub struct Reader {
     root_namespace: String,
     /// The documents of the last read, decoded, by the hash of their text.
     decoded: HashMap<u128, Decoded>,
-    /// The objects of the last good read, by kind and key.
-    objects: BTreeMap<(&'static str, ObjectKey), Arc<Object>>,
+    /// The objects of the last good read, by kind and key, with the line each starts at.
+    objects: BTreeMap<(Kind, ObjectKey), (usize, Arc<Object>)>,
     cluster: Cluster,
 }
 
@@ -75,8 +75,7 @@ impl Reader {
     pub fn parse(&mut self, text: &str) -> Result<Cluster, DiscoveryError> {
         let parser = Parser { file: &self.file };
         let mut decoded = HashMap::new();
-        let mut objects = BTreeMap::new();
-        let mut first_lines: HashMap<(&'static str, ObjectKey), usize> = HashMap::new();
+        let mut objects: BTreeMap<(Kind, ObjectKey), (usize, Arc<Object>)> = BTreeMap::new();
         for (line, doc) in documents(text) {
             let hash = text_hash(&doc);
             let items = match self.decoded.get(&hash) {
@@ -88,25 +87,26 @@ impl Reader {
                 }
             };
             for (key, object) in items.iter() {
-                let at = (object.kind(), key.clone());
-                if let Some(first) = first_lines.insert(at.clone(), line) {
-                    let name = if object.kind() == "Namespace" { key.name.clone() } else { key.to_string() };
-                    return Err(parser.duplicate(line, first, format!("{} {name}", object.kind())));
+                if let Some((first, _)) = objects.insert((object.kind(), key.clone()), (line, object.clone()))
+                {
+                    let name =
+                        if object.kind() == Kind::Namespace { key.name.clone() } else { key.to_string() };
+                    return Err(parser.duplicate(line, first, format!("{:?} {name}", object.kind())));
                 }
-                objects.insert(at, object.clone());
             }
             decoded.insert(hash, items);
         }
         // Only what changed since the last good read; an object decoded again from changed text
         // counts as changed.
         let mut changes = Vec::new();
-        for ((kind, key), old) in &self.objects {
+        for (kind, key) in self.objects.keys() {
             if !objects.contains_key(&(*kind, key.clone())) {
-                changes.push(old.gone(key.clone()));
+                changes.push(Change::gone(*kind, key.clone()));
             }
         }
-        for ((kind, key), object) in &objects {
-            if self.objects.get(&(*kind, key.clone())).is_none_or(|old| !Arc::ptr_eq(old, object)) {
+        for ((kind, key), (_, object)) in &objects {
+            let old = self.objects.get(&(*kind, key.clone()));
+            if old.is_none_or(|(_, old)| !Arc::ptr_eq(old, object)) {
                 changes.push((**object).clone().arrived(key.clone()));
             }
         }
@@ -553,9 +553,16 @@ metadata: {name: ignored}
             "every other pod is the same entry, not rebuilt"
         );
 
-        // A bad edit is refused whole; the next good read is compared with the last good one.
-        let broken = format!("{edited}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: [}}\n");
+        // A bad edit is refused whole, its good parts too (db moved in it): the next read is
+        // compared with the last good one.
+        let moved = edited.replacen("nodeName: node-b", "nodeName: node-z", 1);
+        assert_ne!(moved, edited);
+        let broken = format!("{moved}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: [}}\n");
         assert!(reader.parse(&broken).is_err());
+        let again = reader.parse(&edited).expect("valid");
+        assert_eq!(again.workloads[&key("db")].node.as_deref(), Some("node-b"), "nothing of the bad edit");
+        let outsider = ObjectKey { namespace: "other".into(), name: "outsider".into() };
+        assert!(Arc::ptr_eq(&again.workloads[&outsider], &after.workloads[&outsider]), "nothing read again");
         let without_frontend: String = edited
             .split("\n---\n")
             .filter(|doc| !doc.contains("name: frontend\n"))

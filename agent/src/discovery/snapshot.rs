@@ -34,6 +34,38 @@ pub enum Change {
     AuthorizationPolicy(ObjectKey, Option<Arc<CompiledPolicy>>),
 }
 
+/// The kinds of object the agent reads, from either source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// v1 Namespace.
+    Namespace,
+    /// v1 Pod.
+    Pod,
+    /// v1 Service.
+    Service,
+    /// discovery.k8s.io/v1 EndpointSlice.
+    EndpointSlice,
+    /// security.istio.io PeerAuthentication.
+    PeerAuthentication,
+    /// security.istio.io AuthorizationPolicy.
+    AuthorizationPolicy,
+}
+
+impl Change {
+    /// The change that takes the object of `kind` at `key` out (a Namespace's key has only a
+    /// name).
+    pub(crate) fn gone(kind: Kind, key: ObjectKey) -> Self {
+        match kind {
+            Kind::Namespace => Self::Namespace(key.name, None),
+            Kind::Pod => Self::Pod(key, None),
+            Kind::Service => Self::Service(key, None),
+            Kind::EndpointSlice => Self::EndpointSlice(key, None),
+            Kind::PeerAuthentication => Self::PeerAuthentication(key, None),
+            Kind::AuthorizationPolicy => Self::AuthorizationPolicy(key, None),
+        }
+    }
+}
+
 /// One consistent snapshot of the cluster.
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
@@ -126,14 +158,11 @@ impl Cluster {
             changed.entry(key).or_insert(old);
         }
         for ns in &namespaces {
-            let enrolled = namespace_enrolls(next.namespaces.get(ns));
+            // What the namespace alone makes of a pod that leaves it the decision.
+            let inherited = enrollment(false, false, None, namespace_mode(next.namespaces.get(ns)));
             let rederived: Vec<Arc<Workload>> = in_namespace(&next.workloads, ns)
-                .filter(|(_, w)| w.namespace_decides && w.enrollment.is_enrolled() != enrolled)
-                .map(|(_, w)| {
-                    let mut w = (**w).clone();
-                    w.enrollment = if enrolled { Enrollment::Ambient } else { Enrollment::NotEnrolled };
-                    Arc::new(w)
-                })
+                .filter(|(_, w)| w.namespace_decides && w.enrollment != inherited)
+                .map(|(_, w)| Arc::new(Workload { enrollment: inherited, ..(**w).clone() }))
                 .collect();
             for w in rederived {
                 let old = next.workloads.insert(w.key.clone(), w.clone());
@@ -291,19 +320,19 @@ pub(crate) fn pod_key(pod: &Pod) -> ObjectKey {
     }
 }
 
-fn namespace_enrolls(ns: Option<&Namespace>) -> bool {
-    ns.and_then(|ns| ns.metadata.labels.get(DATAPLANE_MODE_LABEL)).is_some_and(|m| m == "ambient")
+fn namespace_mode(ns: Option<&Namespace>) -> Option<&str> {
+    ns?.metadata.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str)
 }
 
-fn workload_of(pod: &Pod, namespaces: &OrdMap<String, Namespace>) -> Workload {
-    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
-    let pod_mode = pod.metadata.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
-    let ns_mode = namespaces
-        .get(&namespace)
-        .and_then(|ns| ns.metadata.labels.get(DATAPLANE_MODE_LABEL))
-        .map(String::as_str);
-    let finished = matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed"));
-    let enrollment = if pod.spec.host_network {
+/// Whether a pod is in the mesh, from its own state and label and its namespace's label: the
+/// one place this is decided.
+fn enrollment(
+    host_network: bool,
+    finished: bool,
+    pod_mode: Option<&str>,
+    ns_mode: Option<&str>,
+) -> Enrollment {
+    if host_network {
         Enrollment::HostNetwork
     } else if finished {
         Enrollment::Finished
@@ -313,7 +342,15 @@ fn workload_of(pod: &Pod, namespaces: &OrdMap<String, Namespace>) -> Workload {
         Enrollment::Ambient
     } else {
         Enrollment::NotEnrolled
-    };
+    }
+}
+
+fn workload_of(pod: &Pod, namespaces: &OrdMap<String, Namespace>) -> Workload {
+    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
+    let pod_mode = pod.metadata.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str);
+    let finished = matches!(pod.status.phase.as_deref(), Some("Succeeded" | "Failed"));
+    let decide = |ns_mode| enrollment(pod.spec.host_network, finished, pod_mode, ns_mode);
+    let enrollment = decide(namespace_mode(namespaces.get(&namespace)));
     let mut ips: Vec<IpAddr> = pod.status.pod_ips.iter().filter_map(|p| p.ip.parse().ok()).collect();
     if let Some(ip) = pod.status.pod_ip.as_deref().and_then(|ip| ip.parse().ok())
         && !ips.contains(&ip)
@@ -334,9 +371,8 @@ fn workload_of(pod: &Pod, namespaces: &OrdMap<String, Namespace>) -> Workload {
         netns: pod.metadata.annotations.get(NETNS_ANNOTATION).map(PathBuf::from),
         enrollment,
         labels: pod.metadata.labels.clone(),
-        namespace_decides: !pod.spec.host_network
-            && !finished
-            && pod_mode.is_none_or(|m| m != "none" && m != "ambient"),
+        // Whether the namespace's label could change the outcome.
+        namespace_decides: decide(Some("ambient")) != decide(None),
         named_ports: pod
             .spec
             .containers
@@ -360,15 +396,15 @@ pub(crate) enum Object {
 }
 
 impl Object {
-    /// The kind, as Kubernetes names it.
-    pub(crate) fn kind(&self) -> &'static str {
+    /// Its kind.
+    pub(crate) fn kind(&self) -> Kind {
         match self {
-            Self::Namespace(_) => "Namespace",
-            Self::Pod(_) => "Pod",
-            Self::Service(_) => "Service",
-            Self::EndpointSlice(_) => "EndpointSlice",
-            Self::PeerAuthentication(_) => "PeerAuthentication",
-            Self::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Self::Namespace(_) => Kind::Namespace,
+            Self::Pod(_) => Kind::Pod,
+            Self::Service(_) => Kind::Service,
+            Self::EndpointSlice(_) => Kind::EndpointSlice,
+            Self::PeerAuthentication(_) => Kind::PeerAuthentication,
+            Self::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
@@ -381,18 +417,6 @@ impl Object {
             Self::EndpointSlice(slice) => Change::EndpointSlice(key, Some(slice)),
             Self::PeerAuthentication(p) => Change::PeerAuthentication(key, Some(p)),
             Self::AuthorizationPolicy(p) => Change::AuthorizationPolicy(key, Some(p)),
-        }
-    }
-
-    /// The change that takes the object of this kind at `key` out.
-    pub(crate) fn gone(&self, key: ObjectKey) -> Change {
-        match self {
-            Self::Namespace(_) => Change::Namespace(key.name, None),
-            Self::Pod(_) => Change::Pod(key, None),
-            Self::Service(_) => Change::Service(key, None),
-            Self::EndpointSlice(_) => Change::EndpointSlice(key, None),
-            Self::PeerAuthentication(_) => Change::PeerAuthentication(key, None),
-            Self::AuthorizationPolicy(_) => Change::AuthorizationPolicy(key, None),
         }
     }
 }
@@ -536,6 +560,44 @@ mod tests {
         out
     }
 
+    /// The indexes against a search of the objects themselves, without them: which policies
+    /// select each workload, who owns each address, which pods are on each node.
+    fn brute_force<'a>(c: &Cluster, objects: impl Iterator<Item = &'a Change> + Clone) {
+        for w in c.workloads.values() {
+            let mut expected: Vec<&str> = objects
+                .clone()
+                .filter_map(|o| match o {
+                    Change::AuthorizationPolicy(_, Some(p)) if p.applies_to(w, ROOT) => Some(p.name.as_str()),
+                    _ => None,
+                })
+                .collect();
+            expected.sort_unstable();
+            let indexed: Vec<&str> = c.authorization.for_workload(&w.key).map(|p| p.name.as_str()).collect();
+            assert_eq!(indexed, expected, "policies of {}", w.key);
+        }
+        for i in 0..12 {
+            let ip: IpAddr = format!("10.0.0.{i}").parse().expect("ip");
+            let claimants: Vec<&ObjectKey> = c
+                .workloads
+                .values()
+                .filter(|w| w.enrollment.owns_ips() && w.ips.contains(&ip))
+                .map(|w| &w.key)
+                .collect();
+            let owner = match claimants[..] {
+                [only] => Some(only),
+                _ => None,
+            };
+            assert_eq!(c.workload_by_ip(ip).map(|w| &w.key), owner, "owner of {ip}");
+            let conflict = (claimants.len() > 1).then(|| claimants.into_iter().cloned().collect::<Vec<_>>());
+            assert_eq!(c.ip_claimants(ip).map(<[ObjectKey]>::to_vec), conflict, "claimants of {ip}");
+        }
+        for node in ["n0", "n1", "n2"] {
+            let on: Vec<&ObjectKey> =
+                c.workloads.values().filter(|w| w.node.as_deref() == Some(node)).map(|w| &w.key).collect();
+            assert_eq!(c.workloads_on(node).map(|w| &w.key).collect::<Vec<_>>(), on, "pods on {node}");
+        }
+    }
+
     /// The incremental path against a snapshot built whole from the same objects, after every
     /// batch of a long random sequence of changes.
     #[test]
@@ -565,6 +627,7 @@ mod tests {
             incremental = incremental.with(batch, ROOT);
             let whole = Cluster::default().with(truth.values().cloned(), ROOT);
             assert_eq!(observed(&incremental), observed(&whole));
+            brute_force(&incremental, truth.values());
         }
         assert!(incremental.workloads.len() > 5, "the sequence exercised pods");
         assert!(incremental.authorization.len() > 3, "and policies");
@@ -595,12 +658,24 @@ mod tests {
             ROOT,
         );
         let p1 = ObjectKey { namespace: "a".into(), name: "p1".into() };
+        let input = crate::policy::ConnectionInput {
+            principal: Some("cluster.local/ns/a/sa/default".into()),
+            namespace: Some("a".into()),
+            source_ip: "10.0.0.1".parse().expect("ip"),
+            destination: "10.0.0.2:80".parse().expect("addr"),
+        };
+        assert!(before.authorization.evaluate(&p1, &input).allowed);
+        assert_eq!(before.authorization.memo_len(&p1), 1, "the verdict is memoized");
         let after = before.with([pod("p2", "z")], ROOT);
-        let first =
-            |c: &Cluster| c.authorization.for_workload(&p1).next().map(|p| p as *const CompiledPolicy);
-        assert!(
-            first(&before).is_some() && first(&before) == first(&after),
-            "p1's entry is shared, not rebuilt"
-        );
+        assert_eq!(after.authorization.memo_len(&p1), 1, "another pod's change keeps p1's memo");
+        // The control: a change of what applies to p1 starts its memo over.
+        let deny: crate::policy::AuthorizationPolicy = decode(json!({
+            "metadata": {"name": "deny-x", "namespace": "a"},
+            "spec": {"selector": {"matchLabels": {"app": "x"}}, "action": "DENY", "rules": [{}]},
+        }));
+        let deny = deny.compile().expect("compiles");
+        let denied = after.with([Change::AuthorizationPolicy(deny.key(), Some(Arc::new(deny)))], ROOT);
+        assert_eq!(denied.authorization.memo_len(&p1), 0, "a policy selecting p1 starts its memo over");
+        assert!(!denied.authorization.evaluate(&p1, &input).allowed);
     }
 }

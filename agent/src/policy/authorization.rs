@@ -730,6 +730,12 @@ impl AuthorizationPolicies {
         verdict
     }
 
+    /// Verdicts memoized for `workload`.
+    #[cfg(test)]
+    pub(crate) fn memo_len(&self, workload: &ObjectKey) -> usize {
+        self.by_workload.get(workload).map_or(0, |a| a.memo.lock().unwrap_or_else(|e| e.into_inner()).len())
+    }
+
     /// Every policy, by namespace and name.
     pub fn all(&self) -> impl Iterator<Item = &CompiledPolicy> {
         self.policies.values().map(|p| &**p)
