@@ -65,6 +65,9 @@ pub enum ProxyError {
     /// The connection targets one of the agent's own ports, which would loop.
     #[error("refusing a connection to the agent's own port {0}")]
     ReservedPort(u16),
+    /// The same-node path found the destination pod by address, and the address is not its own.
+    #[error("{0} is not an address of the destination pod's network namespace")]
+    NotInPod(SocketAddr),
     /// Creating the upstream socket inside the pod failed.
     #[error("opening a socket in the pod's network namespace: {0}")]
     Socket(io::Error),
@@ -284,7 +287,7 @@ impl Proxy {
     }
 
     /// Closes open inbound connections that `cluster`'s policies no longer allow.
-    pub fn revalidate(&self, cluster: &Cluster) -> usize {
+    pub fn revalidate(&self, cluster: &Arc<Cluster>) -> usize {
         self.tracker.revalidate(cluster, &self.settings.root_namespace)
     }
 
@@ -354,32 +357,58 @@ fn count(pod: &PodContext, sent: u64, received: u64, failed: bool) {
 /// socket closes with a reset unless the relay ends cleanly ([`relay`]): if the agent dies, the
 /// application sees an error, never a clean end of a truncated stream.
 pub async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, ProxyError> {
-    open(netns, dst, CONNECT_TIMEOUT, true).await
+    open(netns, dst, CONNECT_TIMEOUT, Leg::App).await
+}
+
+/// As [`connect_from`], only if `dst` is an address of `netns` itself: where the destination pod
+/// was found by address alone (the same-node path), a stale address table must not send the
+/// bytes to whoever holds the address now. The inbound paths need no such check: their `dst` is
+/// the address the connection arrived on, inside that namespace.
+pub(crate) async fn connect_inside(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, ProxyError> {
+    open(netns, dst, CONNECT_TIMEOUT, Leg::AppInside).await
 }
 
 /// A connection to a peer agent's HBONE port (closed as TLS and HTTP/2 close it).
 async fn connect_within(netns: &Netns, dst: SocketAddr, limit: Duration) -> Result<TcpStream, ProxyError> {
-    open(netns, dst, limit, false).await
+    open(netns, dst, limit, Leg::Peer).await
 }
 
-async fn open(
-    netns: &Netns,
-    dst: SocketAddr,
-    limit: Duration,
-    abortive: bool,
-) -> Result<TcpStream, ProxyError> {
+/// What an opened connection is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Leg {
+    /// To an application: closed with a reset unless the relay ends cleanly.
+    App,
+    /// To an application at an address of the namespace itself.
+    AppInside,
+    /// To a peer agent.
+    Peer,
+}
+
+async fn open(netns: &Netns, dst: SocketAddr, limit: Duration, leg: Leg) -> Result<TcpStream, ProxyError> {
     let socket = netns
-        .run(|| -> io::Result<Socket> {
+        .run(|| -> Result<Socket, ProxyError> {
             let socket =
-                Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
-            socket.set_mark(AGENT_MARK).map_err(|e| capability::explain(e, Capability::NetAdmin))?;
-            if abortive {
-                socket.set_linger(Some(Duration::ZERO))?;
+                Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))
+                    .map_err(ProxyError::Socket)?;
+            socket
+                .set_mark(AGENT_MARK)
+                .map_err(|e| ProxyError::Socket(capability::explain(e, Capability::NetAdmin)))?;
+            if leg != Leg::Peer {
+                socket.set_linger(Some(Duration::ZERO)).map_err(ProxyError::Socket)?;
+            }
+            if leg == Leg::AppInside {
+                // The port is chosen at connect time, per 4-tuple, as without the bind.
+                nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
+                    .map_err(|e| ProxyError::Socket(e.into()))?;
+                socket.bind(&SocketAddr::new(dst.ip(), 0).into()).map_err(|e| match e.raw_os_error() {
+                    Some(libc::EADDRNOTAVAIL) => ProxyError::NotInPod(dst),
+                    _ => ProxyError::Socket(e),
+                })?;
             }
             Ok(socket)
         })
-        .and_then(|r| r)
-        .map_err(ProxyError::Socket)?;
+        .map_err(ProxyError::Socket)
+        .and_then(|r| r)?;
     // The data plane never eats into the descriptors kept for the agent's endpoints.
     if listener::in_reserve(std::os::fd::AsRawFd::as_raw_fd(&socket) as u64, KEEP_FREE) {
         return Err(ProxyError::Socket(io::Error::from_raw_os_error(libc::EMFILE)));

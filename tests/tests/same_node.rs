@@ -217,3 +217,43 @@ fn wait_until_served(cluster: &Cluster, pod: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A stale address table must not carry bytes that one pod's policy admitted to another pod:
+/// the file says db is at the victim's address (as after an address was reused while the
+/// table lagged) and knows no victim. backend may reach db, so the agent's decision allows it;
+/// what must stop it is that the address is not db's own.
+#[test]
+fn a_destination_found_at_a_stale_address_is_refused_not_reached() {
+    let cluster =
+        Cluster::builder().shop().pod(PodSpec::new("legacy", "victim", "b")).build().expect("cluster");
+    cluster.set_extra_yaml(POLICIES);
+    let (victim_ip, db_ip) = (cluster.pod("victim").ip(), cluster.pod("db").ip());
+    let stale: Vec<String> = cluster
+        .manifest()
+        .split("---\n")
+        .filter(|doc| !doc.contains("  name: victim\n"))
+        .map(|doc| doc.replace(&format!("podIP: \"{db_ip}\""), &format!("podIP: \"{victim_ip}\"")))
+        .collect();
+    let stale = stale.join("---\n");
+    assert!(stale.contains(&format!("podIP: \"{victim_ip}\"")) && !stale.contains("name: victim\n"));
+    cluster.write_raw_manifest(&stale).expect("write");
+    let b = cluster.spawn_agent("b", &[]).expect("agent b");
+    b.wait_ready(Duration::from_secs(20)).expect("agent b ready");
+    let echo = cluster.pod("victim").echo_server(HTTP).expect("victim's server");
+    let victim = cluster.pod("victim").addr(HTTP);
+    // The control: the victim's server is there and answers whoever reaches it.
+    assert_eq!(cluster.pod("outsider").attempt(victim), Ok(()), "the victim answers directly");
+    let reached = echo.peers().len();
+
+    assert!(cluster.pod("backend").attempt(victim).is_err(), "refused");
+    assert_eq!(echo.peers().len(), reached, "nothing reached the victim: {:?}", echo.peers());
+    let refused = b
+        .wait_for_event(STEP, |e| {
+            e["target"] == "access" && e["direction"] == "outbound" && e["dst.workload"] == "db"
+        })
+        .expect("the outbound record");
+    assert!(
+        refused.to_string().contains("is not an address of the destination pod's network namespace"),
+        "the agent took db for the destination and refused on the address: {refused}"
+    );
+}

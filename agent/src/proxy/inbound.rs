@@ -98,7 +98,7 @@ impl Proxy {
                     }
                 };
                 // Re-checked when policies change; probes are outside policy.
-                (verdict, Some(self.tracker.register(pod.workload.key.clone(), input)))
+                (verdict, Some(self.tracker.register(pod.workload.key.clone(), input, &cluster, &self.settings.root_namespace)))
             };
             let (_registration, revoked) = tracked.unzip();
             let upstream = Box::pin(connect_from(&pod.netns, dst)).await?;
@@ -303,7 +303,8 @@ impl Proxy {
                     return Err(ProxyError::Denied(refused.reason()));
                 }
             };
-            let (_registration, revoked) = self.tracker.register(pod.workload.key.clone(), input);
+            let (_registration, revoked) =
+                self.tracker.register(pod.workload.key.clone(), input, &cluster, &self.settings.root_namespace);
             let upstream = match Box::pin(connect_from(&pod.netns, dst)).await {
                 Ok(upstream) => upstream,
                 Err(e) => {

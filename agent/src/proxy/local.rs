@@ -15,7 +15,7 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{PodContext, Proxy, ProxyError, connect_from, count, relay};
+use super::{PodContext, Proxy, ProxyError, connect_inside, count, relay};
 use crate::{
     discovery::Workload,
     listener::reset,
@@ -75,9 +75,12 @@ impl Proxy {
     }
 
     /// Serves a connection from `src` (captured on its outbound listener from client port
-    /// `port`) to `dst` on `dst_pod`, also served here. `record` is the outbound record.
+    /// `port`) to `dst` on `dst_pod`, also served here, decided on `cluster`, the snapshot the
+    /// destination was found in. `record` is the outbound record.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn same_node(
         &self,
+        cluster: &crate::discovery::Cluster,
         src: &PodContext,
         dst_pod: &PodContext,
         client: TcpStream,
@@ -86,18 +89,17 @@ impl Proxy {
         record: &mut ConnectionRecord,
     ) -> Result<(), ProxyError> {
         let start = Instant::now();
+        // The source's address on the pod network, as an HBONE connection from it would have.
+        // Without one of that family there is nothing its ipBlocks rules could be judged by:
+        // refused (outbound listeners only exist for the families a pod has, so this is a bug).
+        let Some(source_ip) = src.workload.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.is_ipv4())
+        else {
+            reset(client);
+            return Err(ProxyError::Denied(format!("the source pod has no address of {dst}'s family")));
+        };
         dst_pod.stats.inbound.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         record.security = Security::MutualTls;
         record.dst_identity = Some(dst_pod.identity.clone());
-        // The source's address on the pod network, as an HBONE connection from it would have;
-        // without one of that family, an address no ipBlocks rule names by accident.
-        let unspecified = if dst.is_ipv4() {
-            IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
-        } else {
-            IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
-        };
-        let source_ip =
-            src.workload.ips.iter().copied().find(|ip| ip.is_ipv4() == dst.is_ipv4()).unwrap_or(unspecified);
         let mut inbound = ConnectionRecord::new(Direction::Inbound);
         inbound.security = Security::MutualTls;
         inbound.src_addr = Some(SocketAddr::new(source_ip, port));
@@ -129,9 +131,8 @@ impl Proxy {
                 source_ip,
                 destination: dst,
             };
-            let cluster = self.cluster();
             let decision =
-                InboundDecision::new(&cluster, &dst_pod.workload, &input, &self.settings.root_namespace);
+                InboundDecision::new(cluster, &dst_pod.workload, &input, &self.settings.root_namespace);
             inbound.authorization = decision.verdict().cloned();
             let verdict = match decision {
                 InboundDecision::Authorized { verdict, .. } if verdict.allowed => verdict,
@@ -143,8 +144,9 @@ impl Proxy {
                     return Err(ProxyError::Denied(reason));
                 }
             };
-            let (_registration, revoked) = self.tracker.register(dst_pod.workload.key.clone(), input);
-            let upstream = match Box::pin(connect_from(&dst_pod.netns, dst)).await {
+            let (_registration, revoked) =
+                self.tracker.register(dst_pod.workload.key.clone(), input, cluster, &self.settings.root_namespace);
+            let upstream = match Box::pin(connect_inside(&dst_pod.netns, dst)).await {
                 Ok(upstream) => upstream,
                 Err(e) => {
                     reset(client);

@@ -97,7 +97,7 @@ impl Proxy {
 
         match dst_workload.filter(|w| w.enrollment.is_enrolled()) {
             Some(dst_workload) if let Some(local) = self.local_destination(&dst_workload) => {
-                self.same_node(pod, &local, client, peer.port(), dst, record).await?;
+                self.same_node(&cluster, pod, &local, client, peer.port(), dst, record).await?;
             }
             Some(dst_workload) => {
                 // In the mesh: mutual TLS to the destination pod's HBONE port, which must present
