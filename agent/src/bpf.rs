@@ -310,9 +310,12 @@ impl Datapath {
                 BpfError::Io { what: "reading the netns cookie of", path: "/proc/self/ns/net".into(), source }
             })?;
         loader.override_global("HOST_NETNS", &host_netns, true);
-        let mut ebpf = loader.load(PROGRAMS).map_err(|source| match Capability::SysAdmin.held() {
-            true => BpfError::Load(source),
-            false => BpfError::Unprivileged { capability: Capability::SysAdmin.name(), source },
+        let mut ebpf = loader.load(PROGRAMS).map_err(|source| {
+            if crate::capability::lacking(&source, Capability::SysAdmin) {
+                BpfError::Unprivileged { capability: Capability::SysAdmin.name(), source }
+            } else {
+                BpfError::Load(source)
+            }
         })?;
 
         let cgroup = File::open(&cgroup_root).map_err(|source| BpfError::Io {
@@ -857,14 +860,29 @@ pub(crate) fn fs_magic(path: &Path) -> Option<i64> {
 
 /// Whether this process shares the mount namespace of PID 1 and of its parent (the container
 /// runtime's shim, for a container with hostPID): `false` when either is readable and differs,
-/// which is a container's own mount namespace, ended with it.
+/// which is a container's own mount namespace, ended with it, and when it cannot tell.
 fn in_init_mount_namespace() -> bool {
-    let Ok(own) = fs::read_link("/proc/self/ns/mnt") else { return true };
+    // In a PID namespace of its own (no hostPID), PID 1 is the container's init and the shim is
+    // out of sight: nothing would tell a container's mount namespace from the node's.
+    if !in_initial_pid_namespace() {
+        return false;
+    }
+    let Ok(own) = fs::read_link("/proc/self/ns/mnt") else { return false };
     let parent = std::os::unix::process::parent_id();
     ["/proc/1/ns/mnt".to_owned(), format!("/proc/{parent}/ns/mnt")]
         .iter()
         .filter_map(|p| fs::read_link(p).ok())
         .all(|other| other == own)
+}
+
+/// Whether this process is in the node's PID namespace: its `NSpid` has one entry.
+fn in_initial_pid_namespace() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            Some(status.lines().find_map(|l| l.strip_prefix("NSpid:"))?.split_whitespace().count() == 1)
+        })
+        .unwrap_or(false)
 }
 
 /// One line of `/proc/self/mountinfo`.

@@ -80,11 +80,19 @@ pub(crate) fn report() {
     }
 }
 
+/// Whether `error` (or one it was caused by) is the kernel refusing the operation (`EPERM`,
+/// `EACCES`) while this process lacks `capability`.
+pub(crate) fn lacking(error: &(dyn std::error::Error + 'static), capability: Capability) -> bool {
+    let refused = std::iter::successors(Some(error), |e| e.source())
+        .filter_map(|e| e.downcast_ref::<io::Error>())
+        .any(|e| matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)));
+    refused && !capability.held()
+}
+
 /// `error`, naming `capability` when the kernel refused the operation (`EPERM`, `EACCES`) and
 /// this process lacks it; unchanged otherwise.
 pub(crate) fn explain(error: io::Error, capability: Capability) -> io::Error {
-    let refused = matches!(error.raw_os_error(), Some(libc::EPERM | libc::EACCES));
-    if refused && !capability.held() {
+    if lacking(&error, capability) {
         io::Error::new(error.kind(), format!("{error} (needs {}, which the agent lacks)", capability.name()))
     } else {
         error

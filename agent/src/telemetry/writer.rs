@@ -3,7 +3,8 @@
 //! wake a thread for every access record (the per-line handoff of a channel cost the agent
 //! about a tenth of its CPU per connection). A batch is written at most `BATCH_DELAY` after its
 //! first line; when the buffer holds `LIMIT` bytes (stdout stalled), loggers wait: no line is
-//! dropped.
+//! dropped. A write that fails is reported on stderr with the bytes it lost; an exiting agent
+//! waits at most `FLUSH_LIMIT` for the last batch.
 
 use std::{
     io::{self, Write},
@@ -71,8 +72,10 @@ impl BatchWriter {
                     std::mem::swap(&mut buffer.bytes, &mut spare);
                     drop(buffer);
                     shared.drained.notify_all();
-                    // Nowhere to report a failing stdout; the lines are gone either way.
-                    let _ = out.write_all(&spare).and_then(|()| out.flush());
+                    if let Err(e) = out.write_all(&spare).and_then(|()| out.flush()) {
+                        // The lines are gone; stderr is the one place left to say so.
+                        eprintln!("ambit: writing the log to stdout failed, {} bytes lost: {e}", spare.len());
+                    }
                     spare.clear();
                     if closed && shared.lock().bytes.is_empty() {
                         return;
@@ -112,12 +115,22 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for BatchWriter {
     }
 }
 
+/// How long an exiting agent waits for the last lines to be written (a stdout that takes
+/// longer is stuck, and must not keep the agent from ending).
+const FLUSH_LIMIT: Duration = Duration::from_secs(2);
+
 impl Drop for Flush {
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.filled.notify_one();
+        let deadline = std::time::Instant::now() + FLUSH_LIMIT;
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
         }
     }
 }
