@@ -71,28 +71,6 @@ pub fn echo_roundtrip(stream: &mut TcpStream, payload: &[u8]) -> io::Result<Vec<
     Ok(back)
 }
 
-/// A server that reads and discards everything (bulk throughput sink).
-pub struct SinkServer {
-    addr: SocketAddr,
-    _acceptor: Acceptor,
-}
-
-impl SinkServer {
-    pub(crate) fn start(listener: TcpListener) -> io::Result<Self> {
-        let addr = listener.local_addr()?;
-        let acceptor = Acceptor::start(listener, |mut stream, _| {
-            let mut buf = vec![0u8; 256 * 1024];
-            while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
-        })?;
-        Ok(Self { addr, _acceptor: acceptor })
-    }
-
-    /// The listening address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
 /// A server that writes to each client, then ends the connection: `Some(n)` writes `n` bytes,
 /// waits until the client's side has acknowledged them all (so none is lost in the server's own
 /// send queue) and resets the connection (`SO_LINGER` 0); `None` writes until the client goes.

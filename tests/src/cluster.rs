@@ -854,11 +854,6 @@ impl PodHandle<'_> {
         crate::SourceServer::start(self.listen(port)?, bytes)
     }
 
-    /// Starts a discard server on `port` inside the pod.
-    pub fn sink_server(&self, port: u16) -> io::Result<crate::SinkServer> {
-        crate::SinkServer::start(self.listen(port)?)
-    }
-
     /// Takes the pod's network interface down or up: down, the pod is silently gone from the
     /// network (no reset, no answer), as a node that vanished.
     pub fn set_link(&self, up: bool) -> io::Result<()> {

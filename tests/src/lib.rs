@@ -18,7 +18,7 @@ pub mod podman;
 mod sys;
 
 pub use agent::{Agent, AgentOutput, Container};
-pub use apps::{EchoServer, SinkServer, SourceServer, echo_roundtrip, pattern};
+pub use apps::{EchoServer, SourceServer, echo_roundtrip, pattern};
 pub use capture::{Capture, contains};
 pub use cluster::{
     CgroupDriver, Cluster, ClusterBuilder, Family, NodeHandle, PodHandle, PodProcesses, PodSpec,

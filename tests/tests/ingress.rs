@@ -198,6 +198,10 @@ fn a_node_port_reaches_a_strict_workload_through_a_port_level_permissive_excepti
     assert_eq!(entry["mtls.decided_by"], "shop/web-nodeport (port 8080)", "{entry}");
     // Only that port: the same workload's other ports stay STRICT.
     let other = cluster.pod("web").addr(9090);
-    let _listener = cluster.pod("web").listen(9090).expect("listener");
+    let echo = cluster.pod("web").echo_server(9090).expect("echo server");
     assert!(cluster.pod("visitor").attempt(other).is_err(), "port 9090 is still STRICT");
+    assert!(echo.peers().is_empty(), "nothing of the visitor's reached port 9090: {:?}", echo.peers());
+    // The control: the port answers the mesh.
+    assert_eq!(cluster.pod("frontend").attempt(other), Ok(()), "port 9090 serves mesh clients");
+    assert_eq!(echo.peers().len(), 1);
 }

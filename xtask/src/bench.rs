@@ -24,8 +24,6 @@ use self::datapath::{ECHO, Measure, Pair};
 mod control;
 mod datapath;
 
-const SINK: u16 = 5001;
-
 /// Bench options.
 #[derive(clap::Args)]
 pub(crate) struct Options {
@@ -143,7 +141,7 @@ pub(crate) fn run(ambit: &Path, options: &Options) -> anyhow::Result<()> {
     let idle_rss = [agent_a.pid(), agent_b.pid()].map(rss_kib);
     let mut servers = Vec::new();
     for pod in ["mserver", "dserver", "mlocal", "dlocal"] {
-        servers.push((cluster.pod(pod).sink_server(SINK)?, cluster.pod(pod).echo_server(ECHO)?));
+        servers.push(cluster.pod(pod).echo_server(ECHO)?);
     }
     let tools = datapath::Servers::start(&cluster, &["mserver", "dserver", "mlocal", "dlocal"])?;
     for pod in ["mclient", "dclient", "mserver", "dserver", "mlocal", "dlocal"] {

@@ -4,21 +4,11 @@
 
 use std::{path::Path, process::Command};
 
+use ambit_tests::podman::podman;
 use anyhow::{Context as _, bail};
 
 /// The locally made base image.
-pub(crate) const BASE: &str = "localhost/ambit-base:bookworm";
-
-/// `podman` with the project's settings (runc, cgroupfs, no default ulimits).
-pub(crate) fn podman() -> Command {
-    let mut command = Command::new("podman");
-    command.env("CONTAINERS_CONF", crate::root().join("tests/fixtures/podman/containers.conf"));
-    command
-}
-
-fn exists(image: &str) -> bool {
-    podman().args(["image", "exists", image]).status().is_ok_and(|s| s.success())
-}
+const BASE: &str = "localhost/ambit-base:bookworm";
 
 /// The image ID `tag` names, if any.
 fn id(tag: &str) -> Option<String> {
@@ -28,7 +18,7 @@ fn id(tag: &str) -> Option<String> {
 
 /// The base image, made if podman does not have it.
 fn base() -> anyhow::Result<()> {
-    if exists(BASE) {
+    if id(BASE).is_some() {
         return Ok(());
     }
     eprintln!("image: making the base {BASE} with mmdebstrap (once; about half a minute)");

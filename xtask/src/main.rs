@@ -112,7 +112,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     build.args(["build", "--package", "ambit", "--bin", "ambit"]);
     run(build)?;
     // The container tests run this binary in the agent's image, as the DaemonSet would.
-    image::build(&root().join("target/debug/ambit"), "localhost/ambit:test")?;
+    image::build(&root().join("target/debug/ambit"), ambit_tests::podman::IMAGE)?;
     let mut test = cargo();
     test.args(["test", "--workspace", "--exclude", "ambit-ebpf"])
         .args(args)
