@@ -357,15 +357,12 @@ fn count(pod: &PodContext, sent: u64, received: u64, failed: bool) {
 /// socket closes with a reset unless the relay ends cleanly ([`relay`]): if the agent dies, the
 /// application sees an error, never a clean end of a truncated stream.
 pub async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, ProxyError> {
-    open(netns, dst, CONNECT_TIMEOUT, Leg::App).await
+    connect_app(netns, dst, Leg::App).await
 }
 
-/// As [`connect_from`], only if `dst` is an address of `netns` itself: where the destination pod
-/// was found by address alone (the same-node path), a stale address table must not send the
-/// bytes to whoever holds the address now. The inbound paths need no such check: their `dst` is
-/// the address the connection arrived on, inside that namespace.
-pub(crate) async fn connect_inside(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, ProxyError> {
-    open(netns, dst, CONNECT_TIMEOUT, Leg::AppInside).await
+/// [`connect_from`] for a leg of `leg`'s kind.
+pub(crate) async fn connect_app(netns: &Netns, dst: SocketAddr, leg: Leg) -> Result<TcpStream, ProxyError> {
+    open(netns, dst, CONNECT_TIMEOUT, leg).await
 }
 
 /// A connection to a peer agent's HBONE port (closed as TLS and HTTP/2 close it).
@@ -374,11 +371,14 @@ async fn connect_within(netns: &Netns, dst: SocketAddr, limit: Duration) -> Resu
 }
 
 /// What an opened connection is for.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Leg {
-    /// To an application: closed with a reset unless the relay ends cleanly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Leg {
+    /// To an application at the address a connection arrived on: closed with a reset unless
+    /// the relay ends cleanly.
     App,
-    /// To an application at an address of the namespace itself.
+    /// To an application at an address found in the cluster's address table (the same-node
+    /// path): only if it is an address of the namespace itself, so that a stale table does not
+    /// send the bytes to whoever holds the address now.
     AppInside,
     /// To a peer agent.
     Peer,

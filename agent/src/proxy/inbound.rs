@@ -13,17 +13,19 @@ use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::{OwnedSemaphorePermit, Semaphore, oneshot},
 };
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument as _, debug, info_span, warn};
 
+use super::tracker::Registration;
 use super::{
-    DATA_PLANE, HBONE, PodContext, Proxy, ProxyError, accept_loop, connect_from, count,
+    DATA_PLANE, HBONE, Leg, PodContext, Proxy, ProxyError, accept_loop, connect_app, connect_from, count,
     hbone::{CERT_WAIT, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW},
     keep_alive, local_of, relay,
 };
 use crate::{
+    discovery::Cluster,
     identity::Identity,
     listener::reset,
     policy::{ConnectionInput, InboundDecision, Verdict},
@@ -286,43 +288,18 @@ impl Proxy {
             };
             record.dst_addr = Some(dst);
             // Identity comes from the verified certificate only, never from request headers.
-            let input = ConnectionInput {
-                principal: Some(peer_identity.principal()),
-                namespace: Some(peer_identity.namespace.clone()),
-                source_ip: peer.ip(),
-                destination: dst,
-            };
-            let decision = InboundDecision::new(&cluster, &pod.workload, &input, &self.settings.root_namespace);
-            record.authorization = decision.verdict().cloned();
-            let verdict = match decision {
-                InboundDecision::Authorized { verdict, .. } if verdict.allowed => verdict,
-                refused => {
-                    answer(&mut respond, StatusCode::UNAUTHORIZED);
-                    let policy = refused.verdict().and_then(|v| v.policy.clone());
-                    self.flow_refused(&pod, peer, Some(&*peer_identity), dst, "denied", policy, &refused.reason());
-                    return Err(ProxyError::Denied(refused.reason()));
-                }
-            };
-            let (_registration, revoked) =
-                self.tracker.register(pod.workload.key.clone(), input, &cluster, &self.settings.root_namespace);
-            let upstream = match Box::pin(connect_from(&pod.netns, dst)).await {
-                Ok(upstream) => upstream,
+            let admitted = match self.admit_mtls(&cluster, &pod, &peer_identity, peer, dst, Leg::App, &mut record).await {
+                Ok(admitted) => admitted,
                 Err(e) => {
-                    answer(&mut respond, StatusCode::SERVICE_UNAVAILABLE);
+                    let status = match e {
+                        ProxyError::Denied(_) => StatusCode::UNAUTHORIZED,
+                        _ => StatusCode::SERVICE_UNAVAILABLE,
+                    };
+                    answer(&mut respond, status);
                     return Err(e);
                 }
             };
-            record.mark_opened(&self.settings.metrics);
-            self.note_delivery(&pod, &upstream, Note {
-                security: "mutual_tls",
-                peer: Some(peer),
-                src_identity: Some(peer_identity.to_string()),
-                dst_identity: Some(pod.identity.to_string()),
-                verdict: "allowed",
-                policy: verdict.policy.clone(),
-                reason: Some(verdict.reason.clone()),
-                ..Note::default()
-            });
+            let Admitted { upstream, registration: _registration, revoked } = admitted;
             let response =
                 Response::builder().status(StatusCode::OK).body(()).map_err(|e| ProxyError::Hbone(e.to_string()))?;
             let send = respond.send_response(response, false).map_err(|e| ProxyError::Hbone(e.to_string()))?;
@@ -341,7 +318,68 @@ impl Proxy {
     }
 }
 
+/// A mutual-TLS connection the destination admitted: the connection to its app, and the
+/// registration that re-checks it when policies change (closed when `revoked` fires).
+pub(super) struct Admitted {
+    pub(super) upstream: TcpStream,
+    pub(super) registration: Registration,
+    pub(super) revoked: oneshot::Receiver<String>,
+}
+
 impl Proxy {
+    /// The destination side of a mutual-TLS connection from `identity` at `source` to `dst` on
+    /// `pod`, decided on `cluster`: the decision (into `record`), a denial's flow note, the
+    /// registration for re-checks, the connection to the app (a `leg` of its kind) and its
+    /// flow note. HBONE and the same-node path both come through here, so they cannot decide
+    /// differently. On `Err` the caller answers its client: `Denied`, or the app unreachable.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn admit_mtls(
+        &self,
+        cluster: &Cluster,
+        pod: &PodContext,
+        identity: &Identity,
+        source: SocketAddr,
+        dst: SocketAddr,
+        leg: Leg,
+        record: &mut ConnectionRecord,
+    ) -> Result<Admitted, ProxyError> {
+        let input = ConnectionInput {
+            principal: Some(identity.principal()),
+            namespace: Some(identity.namespace.clone()),
+            source_ip: source.ip(),
+            destination: dst,
+        };
+        let decision = InboundDecision::new(cluster, &pod.workload, &input, &self.settings.root_namespace);
+        record.authorization = decision.verdict().cloned();
+        let verdict = match decision {
+            InboundDecision::Authorized { verdict, .. } if verdict.allowed => verdict,
+            refused => {
+                let policy = refused.verdict().and_then(|v| v.policy.clone());
+                self.flow_refused(pod, source, Some(identity), dst, "denied", policy, &refused.reason());
+                return Err(ProxyError::Denied(refused.reason()));
+            }
+        };
+        let (registration, revoked) =
+            self.tracker.register(pod.workload.key.clone(), input, cluster, &self.settings.root_namespace);
+        let upstream = Box::pin(connect_app(&pod.netns, dst, leg)).await?;
+        record.mark_opened(&self.settings.metrics);
+        self.note_delivery(
+            pod,
+            &upstream,
+            Note {
+                security: "mutual_tls",
+                peer: Some(source),
+                src_identity: Some(identity.to_string()),
+                dst_identity: Some(pod.identity.to_string()),
+                verdict: "allowed",
+                policy: verdict.policy,
+                reason: Some(verdict.reason),
+                ..Note::default()
+            },
+        );
+        Ok(Admitted { upstream, registration, revoked })
+    }
+
     /// Tells the flow table who is really behind the agent's connection to the app.
     pub(super) fn note_delivery(&self, pod: &PodContext, upstream: &TcpStream, note: Note) {
         if let Ok(local) = upstream.local_addr() {

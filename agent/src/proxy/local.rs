@@ -15,11 +15,10 @@ use std::{
 
 use tokio::net::TcpStream;
 
-use super::{PodContext, Proxy, ProxyError, connect_inside, count, relay};
+use super::{Leg, PodContext, Proxy, ProxyError, count, inbound::Admitted, relay};
 use crate::{
     discovery::Workload,
     listener::reset,
-    policy::{ConnectionInput, InboundDecision},
     telemetry::flows::Note,
     telemetry::{ConnectionRecord, Direction, Security},
 };
@@ -125,47 +124,18 @@ impl Proxy {
                 reset(client);
                 return Err(ProxyError::ReservedPort(dst.port()));
             }
-            let input = ConnectionInput {
-                principal: Some(src.identity.principal()),
-                namespace: Some(src.identity.namespace.clone()),
-                source_ip,
-                destination: dst,
-            };
-            let decision =
-                InboundDecision::new(cluster, &dst_pod.workload, &input, &self.settings.root_namespace);
-            inbound.authorization = decision.verdict().cloned();
-            let verdict = match decision {
-                InboundDecision::Authorized { verdict, .. } if verdict.allowed => verdict,
-                refused => {
-                    reset(client);
-                    let policy = refused.verdict().and_then(|v| v.policy.clone());
-                    let reason = refused.reason();
-                    self.flow_refused(dst_pod, inbound.src_addr.unwrap_or(dst), Some(&src.identity), dst, "denied", policy, &reason);
-                    return Err(ProxyError::Denied(reason));
-                }
-            };
-            let (_registration, revoked) =
-                self.tracker.register(dst_pod.workload.key.clone(), input, cluster, &self.settings.root_namespace);
-            let upstream = match Box::pin(connect_inside(&dst_pod.netns, dst)).await {
-                Ok(upstream) => upstream,
-                Err(e) => {
-                    reset(client);
-                    return Err(e);
-                }
-            };
+            let source = SocketAddr::new(source_ip, port);
+            let admitted =
+                match self.admit_mtls(cluster, dst_pod, &src.identity, source, dst, Leg::AppInside, &mut inbound).await {
+                    Ok(admitted) => admitted,
+                    Err(e) => {
+                        reset(client);
+                        return Err(e);
+                    }
+                };
+            let Admitted { upstream, registration: _registration, revoked } = admitted;
             self.settings.flows.note(src.cookie, port, outbound_note("allowed", None));
             record.mark_opened(&self.settings.metrics);
-            inbound.mark_opened(&self.settings.metrics);
-            self.note_delivery(dst_pod, &upstream, Note {
-                security: "mutual_tls",
-                peer: inbound.src_addr,
-                src_identity: Some(src.identity.to_string()),
-                dst_identity: Some(dst_pod.identity.to_string()),
-                verdict: "allowed",
-                policy: verdict.policy.clone(),
-                reason: Some(verdict.reason.clone()),
-                ..Note::default()
-            });
             let moved = tokio::select! {
                 moved = relay::tcp_to_tcp(client, upstream) => moved.map_err(ProxyError::Relay)?,
                 Ok(reason) = revoked => return Err(ProxyError::Denied(format!("closed by a policy change: {reason}"))),
