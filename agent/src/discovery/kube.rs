@@ -370,6 +370,8 @@ fn admit(
             if pod.metadata.annotations.remove(NETNS_ANNOTATION).is_some() {
                 warn!(pod = %key, annotation = NETNS_ANNOTATION, "ignoring the annotation: only a local cluster file may name a pod's network namespace");
             }
+            // That was the one annotation the agent reads; every pod of the cluster is kept.
+            pod.metadata.annotations.clear();
             pod.validate().map(|()| Some(Object::Pod(pod)))
         }),
         Kind::Service => decode(&value).map(|svc| Some(Object::Service(svc))),
