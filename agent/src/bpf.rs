@@ -1079,14 +1079,14 @@ mod tests {
         let line = |root: &str, at: &Path| format!("1 1 0:1 {root} {} rw - cgroup2 cgroup2 rw", at.display());
         assert!(Mount::parse(&line("/", &real)).expect("parses").is_cgroup2_root());
         assert!(Mount::parse(&line("/../..", &real)).expect("parses").is_cgroup2_root());
-        // A cgroup below the root, mounted as a namespace's root would be: it has cgroup.events.
-        let child = std::fs::read_dir(&real)
-            .expect("cgroup root")
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| p.join("cgroup.events").exists())
-            .expect("a child cgroup");
-        assert!(!Mount::parse(&line("/", &child)).expect("parses").is_cgroup2_root());
+        // A cgroup below the root, mounted as a namespace's root would be: it has cgroup.events
+        // (the host may have no child cgroup to point at, and making one needs root).
+        let child = std::env::temp_dir().join(format!("ambit-cgroup-child-{}", std::process::id()));
+        std::fs::create_dir_all(&child).expect("temporary directory");
+        std::fs::write(child.join("cgroup.events"), "populated 0\nfrozen 0\n").expect("cgroup.events");
+        let below = Mount::parse(&line("/", &child)).expect("parses").is_cgroup2_root();
+        std::fs::remove_dir_all(&child).expect("cleanup");
+        assert!(!below);
         assert!(!Mount::parse(&line("/kubepods", &real)).expect("parses").is_cgroup2_root());
     }
 

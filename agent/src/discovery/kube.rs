@@ -80,23 +80,27 @@ enum Event {
     Failed(Kind, String),
 }
 
-/// The objects of one kind, and why some were rejected.
+/// The objects of one kind in force, and why some were rejected. Only their keys: the objects
+/// themselves live in the snapshot, which is also where a rejected edit's last good version
+/// stays (no change is published for it). Keeping every pod of the cluster twice, decoded here
+/// and as a workload there, was most of the agent's memory at 10,000 pods.
 #[derive(Default)]
 struct Listed {
-    objects: BTreeMap<ObjectKey, Object>,
+    keys: BTreeSet<ObjectKey>,
     rejected: BTreeMap<ObjectKey, String>,
+    /// What arrived, changed or went since the last snapshot (for a re-list in progress: what
+    /// the list will change once complete).
+    pending: BTreeMap<ObjectKey, Change>,
 }
 
 #[derive(Default)]
 struct Store {
-    /// What enforcement works from. A rejected edit leaves the object's last good version here.
+    /// What enforcement works from.
     current: HashMap<Kind, Listed>,
     /// A re-list in progress, replacing `current` of its kind once complete.
     staging: HashMap<Kind, Listed>,
     /// Kinds whose watch failed and has not delivered since, with the error.
     failing: BTreeMap<Kind, String>,
-    /// Objects that arrived or went since the last snapshot.
-    touched: BTreeSet<(Kind, ObjectKey)>,
     /// The last snapshot published.
     cluster: Cluster,
 }
@@ -283,17 +287,23 @@ impl Store {
             }
             Event::Stage(kind, object) => {
                 let key = key_of(&object);
-                let admitted =
-                    admit(kind, &key, &object, self.current.get(&kind).and_then(|l| l.objects.get(&key)));
-                store(self.staging.entry(kind).or_default(), key, admitted);
+                let has_good = self.current.get(&kind).is_some_and(|l| l.keys.contains(&key));
+                let admitted = admit(kind, &key, &object, has_good);
+                self.staging.entry(kind).or_default().keep(kind, key, admitted);
                 false
             }
             Event::Commit(kind) => {
-                let listed_now = self.staging.remove(&kind).unwrap_or_default();
-                info!(?kind, objects = listed_now.objects.len(), "listed");
-                let before = self.current.get(&kind).into_iter().flat_map(|l| l.objects.keys());
-                let keys: Vec<ObjectKey> = before.chain(listed_now.objects.keys()).cloned().collect();
-                self.touched.extend(keys.into_iter().map(|key| (kind, key)));
+                let mut listed_now = self.staging.remove(&kind).unwrap_or_default();
+                info!(?kind, objects = listed_now.keys.len(), "listed");
+                let before = self.current.remove(&kind).unwrap_or_default();
+                for key in before.keys.difference(&listed_now.keys) {
+                    listed_now.pending.insert(key.clone(), Change::gone(kind, key.clone()));
+                }
+                // Changes of the old list not yet published, for objects the new list still has
+                // and left unchanged (kept their last good version), must still be published.
+                for (key, change) in before.pending {
+                    listed_now.pending.entry(key).or_insert(change);
+                }
                 self.current.insert(kind, listed_now);
                 if !listed.contains(&kind) {
                     listed.push(kind);
@@ -302,18 +312,17 @@ impl Store {
             }
             Event::Apply(kind, object) => {
                 let key = key_of(&object);
-                self.touched.insert((kind, key.clone()));
                 let current = self.current.entry(kind).or_default();
-                let admitted = admit(kind, &key, &object, current.objects.get(&key));
-                store(current, key, admitted);
+                let admitted = admit(kind, &key, &object, current.keys.contains(&key));
+                current.keep(kind, key, admitted);
                 true
             }
             Event::Delete(kind, object) => {
                 let key = key_of(&object);
-                self.touched.insert((kind, key.clone()));
                 let current = self.current.entry(kind).or_default();
-                current.objects.remove(&key);
+                current.keys.remove(&key);
                 current.rejected.remove(&key);
+                current.pending.insert(key.clone(), Change::gone(kind, key));
                 true
             }
             Event::Failed(kind, message) => {
@@ -326,13 +335,8 @@ impl Store {
 
     /// The next snapshot: the last one with what arrived or went since applied.
     fn publish(&mut self, root_namespace: &str) -> Cluster {
-        let changes: Vec<Change> = std::mem::take(&mut self.touched)
-            .into_iter()
-            .map(|(kind, key)| match self.current.get(&kind).and_then(|l| l.objects.get(&key)) {
-                Some(object) => object.clone().arrived(key),
-                None => Change::gone(kind, key),
-            })
-            .collect();
+        let changes: Vec<Change> =
+            self.current.values_mut().flat_map(|l| std::mem::take(&mut l.pending).into_values()).collect();
         self.cluster = self.cluster.with(changes, root_namespace);
         self.cluster.clone()
     }
@@ -348,19 +352,25 @@ impl Store {
     }
 }
 
+/// What an arrived object does to the objects in force.
+#[expect(clippy::large_enum_variant, reason = "one lives per event, for a moment; a box would cost more")]
+enum Admitted {
+    /// It is in force now (decoded, and compiled), or stands in for a rejected one.
+    Set(Object),
+    /// Rejected: its last good version stays in force.
+    KeepLastGood,
+    /// Nothing to keep: a waypoint's policy, or a bad object never seen good.
+    Drop,
+}
+
 /// What an object that arrived means for enforcement: the decoded (and compiled) object, or why
-/// it was rejected together with what stands in its place: its last good version, or for a new
-/// AuthorizationPolicy, a DENY of everything it selects (never open). `None` stored: nothing to
-/// keep (a waypoint's policy, or a bad object never seen good).
-fn admit(
-    kind: Kind,
-    key: &ObjectKey,
-    object: &DynamicObject,
-    last_good: Option<&Object>,
-) -> (Option<Object>, Option<String>) {
+/// it was rejected together with what stands in its place: its last good version (when
+/// `has_good`), or for a new AuthorizationPolicy, a DENY of everything it selects (never open).
+fn admit(kind: Kind, key: &ObjectKey, object: &DynamicObject, has_good: bool) -> (Admitted, Option<String>) {
+    let rejected = if has_good { Admitted::KeepLastGood } else { Admitted::Drop };
     let value = match serde_json::to_value(object) {
         Ok(value) => value,
-        Err(e) => return (last_good.cloned(), Some(e.to_string())),
+        Err(e) => return (rejected, Some(e.to_string())),
     };
     let decoded = match kind {
         Kind::Namespace => decode(&value).map(|ns| Some(Object::Namespace(ns))),
@@ -391,37 +401,42 @@ fn admit(
         }),
     };
     match decoded {
-        Ok(stored) => (stored, None),
+        Ok(Some(object)) => (Admitted::Set(object), None),
+        Ok(None) => (Admitted::Drop, None),
         Err(e) => {
             error!(kind = ?kind, object = %key, error = %e, "object rejected; its last good version (if any) stays in force");
-            let stand_in = match (last_good, kind) {
-                (Some(good), _) => Some(good.clone()),
-                (None, Kind::AuthorizationPolicy) => {
-                    let selector =
-                        value.pointer("/spec/selector").and_then(|s| serde_json::from_value(s.clone()).ok());
-                    Some(Object::AuthorizationPolicy(Arc::new(CompiledPolicy::deny_all(
-                        &key.namespace,
-                        &key.name,
-                        selector,
-                    ))))
-                }
-                (None, _) => None,
-            };
-            (stand_in, Some(e))
+            if kind == Kind::AuthorizationPolicy && !has_good {
+                let selector =
+                    value.pointer("/spec/selector").and_then(|s| serde_json::from_value(s.clone()).ok());
+                let stand_in = CompiledPolicy::deny_all(&key.namespace, &key.name, selector);
+                return (Admitted::Set(Object::AuthorizationPolicy(Arc::new(stand_in))), Some(e));
+            }
+            (rejected, Some(e))
         }
     }
 }
 
-/// Keeps an admitted object (and its rejection, if any) in `listed`.
-fn store(listed: &mut Listed, key: ObjectKey, (stored, rejected): (Option<Object>, Option<String>)) {
-    match stored {
-        Some(stored) => listed.objects.insert(key.clone(), stored),
-        None => listed.objects.remove(&key),
-    };
-    match rejected {
-        Some(e) => listed.rejected.insert(key, e),
-        None => listed.rejected.remove(&key),
-    };
+impl Listed {
+    /// Records what `admit` made of the object at `key`, and its rejection if any.
+    fn keep(&mut self, kind: Kind, key: ObjectKey, (admitted, rejected): (Admitted, Option<String>)) {
+        match admitted {
+            Admitted::Set(object) => {
+                self.keys.insert(key.clone());
+                self.pending.insert(key.clone(), object.arrived(key.clone()));
+            }
+            Admitted::KeepLastGood => {
+                self.keys.insert(key.clone());
+            }
+            Admitted::Drop => {
+                self.keys.remove(&key);
+                self.pending.insert(key.clone(), Change::gone(kind, key.clone()));
+            }
+        }
+        match rejected {
+            Some(e) => self.rejected.insert(key, e),
+            None => self.rejected.remove(&key),
+        };
+    }
 }
 
 fn decode<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, String> {

@@ -35,8 +35,9 @@ pub fn parse(file: &Path, text: &str, root_namespace: &str) -> Result<Cluster, D
     Reader::new(file, root_namespace).parse(text)
 }
 
-/// The objects of one document (several for a `List`), each with its key.
-type Decoded = Arc<[(ObjectKey, Arc<Object>)]>;
+/// The objects a document held (several for a `List`): their keys only. The objects live in the
+/// snapshot; a document whose text did not change holds the same ones.
+type Held = Arc<[(Kind, ObjectKey)]>;
 
 /// Reads a cluster file again and again at the cost of what changed: a document whose text is
 /// the same as at the last read is not decoded again, and only the objects that arrived,
@@ -44,10 +45,11 @@ type Decoded = Arc<[(ObjectKey, Arc<Object>)]>;
 pub struct Reader {
     file: PathBuf,
     root_namespace: String,
-    /// The documents of the last read, decoded, by the hash of their text.
-    decoded: HashMap<u128, Decoded>,
-    /// The objects of the last good read, by kind and key, with the line each starts at.
-    objects: BTreeMap<(Kind, ObjectKey), (usize, Arc<Object>)>,
+    /// The documents of the last good read, by the hash of their text.
+    held: HashMap<u128, Held>,
+    /// The objects of the last good read, by kind and key: the line each starts at, and the
+    /// hash of the document that holds it.
+    objects: BTreeMap<(Kind, ObjectKey), (usize, u128)>,
     cluster: Cluster,
 }
 
@@ -57,7 +59,7 @@ impl Reader {
         Self {
             file: file.to_owned(),
             root_namespace: root_namespace.to_owned(),
-            decoded: HashMap::new(),
+            held: HashMap::new(),
             objects: BTreeMap::new(),
             cluster: Cluster::default(),
         }
@@ -74,44 +76,44 @@ impl Reader {
     /// Takes `text` as the file's content.
     pub fn parse(&mut self, text: &str) -> Result<Cluster, DiscoveryError> {
         let parser = Parser { file: &self.file };
-        let mut decoded = HashMap::new();
-        let mut objects: BTreeMap<(Kind, ObjectKey), (usize, Arc<Object>)> = BTreeMap::new();
+        let mut held = HashMap::new();
+        let mut objects: BTreeMap<(Kind, ObjectKey), (usize, u128)> = BTreeMap::new();
+        // Only what changed since the last good read: the objects of documents decoded anew.
+        let mut arrived = Vec::new();
         for (line, doc) in documents(text) {
             let hash = text_hash(&doc);
-            let items = match self.decoded.get(&hash) {
-                Some(items) => items.clone(),
+            // The same text held the same objects, unless the last read had them elsewhere.
+            let unchanged = self
+                .held
+                .get(&hash)
+                .filter(|keys| keys.iter().all(|key| self.objects.get(key).is_some_and(|(_, h)| *h == hash)));
+            let keys: Held = match unchanged {
+                Some(keys) => keys.clone(),
                 None => {
                     let mut items = Vec::new();
                     parser.document(line, doc, &mut items)?;
-                    Decoded::from(items)
+                    let keys = items.iter().map(|(key, object)| (object.kind(), key.clone())).collect();
+                    arrived.extend(items);
+                    keys
                 }
             };
-            for (key, object) in items.iter() {
-                if let Some((first, _)) = objects.insert((object.kind(), key.clone()), (line, object.clone()))
-                {
-                    let name =
-                        if object.kind() == Kind::Namespace { key.name.clone() } else { key.to_string() };
-                    return Err(parser.duplicate(line, first, format!("{:?} {name}", object.kind())));
+            for (kind, key) in keys.iter() {
+                if let Some((first, _)) = objects.insert((*kind, key.clone()), (line, hash)) {
+                    let name = if *kind == Kind::Namespace { key.name.clone() } else { key.to_string() };
+                    return Err(parser.duplicate(line, first, format!("{kind:?} {name}")));
                 }
             }
-            decoded.insert(hash, items);
+            held.insert(hash, keys);
         }
-        // Only what changed since the last good read; an object decoded again from changed text
-        // counts as changed.
-        let mut changes = Vec::new();
-        for (kind, key) in self.objects.keys() {
-            if !objects.contains_key(&(*kind, key.clone())) {
-                changes.push(Change::gone(*kind, key.clone()));
-            }
-        }
-        for ((kind, key), (_, object)) in &objects {
-            let old = self.objects.get(&(*kind, key.clone()));
-            if old.is_none_or(|(_, old)| !Arc::ptr_eq(old, object)) {
-                changes.push((**object).clone().arrived(key.clone()));
-            }
-        }
+        let mut changes: Vec<Change> = self
+            .objects
+            .keys()
+            .filter(|key| !objects.contains_key(key))
+            .map(|(kind, key)| Change::gone(*kind, key.clone()))
+            .collect();
+        changes.extend(arrived.into_iter().map(|(key, object)| object.arrived(key)));
         self.cluster = self.cluster.with(changes, &self.root_namespace);
-        self.decoded = decoded;
+        self.held = held;
         self.objects = objects;
         Ok(self.cluster.clone())
     }
@@ -167,7 +169,7 @@ impl Parser<'_> {
         &self,
         line: usize,
         doc: String,
-        out: &mut Vec<(ObjectKey, Arc<Object>)>,
+        out: &mut Vec<(ObjectKey, Object)>,
     ) -> Result<(), DiscoveryError> {
         let meta: TypeMeta = self.decode(line, &doc, "document")?;
         let group = meta.api_version.rsplit_once('/').map_or("", |(group, _)| group);
@@ -230,7 +232,7 @@ impl Parser<'_> {
                 return Ok(());
             }
         };
-        out.push((key, Arc::new(object)));
+        out.push((key, object));
         Ok(())
     }
 
