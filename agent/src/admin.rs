@@ -120,6 +120,8 @@ pub struct AdminState {
     pub cluster: watch::Receiver<Arc<crate::discovery::Cluster>>,
     /// Flow records.
     pub flows: Arc<crate::telemetry::flows::Flows>,
+    /// The summary of inbound decisions, for `POST /what-if`.
+    pub history: Arc<crate::telemetry::history::FlowHistory>,
     /// Tracer health and kernel drop counters.
     pub trace_stats: Arc<crate::bpf::TraceStats>,
     /// Istio's TCP metrics.
@@ -316,7 +318,11 @@ pub async fn bind_admin(addr: SocketAddr, state: AdminState) -> Result<impl Futu
     if !addr.ip().is_loopback() {
         return Err(AdminError::NotLoopback(addr));
     }
-    bind("admin", addr, ADMIN, move |req| admin_route(&state, req)).await
+    bind("admin", addr, ADMIN, move |req| match (req.method(), req.uri().path()) {
+        (&Method::POST, "/what-if") => Box::pin(what_if(state.clone(), req)),
+        _ => now(admin_route(&state, &req)),
+    })
+    .await
 }
 
 /// Serves `/healthz/ready` on `addr`: 200 when ready, 503 otherwise.
@@ -324,7 +330,7 @@ pub async fn bind_readiness(
     addr: SocketAddr,
     state: AdminState,
 ) -> Result<impl Future<Output = ()>, AdminError> {
-    bind("readiness", addr, NODE_PORT, move |req| match (req.method(), req.uri().path()) {
+    bind("readiness", addr, NODE_PORT, move |req| now(match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz/ready") => {
             if *state.ready.borrow() {
                 text(StatusCode::OK, "ready\n".into())
@@ -336,7 +342,7 @@ pub async fn bind_readiness(
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
-    })
+    }))
     .await
 }
 
@@ -345,9 +351,11 @@ pub async fn bind_metrics(
     addr: SocketAddr,
     state: AdminState,
 ) -> Result<impl Future<Output = ()>, AdminError> {
-    bind("metrics", addr, NODE_PORT, move |req| match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => text(StatusCode::OK, state.metrics()),
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    bind("metrics", addr, NODE_PORT, move |req| {
+        now(match (req.method(), req.uri().path()) {
+            (&Method::GET, "/metrics") => text(StatusCode::OK, state.metrics()),
+            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        })
     })
     .await
 }
@@ -362,15 +370,70 @@ pub(crate) async fn bind_plain<F>(
 where
     F: Fn(&str) -> Option<(StatusCode, String)> + Send + Sync + 'static,
 {
-    bind(what, addr, NODE_PORT, move |req| match (req.method(), route(req.uri().path())) {
-        (&Method::GET, Some((status, body))) => text(status, body),
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    bind(what, addr, NODE_PORT, move |req| {
+        now(match (req.method(), route(req.uri().path())) {
+            (&Method::GET, Some((status, body))) => text(status, body),
+            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        })
     })
     .await
 }
 
 /// Response bodies: whole, or streamed (`/trace?follow=1`).
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// A response, once the request (and for a POST, its body) is read.
+type Routed = std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// A response known without reading the body.
+fn now(response: Response<Body>) -> Routed {
+    Box::pin(std::future::ready(response))
+}
+
+/// The largest what-if request: policies as a user would apply them.
+const MAX_WHAT_IF: usize = 1024 * 1024;
+/// How long a client may take to send a request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `POST /what-if`: candidate policies replayed against this node's flow history. Read-only:
+/// the candidate snapshot is dropped once the answer is built.
+async fn what_if(state: AdminState, req: Request<Incoming>) -> Response<Body> {
+    use crate::policy::what_if::{self, WhatIfReport, WhatIfRequest};
+    let body = http_body_util::Limited::new(req.into_body(), MAX_WHAT_IF);
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(e)) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("reading the request: {e} (at most {MAX_WHAT_IF} bytes)\n"),
+            );
+        }
+        Err(_) => {
+            return text(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive in time\n".into());
+        }
+    };
+    let request: WhatIfRequest = match serde_json::from_slice(&bytes) {
+        Ok(request) => request,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("not a what-if request: {e}\n")),
+    };
+    let root = &state.info.root_namespace;
+    let cluster = state.cluster.borrow().clone();
+    let (candidate, changes) = match what_if::candidate(&cluster, &request, root) {
+        Ok(built) => built,
+        Err(e) => return text(StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")),
+    };
+    let since = request.since_secs.map(Duration::from_secs);
+    let mut report = WhatIfReport {
+        node: state.info.node.clone(),
+        file: request.file.clone(),
+        changes,
+        since_secs: request.since_secs,
+        history_off: state.history.capacity() == 0,
+        ..WhatIfReport::default()
+    };
+    what_if::replay(&cluster, &candidate, &state.history.entries(since), root, &mut report);
+    json(&report)
+}
 
 /// A body fed line by line from a channel; ends when the sender is dropped.
 struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
@@ -583,7 +646,7 @@ async fn bind<F>(
     route: F,
 ) -> Result<impl Future<Output = ()>, AdminError>
 where
-    F: Fn(&Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
+    F: Fn(Request<Incoming>) -> Routed + Send + Sync + 'static,
 {
     let listener = reusable_listener(addr).map_err(|source| AdminError::Bind { what, addr, source })?;
     let local = listener.local_addr().unwrap_or(addr);
@@ -597,8 +660,8 @@ where
             tokio::spawn(async move {
                 let _permit = permit;
                 let service = service_fn(move |req| {
-                    let response = route(&req);
-                    async move { Ok::<_, Infallible>(response) }
+                    let response = route(req);
+                    async move { Ok::<_, Infallible>(response.await) }
                 });
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())

@@ -20,6 +20,7 @@ use crate::{
     redirect::{Redirector, Round, netns::Netns},
     telemetry::{
         flows::{self, Flows},
+        history::FlowHistory,
         metrics::Metrics,
     },
     tls::{TlsContext, TlsError},
@@ -164,6 +165,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         stats.reset_reason_names.clone(),
     ));
     let trace_stats = Arc::new(stats);
+    let history = Arc::new(FlowHistory::new(args.flow_history));
 
     let info = AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -186,6 +188,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         ca: ca_rx,
         cluster: cluster_rx.clone(),
         flows: flows.clone(),
+        history: history.clone(),
         trace_stats: trace_stats.clone(),
         metrics: metrics.clone(),
     };
@@ -204,6 +207,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         root_namespace: args.root_namespace.clone(),
         flows: flows.clone(),
         metrics: metrics.clone(),
+        history: history.clone(),
         same_node_hbone: args.same_node_hbone,
     };
     let proxy =

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod table;
+mod what_if;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -25,6 +26,13 @@ pub enum CliError {
     /// Nothing matches what was asked for.
     #[error("{0}")]
     NotFound(String),
+    /// Input the command cannot use (a file that does not parse, say), named in the message.
+    #[error("{0}")]
+    Input(String),
+    /// The answer is "no": `ambit check --what-if` found traffic the candidate would break. The
+    /// report is the output; the exit code is 1.
+    #[error("{0}")]
+    Breaks(String),
     /// The answer could not be decoded.
     #[error("the agent at {addr} answered {path} with something this ambit cannot read: {source}")]
     Decode {
@@ -130,6 +138,13 @@ pub struct AgentArgs {
     /// Do not trace connections in the kernel (no flow records; capture and policy unchanged).
     #[arg(long)]
     pub no_flows: bool,
+    /// Kinds of inbound connection remembered for `ambit check --what-if`: one entry per
+    /// destination pod, source (identity and address), port and verdict, however many
+    /// connections it stands for; the least recently seen is forgotten first. An entry costs
+    /// at most 512 bytes (the default, about 5 MiB); the history is in memory only and starts
+    /// empty when the agent starts. 0 turns it off.
+    #[arg(long, env = "AMBIT_FLOW_HISTORY", value_name = "ENTRIES", default_value_t = crate::telemetry::history::DEFAULT_ENTRIES)]
+    pub flow_history: usize,
     /// Size of the kernel's flow event buffer in bytes (a power of two, at least 4096); events
     /// beyond it are counted as dropped, never waited for. The default holds about 13,000
     /// events (2,000 connections opened in one burst); it is locked kernel memory, and shows
@@ -296,13 +311,32 @@ pub fn ca_finish(
 
 /// `ambit check` options.
 #[derive(Debug, Args)]
+#[command(after_help = "With --what-if, no SRC and DST: the connections the agents saw are the question.\n\
+    Exit code 0 when nothing allowed today would be refused or denied, 1 otherwise, 2 for bad input.")]
 pub struct CheckArgs {
     /// The source: a pod (`namespace/name`, or `name` when unambiguous), or a client outside
     /// the mesh by address (`10.0.0.5`) or CIDR block (`10.0.0.0/24`: both ends are checked).
-    pub src: String,
+    #[arg(required_unless_present = "what_if", conflicts_with = "what_if")]
+    pub src: Option<String>,
     /// The destination and port: `namespace/pod:8080`, `namespace/service:80` or `10.0.0.3:8080`
     /// (`[fd00::3]:8080`).
-    pub dst: String,
+    #[arg(required_unless_present = "what_if")]
+    pub dst: Option<String>,
+    /// What would these policies (PeerAuthentication and AuthorizationPolicy, as for `kubectl
+    /// apply`; `-` for stdin) do to the connections the agent saw? They are added to the
+    /// policies in force, replacing those of the same kind and name. Nothing is applied.
+    #[arg(long, value_name = "FILE")]
+    pub what_if: Option<PathBuf>,
+    /// With --what-if: also take this policy out (`namespace/name`; repeatable).
+    #[arg(long, value_name = "NS/NAME", requires = "what_if")]
+    pub delete: Vec<String>,
+    /// With --what-if: only connections seen this recently (e.g. 1h, 30m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "what_if")]
+    pub since: Option<Duration>,
+    /// With --what-if: also ask the agent at this admin address (repeatable); each answers for
+    /// the pods of its node.
+    #[arg(long, value_name = "ADDR", requires = "what_if")]
+    pub agent: Vec<SocketAddr>,
     /// Connection options.
     #[command(flatten)]
     pub operator: OperatorArgs,
@@ -332,6 +366,10 @@ pub struct TraceArgs {
     /// At most this many past flows (default: all kept; with --follow: none).
     #[arg(long)]
     pub last: Option<usize>,
+    /// Only flows an AUDIT AuthorizationPolicy matched (Istio's AUDIT: marked, verdict
+    /// unchanged): stage a policy as AUDIT and read what it would have matched.
+    #[arg(long)]
+    pub audited: bool,
     /// The agent's admin API (e.g. the local end of `kubectl port-forward`).
     #[arg(long, env = "AMBIT_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
@@ -647,13 +685,18 @@ pub async fn policies(args: &OperatorArgs) -> Result<String, CliError> {
 
 /// `ambit check`.
 pub async fn check(args: &CheckArgs) -> Result<String, CliError> {
+    if let Some(file) = &args.what_if {
+        return what_if::run(args, file).await;
+    }
     let admin = args.operator.admin;
-    let (dst, port) = args
-        .dst
+    let (Some(src), Some(dst)) = (&args.src, &args.dst) else {
+        return Err(CliError::Usage("SRC and DST:PORT are needed (or --what-if FILE)".into()));
+    };
+    let (dst, port) = dst
         .rsplit_once(':')
         .and_then(|(d, p)| Some((d, p.parse::<u16>().ok()?)))
-        .ok_or_else(|| CliError::Usage(format!("destination {:?} needs a port: DST:PORT", args.dst)))?;
-    let path = format!("/check?src={}&dst={}&port={port}", encode(&args.src), encode(dst));
+        .ok_or_else(|| CliError::Usage(format!("destination {dst:?} needs a port: DST:PORT")))?;
+    let path = format!("/check?src={}&dst={}&port={port}", encode(src), encode(dst));
     let body = client::get(admin, &path, TIMEOUT).await?;
     if args.operator.output == Output::Json {
         return Ok(String::from_utf8_lossy(&body).into_owned());
@@ -721,6 +764,7 @@ pub async fn trace(args: &TraceArgs) -> Result<String, CliError> {
     add("verdict", args.verdict.clone());
     add("port", args.port.map(|p| p.to_string()));
     add("last", args.last.map(|l| l.to_string()));
+    add("audited", args.audited.then(|| "1".to_owned()));
     let path = format!("/trace?{}", query.join("&"));
     let mut table = Table::new([
         "TIME",
@@ -772,11 +816,15 @@ fn endpoint(peer: &crate::telemetry::flows::Peer) -> String {
 }
 
 fn why(record: &crate::telemetry::flows::FlowRecord) -> String {
-    match (&record.policy, &record.reason) {
+    let why = match (&record.policy, &record.reason) {
         (Some(policy), Some(reason)) if !reason.contains(policy.as_str()) => format!("{policy}: {reason}"),
         (_, Some(reason)) => reason.clone(),
         (Some(policy), None) => policy.clone(),
         (None, None) => String::new(),
+    };
+    match record.audit.as_slice() {
+        [] => why,
+        audit => format!("{why} [audited by {}]", audit.join(", ")),
     }
 }
 

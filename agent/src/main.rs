@@ -1,4 +1,5 @@
-//! The `ambit` binary. Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure.
+//! The `ambit` binary. Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure
+//! (and for `ambit check --what-if`, traffic the candidate policies would break).
 
 use std::process::ExitCode;
 
@@ -98,10 +99,14 @@ fn operator(command: impl std::future::Future<Output = Result<String, cli::CliEr
             print!("{out}");
             ExitCode::SUCCESS
         }
+        Err(cli::CliError::Breaks(report)) => {
+            print!("{report}");
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("ambit: {}", ambit::telemetry::error_chain(&e));
-            // Usage mistakes exit 2, like clap's own; everything else is a runtime failure.
-            ExitCode::from(if matches!(e, cli::CliError::Usage(_)) { 2 } else { 1 })
+            // Usage mistakes and bad input exit 2, like clap's own; the rest is a runtime failure.
+            ExitCode::from(if matches!(e, cli::CliError::Usage(_) | cli::CliError::Input(_)) { 2 } else { 1 })
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod authorization;
 pub mod check;
 pub mod peer_authentication;
+pub mod what_if;
 
 use std::collections::BTreeMap;
 
@@ -67,7 +68,16 @@ impl InboundDecision {
 
     /// Whether the connection may reach the app.
     pub fn allowed(&self) -> bool {
-        matches!(self, Self::Authorized { verdict, .. } if verdict.allowed)
+        self.outcome() == Outcome::Allowed
+    }
+
+    /// What happens to the connection.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Strict(_) => Outcome::Refused,
+            Self::Authorized { verdict, .. } if verdict.allowed => Outcome::Allowed,
+            Self::Authorized { .. } => Outcome::Denied,
+        }
     }
 
     /// Why, in words.
@@ -75,6 +85,29 @@ impl InboundDecision {
         match self {
             Self::Strict(mtls) => format!("plaintext refused: mTLS mode STRICT ({})", mtls.decided_by),
             Self::Authorized { verdict, .. } => verdict.reason.clone(),
+        }
+    }
+}
+
+/// What the destination does with an inbound connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// It reaches the app.
+    Allowed,
+    /// An AuthorizationPolicy denies it.
+    Denied,
+    /// Plaintext under STRICT mutual TLS.
+    Refused,
+}
+
+impl Outcome {
+    /// As flow records and access logs spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Refused => "refused",
         }
     }
 }

@@ -204,6 +204,8 @@ pub struct Settings {
     pub flows: Arc<crate::telemetry::flows::Flows>,
     /// Istio's TCP metrics.
     pub metrics: Arc<crate::telemetry::metrics::Metrics>,
+    /// The summary of inbound decisions that `ambit check --what-if` replays.
+    pub history: Arc<crate::telemetry::history::FlowHistory>,
     /// Connections between two pods of this node go through HBONE (mutual TLS to the agent
     /// itself) instead of being joined in the agent ([`local`]).
     pub same_node_hbone: bool,

@@ -3,6 +3,7 @@
 //! connection, with Istio's field names.
 
 pub mod flows;
+pub mod history;
 pub mod metrics;
 mod writer;
 

@@ -14,6 +14,8 @@ const POSTGRES: u16 = 5432;
 /// The mission's example: STRICT mTLS in shop; backend accepts only frontend's identity and db
 /// only backend's.
 const POLICIES: &str = include_str!("../../examples/shop/policies.yaml");
+/// The same file, for `ambit check --what-if`.
+const POLICIES_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/shop/policies.yaml");
 
 pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
     println!("ambit demo: the shop cluster — 2 nodes, 4 pods as network namespaces");
@@ -29,16 +31,12 @@ pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
         .pod(PodSpec::new("legacy", "outsider", "node-a"))
         .build()
         .context("building the simulated cluster")?;
-    cluster.set_extra_yaml(POLICIES);
     cluster.write_manifest()?;
     let agents = [
         ("node-a", cluster.start_agent("node-a").context("starting the agent of node-a")?),
         ("node-b", cluster.start_agent("node-b").context("starting the agent of node-b")?),
     ];
-    println!("  agents ready on node-a and node-b; namespace shop is enrolled, with these policies:");
-    println!("    PeerAuthentication shop/default: STRICT mTLS");
-    println!("    AuthorizationPolicy shop/backend: ALLOW from cluster.local/ns/shop/sa/frontend-sa");
-    println!("    AuthorizationPolicy shop/db: ALLOW from cluster.local/ns/shop/sa/backend-sa");
+    println!("  agents ready on node-a and node-b; namespace shop is enrolled, with no policy yet");
     println!("  cluster file: {}\n", cluster.manifest_path().display());
 
     let _servers = [
@@ -46,14 +44,74 @@ pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
         cluster.pod("backend").echo_server(HTTP)?,
         cluster.pod("db").echo_server(POSTGRES)?,
     ];
+    println!("Traffic between the pods (each: connect, send 32 bytes, read the echo):\n");
+    traffic(&cluster, &agents);
 
+    let node_b = cluster.node("node-b");
+    println!("\nBefore applying the shop policies, what would they do to the traffic node-b saw?");
+    println!("(STRICT mTLS in shop; backend admits only frontend-sa, db only backend-sa)");
+    println!("\n[node-b] $ ambit check --what-if examples/shop/policies.yaml\n");
+    let file = std::fs::canonicalize(POLICIES_FILE).context(POLICIES_FILE)?;
+    let what_if = node_b.ambit(&["check", "--what-if", &file.display().to_string()])?;
+    print!("{}", indent(&what_if.stdout));
+    print!("{}", indent(&what_if.stderr));
+    println!(
+        "  (exit code {}: 1 means the file would break traffic that works today)",
+        what_if.status.code().unwrap_or(-1)
+    );
+
+    println!("\nApplying them (writing the cluster file):");
+    println!("    PeerAuthentication shop/default: STRICT mTLS");
+    println!("    AuthorizationPolicy shop/backend: ALLOW from cluster.local/ns/shop/sa/frontend-sa");
+    println!("    AuthorizationPolicy shop/db: ALLOW from cluster.local/ns/shop/sa/backend-sa");
+    let generations: Vec<u64> = agents.iter().map(|(_, a)| a.generation()).collect();
+    cluster.set_extra_yaml(POLICIES);
+    cluster.write_manifest()?;
+    for ((node, agent), generation) in agents.iter().zip(generations) {
+        agent
+            .wait_generation_after(generation, Duration::from_secs(5))
+            .with_context(|| format!("the agent of {node} did not load the policies"))?;
+    }
+    println!("\nThe same traffic again, as the what-if predicted:\n");
+    traffic(&cluster, &agents);
+
+    let node_a = cluster.node("node-a");
+    println!("\n$ ambit check shop/frontend shop/db:{POSTGRES}\n");
+    print!("{}", indent(&node_a.ambit(&["check", "shop/frontend", &format!("shop/db:{POSTGRES}")])?.stdout));
+    println!("\n[node-b] $ ambit policies\n");
+    print!("{}", indent(&node_b.ambit(&["policies"])?.stdout));
+    println!("\n[node-b] $ ambit certs\n");
+    print!("{}", indent(&node_b.ambit(&["certs"])?.stdout));
+    for (node, _) in &agents {
+        println!("\n[{node}] $ ambit workloads\n");
+        print!("{}", indent(&cluster.node(node).ambit(&["workloads"])?.stdout));
+    }
+    println!("\n[node-b] $ ambit trace   (flow records from the kernel, joined with the agent's view)\n");
+    print!("{}", indent(&node_b.ambit(&["trace"])?.stdout));
+    println!("\n[node-b] $ ambit trace --verdict denied\n");
+    print!("{}", indent(&node_b.ambit(&["trace", "--verdict", "denied"])?.stdout));
+    println!("\n[node-a] $ ambit status\n");
+    print!("{}", indent(&node_a.ambit(&["status"])?.stdout));
+    println!(
+        "\nThe what-if read the flows the agents recorded and ran the agents' own evaluator on them:\n\
+         it named outsider and frontend -> db before anything was applied, and the agents then did\n\
+         exactly that. In a pipeline, its exit code gates the change.\n\
+         \nshop pods talk over mutual TLS with SPIFFE identities from the agents' shared CA; the kernel\n\
+         steers every connection to the agent and the apps did not change. Each destination's agent\n\
+         checks the verified identity against its AuthorizationPolicies before a byte reaches the app;\n\
+         outsider is outside the mesh and can only send plaintext, which STRICT refuses."
+    );
+    Ok(())
+}
+
+/// Sends the demo's four connections and prints what each got, on the wire and why.
+fn traffic(cluster: &Cluster, agents: &[(&str, Agent)]) {
     let flows = [
         ("frontend", "backend", HTTP),
         ("backend", "db", POSTGRES),
         ("frontend", "db", POSTGRES),
         ("outsider", "backend", HTTP),
     ];
-    println!("Traffic between the pods (each: connect, send 32 bytes, read the echo):\n");
     let mut rows = vec![
         ["FROM", "TO", "RESULT", "ON THE WIRE (verified identities)", "WHY (ambit check)"]
             .map(String::from)
@@ -61,6 +119,7 @@ pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
     ];
     for (from, to, port) in flows {
         let dst = cluster.pod(to).addr(port);
+        let earlier = inbound_records(agents, from, dst).len();
         let result = cluster
             .pod(from)
             .connect(dst, Duration::from_secs(5))
@@ -68,7 +127,7 @@ pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
         // The destination's agent logs the connection when it ends: wait for that record.
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
         let record = loop {
-            match inbound_record(&agents, from, dst) {
+            match inbound_records(agents, from, dst).into_iter().nth(earlier) {
                 None if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
                 record => break record,
             }
@@ -88,36 +147,10 @@ pub(crate) fn run(ambit: &Path) -> anyhow::Result<()> {
             Some(_) => "plaintext (no identity)".to_owned(),
             None => "-".to_owned(),
         };
-        let why = why(&cluster, from, to, port);
+        let why = why(cluster, from, to, port);
         rows.push(vec![from.to_string(), format!("{to}:{port}"), result, wire, why]);
     }
     crate::table::print(&rows);
-
-    let node_a = cluster.node("node-a");
-    let node_b = cluster.node("node-b");
-    println!("\n$ ambit check shop/frontend shop/db:{POSTGRES}\n");
-    print!("{}", indent(&node_a.ambit(&["check", "shop/frontend", &format!("shop/db:{POSTGRES}")])?.stdout));
-    println!("\n[node-b] $ ambit policies\n");
-    print!("{}", indent(&node_b.ambit(&["policies"])?.stdout));
-    println!("\n[node-b] $ ambit certs\n");
-    print!("{}", indent(&node_b.ambit(&["certs"])?.stdout));
-    for (node, _) in &agents {
-        println!("\n[{node}] $ ambit workloads\n");
-        print!("{}", indent(&cluster.node(node).ambit(&["workloads"])?.stdout));
-    }
-    println!("\n[node-b] $ ambit trace   (flow records from the kernel, joined with the agent's view)\n");
-    print!("{}", indent(&node_b.ambit(&["trace"])?.stdout));
-    println!("\n[node-b] $ ambit trace --verdict denied\n");
-    print!("{}", indent(&node_b.ambit(&["trace", "--verdict", "denied"])?.stdout));
-    println!("\n[node-a] $ ambit status\n");
-    print!("{}", indent(&node_a.ambit(&["status"])?.stdout));
-    println!(
-        "\nshop pods talk over mutual TLS with SPIFFE identities from the agents' shared CA; the kernel\n\
-         steers every connection to the agent and the apps did not change. Each destination's agent\n\
-         checks the verified identity against its AuthorizationPolicies before a byte reaches the app;\n\
-         outsider is outside the mesh and can only send plaintext, which STRICT refuses."
-    );
-    Ok(())
 }
 
 fn pod(name: &str, node: &str) -> PodSpec {
@@ -139,11 +172,13 @@ fn why(cluster: &Cluster, from: &str, to: &str, port: u16) -> String {
     }
 }
 
-/// The destination agent's record of a flow: it saw the verified identities (or the refusal).
-fn inbound_record(agents: &[(&str, Agent)], from: &str, dst: SocketAddr) -> Option<Value> {
-    agents.iter().flat_map(|(_, agent)| agent.access_records()).find(|r| {
+/// The destination agent's records of a flow, oldest first: it saw the verified identities (or
+/// the refusal).
+fn inbound_records(agents: &[(&str, Agent)], from: &str, dst: SocketAddr) -> Vec<Value> {
+    let matches = |r: &Value| {
         r["direction"] == "inbound" && r["dst.addr"] == dst.to_string() && r["src.workload"] == from
-    })
+    };
+    agents.iter().flat_map(|(_, agent)| agent.access_records()).filter(matches).collect()
 }
 
 /// `spiffe://cluster.local/ns/shop/sa/frontend-sa` → `shop/sa/frontend-sa`.

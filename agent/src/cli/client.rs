@@ -3,8 +3,8 @@
 use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty};
-use hyper::{Request, StatusCode, body::Incoming};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, StatusCode, body::Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
@@ -51,6 +51,22 @@ pub async fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Byte
     tokio::time::timeout(timeout, get_inner(addr, path)).await.map_err(|_| ClientError::Timeout(addr))?
 }
 
+/// `POST path` with a JSON `body` on the admin API at `addr`; the body of a 200 answer.
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Bytes, ClientError> {
+    let exchange = async {
+        let stream =
+            TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
+        let answer = send(stream, addr, Method::POST, path, body).await?;
+        Ok(answer.collect().await.map_err(|source| ClientError::Http { addr, source })?.to_bytes())
+    };
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| ClientError::Timeout(addr))?
+}
+
 /// `GET path`, handing each complete line of a streamed answer to `line` as it arrives, until
 /// the agent ends the stream.
 pub async fn stream_lines(
@@ -63,7 +79,7 @@ pub async fn stream_lines(
         .await
         .map_err(|_| ClientError::Timeout(addr))?
         .map_err(|source| ClientError::Connect { addr, source })?;
-    let mut body = get_ok(stream, addr, path).await?;
+    let mut body = send(stream, addr, Method::GET, path, Bytes::new()).await?;
     let mut pending = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|source| ClientError::Http { addr, source })?;
@@ -80,25 +96,34 @@ pub async fn stream_lines(
 
 async fn get_inner(addr: SocketAddr, path: &str) -> Result<Bytes, ClientError> {
     let stream = TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
-    let body = get_ok(stream, addr, path).await?;
+    let body = send(stream, addr, Method::GET, path, Bytes::new()).await?;
     Ok(body.collect().await.map_err(|source| ClientError::Http { addr, source })?.to_bytes())
 }
 
-/// Sends `GET path` over `stream`; the body of a 200 answer, or the status and body of another.
-async fn get_ok(stream: TcpStream, addr: SocketAddr, path: &str) -> Result<Incoming, ClientError> {
+/// Sends `method path` with `body` over `stream`; the body of a 200 answer, or the status and
+/// body of another.
+async fn send(
+    stream: TcpStream,
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> Result<Incoming, ClientError> {
     let http = |source| ClientError::Http { addr, source };
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
     tokio::spawn(connection);
-    let request = Request::get(path)
-        .header(hyper::header::HOST, addr.to_string())
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| ClientError::Status {
-            addr,
-            path: path.into(),
-            status: StatusCode::BAD_REQUEST,
-            body: e.to_string(),
-        })?;
+    let mut request =
+        Request::builder().method(method).uri(path).header(hyper::header::HOST, addr.to_string());
+    if !body.is_empty() {
+        request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+    }
+    let request = request.body(Full::new(body)).map_err(|e| ClientError::Status {
+        addr,
+        path: path.into(),
+        status: StatusCode::BAD_REQUEST,
+        body: e.to_string(),
+    })?;
     let response = sender.send_request(request).await.map_err(http)?;
     let status = response.status();
     if status != StatusCode::OK {

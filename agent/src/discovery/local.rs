@@ -119,6 +119,45 @@ impl Reader {
     }
 }
 
+/// Reads a file of Istio policies, as a user would `kubectl apply` it (for `ambit check
+/// --what-if`): PeerAuthentication and AuthorizationPolicy objects only, each with the line it
+/// starts at and the change it makes. Anything else, or a policy twice, is an error naming file
+/// and line; an AuthorizationPolicy for a waypoint (`targetRefs`) changes nothing here.
+pub fn parse_policies(file: &Path, text: &str) -> Result<Vec<(usize, ObjectKey, Change)>, DiscoveryError> {
+    let parser = Parser { file };
+    let mut out: Vec<(usize, ObjectKey, Change)> = Vec::new();
+    for (line, doc) in documents(text) {
+        let meta: TypeMeta = parser.decode(line, &doc, "document")?;
+        if !matches!(meta.kind.as_str(), "PeerAuthentication" | "AuthorizationPolicy" | "List") {
+            let kind = if meta.kind.is_empty() { "an object without `kind`".to_owned() } else { meta.kind };
+            return Err(parser.invalid(
+                line,
+                kind,
+                "not a policy: the what-if takes PeerAuthentication and AuthorizationPolicy objects".into(),
+            ));
+        }
+        let mut items = Vec::new();
+        parser.document(line, doc, &mut items)?;
+        for (key, object) in items {
+            let kind = object.kind();
+            if !matches!(kind, Kind::PeerAuthentication | Kind::AuthorizationPolicy) {
+                return Err(parser.invalid(
+                    line,
+                    format!("{kind:?} {key}"),
+                    "not a policy: the what-if takes PeerAuthentication and AuthorizationPolicy objects"
+                        .into(),
+                ));
+            }
+            let same = |(_, k, c): &&(usize, ObjectKey, Change)| *k == key && c.kind() == kind;
+            if let Some((first, ..)) = out.iter().find(same) {
+                return Err(parser.duplicate(line, *first, format!("{kind:?} {key}")));
+            }
+            out.push((line, key.clone(), object.arrived(key)));
+        }
+    }
+    Ok(out)
+}
+
 /// A 128-bit hash of a document's text: two keyed 64-bit hashes, so that a different text
 /// taken for an unchanged one is out of reach by accident.
 fn text_hash(text: &str) -> u128 {

@@ -52,6 +52,18 @@ pub enum Kind {
 }
 
 impl Change {
+    /// The kind of object changed.
+    pub(crate) fn kind(&self) -> Kind {
+        match self {
+            Self::Namespace(..) => Kind::Namespace,
+            Self::Pod(..) => Kind::Pod,
+            Self::Service(..) => Kind::Service,
+            Self::EndpointSlice(..) => Kind::EndpointSlice,
+            Self::PeerAuthentication(..) => Kind::PeerAuthentication,
+            Self::AuthorizationPolicy(..) => Kind::AuthorizationPolicy,
+        }
+    }
+
     /// The change that takes the object of `kind` at `key` out (a Namespace's key has only a
     /// name).
     pub(crate) fn gone(kind: Kind, key: ObjectKey) -> Self {
@@ -267,6 +279,22 @@ impl Cluster {
     /// The running pods that claim `ip` when there is more than one.
     pub fn ip_claimants(&self, ip: IpAddr) -> Option<&[ObjectKey]> {
         self.claims.get(&ip).map(|c| &c[..]).filter(|c| c.len() > 1)
+    }
+
+    /// Whether a policy of `kind` is in force at `key`.
+    pub(crate) fn has_policy(&self, kind: Kind, key: &ObjectKey) -> bool {
+        match kind {
+            Kind::PeerAuthentication => self.peer_authentication_objects.contains_key(key),
+            Kind::AuthorizationPolicy => self.authorization.contains(key),
+            _ => false,
+        }
+    }
+
+    /// Whether `namespace` exists: declared, holding pods, or Istio's root namespace.
+    pub(crate) fn has_namespace(&self, namespace: &str, root_namespace: &str) -> bool {
+        namespace == root_namespace
+            || self.namespaces.contains_key(namespace)
+            || in_namespace(&self.workloads, namespace).next().is_some()
     }
 }
 

@@ -746,6 +746,11 @@ impl AuthorizationPolicies {
         self.policies.len()
     }
 
+    /// Whether a policy is in force at `key`.
+    pub(crate) fn contains(&self, key: &ObjectKey) -> bool {
+        self.policies.contains_key(key)
+    }
+
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.policies.is_empty()

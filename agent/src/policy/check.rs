@@ -187,15 +187,7 @@ pub fn check(
     match decision {
         InboundDecision::Strict(_) => {
             report.verdict = "refused".into();
-            report.hints.push(match source {
-                Some(source) => format!(
-                    "enroll {} in the mesh (label its namespace or pod istio.io/dataplane-mode=ambient) or add a PERMISSIVE port-level exception",
-                    source.key
-                ),
-                None => format!(
-                    "{src_ip} is outside the mesh: a plaintext client there is refused under STRICT; a port-level PERMISSIVE exception for port {port} (portLevelMtls) admits it"
-                ),
-            });
+            report.hints.push(strict_hint(source, src_ip, port));
         }
         InboundDecision::Authorized { verdict, .. } => {
             if !verdict.allowed {
@@ -208,8 +200,21 @@ pub fn check(
     Ok(report)
 }
 
+/// What to do about a plaintext client `STRICT` refuses, in words.
+pub(crate) fn strict_hint(source: Option<&Workload>, src_ip: IpAddr, port: u16) -> String {
+    match source {
+        Some(source) => format!(
+            "enroll {} in the mesh (label its namespace or pod istio.io/dataplane-mode=ambient) or add a PERMISSIVE port-level exception",
+            source.key
+        ),
+        None => format!(
+            "{src_ip} is outside the mesh: a plaintext client there is refused under STRICT; a port-level PERMISSIVE exception for port {port} (portLevelMtls) admits it"
+        ),
+    }
+}
+
 /// Likely causes of a denial, in words.
-fn hints(
+pub(crate) fn hints(
     cluster: &Cluster,
     source: Option<&Workload>,
     src_ip: IpAddr,

@@ -25,7 +25,7 @@ use super::{
     keep_alive, local_of, relay,
 };
 use crate::{
-    discovery::Cluster,
+    discovery::{Cluster, Workload},
     identity::Identity,
     listener::reset,
     policy::{ConnectionInput, InboundDecision, Verdict},
@@ -84,18 +84,14 @@ impl Proxy {
                 // Plaintext has no verified identity: only address and port rules can match it.
                 let input =
                     ConnectionInput { principal: None, namespace: None, source_ip: peer.ip(), destination: dst };
-                let decision = InboundDecision::new(&cluster, &pod.workload, &input, &self.settings.root_namespace);
+                let decision = self.decide_inbound(&cluster, &pod.workload, &input);
                 record.mtls_decided_by = decision.mtls().map(|m| m.decided_by.clone());
                 record.authorization = decision.verdict().cloned();
                 let verdict = match decision {
                     InboundDecision::Authorized { verdict, .. } if verdict.allowed => verdict,
                     refused => {
                         reset(client);
-                        let (event, policy) = match &refused {
-                            InboundDecision::Strict(mtls) => ("refused", Some(mtls.decided_by.clone())),
-                            InboundDecision::Authorized { verdict, .. } => ("denied", verdict.policy.clone()),
-                        };
-                        self.flow_refused(&pod, peer, None, dst, event, policy, &refused.reason());
+                        self.flow_refused(&pod, peer, None, dst, &refused);
                         return Err(ProxyError::Denied(refused.reason()));
                     }
                 };
@@ -112,6 +108,7 @@ impl Proxy {
                 verdict: "allowed",
                 policy: verdict.policy,
                 reason: Some(verdict.reason),
+                audit: verdict.audit,
                 ..Note::default()
             });
             let revoked = async {
@@ -349,13 +346,12 @@ impl Proxy {
             source_ip: source.ip(),
             destination: dst,
         };
-        let decision = InboundDecision::new(cluster, &pod.workload, &input, &self.settings.root_namespace);
+        let decision = self.decide_inbound(cluster, &pod.workload, &input);
         record.authorization = decision.verdict().cloned();
         let verdict = match decision {
             InboundDecision::Authorized { verdict, .. } if verdict.allowed => verdict,
             refused => {
-                let policy = refused.verdict().and_then(|v| v.policy.clone());
-                self.flow_refused(pod, source, Some(identity), dst, "denied", policy, &refused.reason());
+                self.flow_refused(pod, source, Some(identity), dst, &refused);
                 return Err(ProxyError::Denied(refused.reason()));
             }
         };
@@ -374,10 +370,24 @@ impl Proxy {
                 verdict: "allowed",
                 policy: verdict.policy,
                 reason: Some(verdict.reason),
+                audit: verdict.audit,
                 ..Note::default()
             },
         );
         Ok(Admitted { upstream, registration, revoked })
+    }
+
+    /// The destination's decision on an inbound connection, counted in the flow history that
+    /// `ambit check --what-if` replays.
+    fn decide_inbound(
+        &self,
+        cluster: &Cluster,
+        workload: &Workload,
+        input: &ConnectionInput,
+    ) -> InboundDecision {
+        let decision = InboundDecision::new(cluster, workload, input, &self.settings.root_namespace);
+        self.settings.history.record(&workload.key, input, decision.outcome());
+        decision
     }
 
     /// Tells the flow table who is really behind the agent's connection to the app.
@@ -387,17 +397,15 @@ impl Proxy {
         }
     }
 
-    /// Records a connection stopped before it reached the app (no app socket to trace).
-    #[allow(clippy::too_many_arguments)]
+    /// Records a connection `decision` stopped before it reached the app (no app socket to
+    /// trace).
     pub(super) fn flow_refused(
         &self,
         pod: &PodContext,
         src: SocketAddr,
         src_identity: Option<&Identity>,
         dst: SocketAddr,
-        verdict: &'static str,
-        policy: Option<String>,
-        reason: &str,
+        decision: &InboundDecision,
     ) {
         let cluster = self.cluster();
         let flows = &self.settings.flows;
@@ -413,10 +421,14 @@ impl Proxy {
             dst: dst_peer,
             security: if src_identity.is_some() { "mutual_tls" } else { "plaintext" }.into(),
             mesh: "enrolled".into(),
-            verdict: verdict.into(),
-            policy,
-            reason: Some(reason.to_owned()),
-            end: Some(verdict.into()),
+            verdict: decision.outcome().as_str().into(),
+            policy: match decision {
+                InboundDecision::Strict(mtls) => Some(mtls.decided_by.clone()),
+                InboundDecision::Authorized { verdict, .. } => verdict.policy.clone(),
+            },
+            reason: Some(decision.reason()),
+            audit: decision.verdict().map(|v| v.audit.clone()).unwrap_or_default(),
+            end: Some(decision.outcome().as_str().into()),
             netns_cookie: pod.cookie,
             ..FlowRecord::default()
         });

@@ -117,6 +117,7 @@ impl Proxy {
             verdict,
             policy: None,
             reason,
+            audit: Vec::new(),
         };
         let result = async {
             // As a CONNECT to one of the agent's own ports is refused: it would loop into them.

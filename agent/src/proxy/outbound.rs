@@ -124,6 +124,7 @@ impl Proxy {
                     verdict,
                     policy: None,
                     reason,
+                    audit: Vec::new(),
                 };
                 // Boxed: opening a tunnel may take a TLS and an HTTP/2 handshake, whose state
                 // would otherwise stay in every connection's task for its whole life.

@@ -81,6 +81,9 @@ pub struct FlowRecord {
     pub policy: Option<String>,
     /// Why, in words.
     pub reason: Option<String>,
+    /// AUDIT policies that matched (Istio's AUDIT action: marked, verdict unchanged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audit: Vec<String>,
     /// Bytes from source to destination.
     pub bytes_sent: u64,
     /// Bytes from destination to source.
@@ -121,6 +124,8 @@ pub struct Note {
     pub policy: Option<String>,
     /// Why.
     pub reason: Option<String>,
+    /// AUDIT policies that matched.
+    pub audit: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -224,6 +229,7 @@ impl Flows {
         record.verdict = note.verdict.into();
         record.policy = note.policy;
         record.reason = note.reason;
+        record.audit = note.audit;
         match (record.direction.as_ref(), note.peer) {
             ("inbound", Some(peer)) => record.src = self.peer(cluster, Some(peer.ip()), peer.port()),
             // Through a Service, the endpoint the agent chose.
@@ -611,10 +617,12 @@ pub struct Filter {
     pub port: Option<u16>,
     /// At most this many past records.
     pub last: Option<usize>,
+    /// Only records an AUDIT policy matched.
+    pub audited: bool,
 }
 
 impl Filter {
-    /// Reads `from`, `to`, `namespace`, `verdict`, `port` and `last` query parameters.
+    /// Reads `from`, `to`, `namespace`, `verdict`, `port`, `audited` and `last` query parameters.
     pub fn from_query(query: &[(String, String)]) -> Result<Self, String> {
         let mut filter = Self::default();
         for (key, value) in query {
@@ -639,6 +647,7 @@ impl Filter {
                 "last" => {
                     filter.last = Some(value.parse().map_err(|_| format!("last {value:?} is not a number"))?)
                 }
+                "audited" => filter.audited = matches!(value, "1" | "true"),
                 "follow" => {}
                 other => return Err(format!("unknown trace filter {other:?}")),
             }
@@ -658,5 +667,6 @@ impl Filter {
             })
             && self.verdict.as_deref().is_none_or(|v| record.verdict == v)
             && self.port.is_none_or(|p| record.dst.port == p)
+            && (!self.audited || !record.audit.is_empty())
     }
 }

@@ -1,0 +1,305 @@
+//! `ambit check --what-if FILE`: what candidate policies would do to the traffic the agent saw.
+//! The candidate is the snapshot in force with FILE's objects added (or replacing those of the
+//! same kind and name) and `--delete`d ones taken out; every kind of connection in the flow
+//! history is decided again on both, by the same function the proxies run, and what changes is
+//! reported. Nothing is applied: the candidate snapshot is built, read, and dropped.
+
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConnectionInput, InboundDecision, Outcome, check};
+use crate::{
+    discovery::{Change, Cluster, DiscoveryError, Kind, ObjectKey, Workload, local},
+    telemetry::history::HistoryEntry,
+};
+
+/// Why a what-if could not be answered. Nothing was applied either way.
+#[derive(Debug, thiserror::Error)]
+pub enum WhatIfError {
+    /// FILE does not parse, holds something other than policies, or a policy twice.
+    #[error(transparent)]
+    File(#[from] DiscoveryError),
+    /// A policy for a namespace the cluster does not have: nothing would select it.
+    #[error(
+        "{file}:{line}: {object}: namespace {namespace:?} does not exist in the cluster, so the policy would select nothing (mesh-wide policies go in the root namespace, {root})"
+    )]
+    UnknownNamespace {
+        /// FILE.
+        file: String,
+        /// Line of the object.
+        line: usize,
+        /// `Kind namespace/name`.
+        object: String,
+        /// The namespace.
+        namespace: String,
+        /// Istio's root namespace, as the agent is configured.
+        root: String,
+    },
+    /// `--delete` names no policy in force.
+    #[error("--delete {0}: no PeerAuthentication or AuthorizationPolicy of that name is in force")]
+    NothingToDelete(String),
+    /// `--delete` is not `namespace/name`.
+    #[error("--delete {0:?} is not namespace/name")]
+    BadDelete(String),
+}
+
+/// What the CLI sends an agent.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WhatIfRequest {
+    /// FILE's name, for errors (`-` is stdin).
+    pub file: String,
+    /// FILE's text.
+    pub text: String,
+    /// Policies to take out, `namespace/name` (of either kind).
+    #[serde(default)]
+    pub delete: Vec<String>,
+    /// Replay only connections seen this many seconds back; all kept when absent.
+    #[serde(default)]
+    pub since_secs: Option<u64>,
+}
+
+/// A source of connections, as the report names it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Source {
+    /// `namespace/name` of the pod at the address, when there is one.
+    pub pod: Option<String>,
+    /// The verified SPIFFE ID; none for plaintext.
+    pub identity: Option<String>,
+    /// The addresses the connections came from.
+    pub ips: Vec<IpAddr>,
+}
+
+/// Connections of one source to one destination port whose outcome the candidate changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shift {
+    /// Who connected.
+    pub source: Source,
+    /// The destination pod, `namespace/name`.
+    pub destination: String,
+    /// The destination port.
+    pub port: u16,
+    /// `mutual_tls` or `plaintext`.
+    pub security: String,
+    /// Connections seen.
+    pub connections: u64,
+    /// First and last seen, seconds since the epoch.
+    pub first_seen: u64,
+    /// See `first_seen`.
+    pub last_seen: u64,
+    /// What the policies in force decide.
+    pub today: Outcome,
+    /// What the candidate would decide.
+    pub would: Outcome,
+    /// What decides under the candidate: the policy (`namespace/name`), or the
+    /// PeerAuthentication that makes mTLS STRICT; the AUDIT policies for `audited`.
+    pub decided_by: Option<String>,
+    /// The candidate's reason, in words.
+    pub reason: String,
+    /// Likely fixes, as `ambit check` gives them.
+    pub hints: Vec<String>,
+}
+
+/// The answer of one agent, for the pods of its node.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WhatIfReport {
+    /// The node that answered.
+    pub node: String,
+    /// FILE.
+    pub file: String,
+    /// What the candidate changes, e.g. `AuthorizationPolicy shop/db: added`.
+    pub changes: Vec<String>,
+    /// The window replayed, in seconds; all the history when absent.
+    pub since_secs: Option<u64>,
+    /// The agent keeps no history (`--flow-history 0`): nothing to replay.
+    #[serde(default)]
+    pub history_off: bool,
+    /// Kinds of connection replayed (entries of the history).
+    pub replayed: usize,
+    /// Connections they stand for.
+    pub connections: u64,
+    /// Allowed today, refused or denied under the candidate.
+    pub breaks: Vec<Shift>,
+    /// Refused or denied today, allowed under the candidate.
+    pub opens: Vec<Shift>,
+    /// Outcome unchanged, newly matched by an AUDIT policy of the candidate.
+    pub audited: Vec<Shift>,
+    /// Kinds of connection whose outcome does not change.
+    pub unchanged: usize,
+    /// Kinds of connection whose destination pod is gone (not replayed).
+    pub destination_gone: usize,
+}
+
+impl WhatIfReport {
+    /// Whether some connection allowed today would be refused or denied: the exit code 1.
+    pub fn breaks_traffic(&self) -> bool {
+        !self.breaks.is_empty()
+    }
+}
+
+/// The candidate snapshot for `request`, and what it changes; errors name FILE and line.
+pub fn candidate(
+    cluster: &Cluster,
+    request: &WhatIfRequest,
+    root_namespace: &str,
+) -> Result<(Cluster, Vec<String>), WhatIfError> {
+    let file = Path::new(&request.file);
+    let mut changes = Vec::new();
+    let mut said = Vec::new();
+    for (line, key, change) in local::parse_policies(file, &request.text)? {
+        let kind = change.kind();
+        if !cluster.has_namespace(&key.namespace, root_namespace) {
+            return Err(WhatIfError::UnknownNamespace {
+                file: request.file.clone(),
+                line,
+                object: format!("{kind:?} {key}"),
+                namespace: key.namespace.clone(),
+                root: root_namespace.to_owned(),
+            });
+        }
+        let how = if cluster.has_policy(kind, &key) { "replaced" } else { "added" };
+        said.push(format!("{kind:?} {key}: {how}"));
+        changes.push(change);
+    }
+    for name in &request.delete {
+        let key = match name.split_once('/') {
+            Some((namespace, n)) if !namespace.is_empty() && !n.is_empty() && !n.contains('/') => {
+                ObjectKey { namespace: namespace.to_owned(), name: n.to_owned() }
+            }
+            _ => return Err(WhatIfError::BadDelete(name.clone())),
+        };
+        let kinds: Vec<Kind> = [Kind::PeerAuthentication, Kind::AuthorizationPolicy]
+            .into_iter()
+            .filter(|kind| cluster.has_policy(*kind, &key))
+            .collect();
+        if kinds.is_empty() {
+            return Err(WhatIfError::NothingToDelete(name.clone()));
+        }
+        for kind in kinds {
+            said.push(format!("{kind:?} {key}: deleted"));
+            changes.push(Change::gone(kind, key.clone()));
+        }
+    }
+    Ok((cluster.with(changes, root_namespace), said))
+}
+
+/// Replays `history` on the snapshot in force and on `candidate`, into `report`.
+pub fn replay(
+    cluster: &Cluster,
+    candidate: &Cluster,
+    history: &[HistoryEntry],
+    root_namespace: &str,
+    report: &mut WhatIfReport,
+) {
+    /// Destination, source pod, source identity (or address, outside the pods), port, outcomes.
+    type Group = (String, Option<String>, Option<String>, u16, Outcome, Outcome);
+    let mut groups: BTreeMap<Group, (List, Shift)> = BTreeMap::new();
+    for entry in history {
+        report.replayed += 1;
+        report.connections += entry.connections;
+        let (Some(now), Some(then)) =
+            (cluster.workloads.get(&entry.destination), candidate.workloads.get(&entry.destination))
+        else {
+            report.destination_gone += 1;
+            continue;
+        };
+        let input = ConnectionInput::from(&entry.input);
+        let today = InboundDecision::new(cluster, now, &input, root_namespace);
+        let would = InboundDecision::new(candidate, then, &input, root_namespace);
+        let audit = |d: &InboundDecision| d.verdict().map(|v| v.audit.clone()).unwrap_or_default();
+        let newly_audited =
+            audit(&would).into_iter().filter(|p| !audit(&today).contains(p)).collect::<Vec<_>>();
+        let (list, decided_by) = match (today.outcome(), would.outcome()) {
+            (a, b) if a == b && newly_audited.is_empty() => {
+                report.unchanged += 1;
+                continue;
+            }
+            (a, b) if a == b => (List::Audited, Some(newly_audited.join(", "))),
+            (Outcome::Allowed, _) => (List::Breaks, deciding(candidate, then, &would)),
+            _ => (List::Opens, deciding(candidate, then, &would)),
+        };
+        let source_pod = cluster.workload_by_ip(input.source_ip);
+        let identity = input.principal.as_ref().map(|p| format!("spiffe://{p}"));
+        let port = input.destination.port();
+        let group: Group = (
+            entry.destination.to_string(),
+            source_pod.map(|w| w.key.to_string()),
+            identity.clone().or_else(|| source_pod.is_none().then(|| input.source_ip.to_string())),
+            port,
+            today.outcome(),
+            would.outcome(),
+        );
+        let hints = match &would {
+            InboundDecision::Strict(_) => {
+                vec![check::strict_hint(source_pod.map(|w| &**w), input.source_ip, port)]
+            }
+            InboundDecision::Authorized { verdict, .. } if !verdict.allowed => {
+                check::hints(candidate, source_pod.map(|w| &**w), input.source_ip, then, &input)
+            }
+            InboundDecision::Authorized { .. } => Vec::new(),
+        };
+        let (_, shift) = groups.entry(group).or_insert_with(|| {
+            (
+                list,
+                Shift {
+                    source: Source {
+                        pod: source_pod.map(|w| w.key.to_string()),
+                        identity: identity.clone(),
+                        ips: Vec::new(),
+                    },
+                    destination: entry.destination.to_string(),
+                    port,
+                    security: if identity.is_some() { "mutual_tls" } else { "plaintext" }.into(),
+                    connections: 0,
+                    first_seen: entry.first_seen,
+                    last_seen: entry.last_seen,
+                    today: today.outcome(),
+                    would: would.outcome(),
+                    decided_by,
+                    reason: would.reason(),
+                    hints,
+                },
+            )
+        });
+        if !shift.source.ips.contains(&input.source_ip) {
+            shift.source.ips.push(input.source_ip);
+        }
+        shift.connections += entry.connections;
+        shift.first_seen = shift.first_seen.min(entry.first_seen);
+        shift.last_seen = shift.last_seen.max(entry.last_seen);
+    }
+    for (_, (list, shift)) in groups {
+        match list {
+            List::Breaks => report.breaks.push(shift),
+            List::Opens => report.opens.push(shift),
+            List::Audited => report.audited.push(shift),
+        }
+    }
+}
+
+/// Which list of the report a changed connection goes to.
+#[derive(Clone, Copy)]
+enum List {
+    Breaks,
+    Opens,
+    Audited,
+}
+
+/// The policy that decides, or the PeerAuthentication that makes mTLS STRICT; for a denial by
+/// no ALLOW policy matching, the ALLOW policies that apply.
+fn deciding(cluster: &Cluster, workload: &Workload, decision: &InboundDecision) -> Option<String> {
+    match decision {
+        InboundDecision::Strict(mtls) => Some(mtls.decided_by.clone()),
+        InboundDecision::Authorized { verdict, .. } if verdict.policy.is_some() => verdict.policy.clone(),
+        InboundDecision::Authorized { verdict, .. } if verdict.allowed => None,
+        InboundDecision::Authorized { .. } => {
+            let allows: Vec<&str> = cluster
+                .authorization
+                .for_workload(&workload.key)
+                .filter(|p| p.action == super::Action::Allow)
+                .map(|p| p.name.as_str())
+                .collect();
+            (!allows.is_empty()).then(|| allows.join(", "))
+        }
+    }
+}
