@@ -303,3 +303,135 @@ fn deciding(cluster: &Cluster, workload: &Workload, decision: &InboundDecision) 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{discovery::local::parse, telemetry::history::SeenInput};
+
+    const CLUSTER: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: frontend, namespace: shop, labels: {app: frontend}}
+spec: {serviceAccountName: frontend-sa}
+status: {podIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+spec: {serviceAccountName: db-sa}
+status: {podIP: 10.0.0.4}
+";
+
+    const DB_FROM_BACKEND: &str = "\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/backend-sa]}}]}]
+";
+
+    fn request(text: &str, delete: &[&str]) -> WhatIfRequest {
+        WhatIfRequest {
+            file: "candidate.yaml".into(),
+            text: text.into(),
+            delete: delete.iter().map(|d| (*d).to_owned()).collect(),
+            since_secs: None,
+        }
+    }
+
+    fn seen(principal: Option<&str>, source: [u8; 4], connections: u64) -> HistoryEntry {
+        HistoryEntry {
+            destination: ObjectKey { namespace: "shop".into(), name: "db".into() },
+            input: SeenInput {
+                principal: principal.map(str::to_owned),
+                namespace: principal.map(|_| "shop".to_owned()),
+                source_ip: IpAddr::from(source),
+                destination: "10.0.0.4:5432".parse().expect("addr"),
+            },
+            outcome: Outcome::Allowed,
+            connections,
+            first_seen: 10,
+            last_seen: 20,
+        }
+    }
+
+    #[test]
+    fn a_candidate_breaks_what_it_no_longer_admits_and_a_removal_opens() {
+        let cluster = parse(Path::new("c.yaml"), CLUSTER, "istio-system").expect("cluster");
+        let history = [
+            seen(Some("cluster.local/ns/shop/sa/frontend-sa"), [10, 0, 0, 2], 3),
+            // The same source again from another entry (another outcome seen): one group.
+            HistoryEntry {
+                outcome: Outcome::Denied,
+                ..seen(Some("cluster.local/ns/shop/sa/frontend-sa"), [10, 0, 0, 2], 2)
+            },
+            seen(None, [192, 0, 2, 7], 1),
+        ];
+        let (candidate, changes) =
+            super::candidate(&cluster, &request(DB_FROM_BACKEND, &[]), "istio-system").expect("candidate");
+        assert_eq!(changes, ["AuthorizationPolicy shop/db: added"]);
+        assert!(cluster.authorization.is_empty(), "the snapshot in force is untouched");
+        let mut report = WhatIfReport::default();
+        replay(&cluster, &candidate, &history, "istio-system", &mut report);
+        assert!(report.breaks_traffic());
+        assert_eq!((report.replayed, report.connections, report.unchanged), (3, 6, 0));
+        let frontend = report
+            .breaks
+            .iter()
+            .find(|b| b.source.pod.as_deref() == Some("shop/frontend"))
+            .expect("frontend");
+        assert_eq!(
+            (frontend.connections, frontend.would, frontend.security.as_str()),
+            (5, Outcome::Denied, "mutual_tls")
+        );
+        assert_eq!(frontend.decided_by.as_deref(), Some("shop/db"));
+        assert!(frontend.hints.iter().any(|h| h.contains("backend-sa")), "{:?}", frontend.hints);
+        let outside = report.breaks.iter().find(|b| b.source.pod.is_none()).expect("outside client");
+        assert_eq!(outside.source.ips, [IpAddr::from([192, 0, 2, 7])]);
+
+        // With the policy in force, deleting it opens both again and breaks nothing.
+        let applied = cluster.with(
+            local::parse_policies(Path::new("p.yaml"), DB_FROM_BACKEND)
+                .expect("policy")
+                .into_iter()
+                .map(|(_, _, c)| c),
+            "istio-system",
+        );
+        let (without, changes) =
+            super::candidate(&applied, &request("", &["shop/db"]), "istio-system").expect("delete");
+        assert_eq!(changes, ["AuthorizationPolicy shop/db: deleted"]);
+        let mut report = WhatIfReport::default();
+        replay(&applied, &without, &history, "istio-system", &mut report);
+        assert!(!report.breaks_traffic());
+        assert_eq!(report.opens.len(), 2, "{:?}", report.opens);
+    }
+
+    #[test]
+    fn bad_candidates_are_named() {
+        let cluster = parse(Path::new("c.yaml"), CLUSTER, "istio-system").expect("cluster");
+        let error = |text: &str, delete: &[&str]| {
+            super::candidate(&cluster, &request(text, delete), "istio-system")
+                .expect_err("an error")
+                .to_string()
+        };
+        let elsewhere = error(&DB_FROM_BACKEND.replace("namespace: shop", "namespace: mesh-config"), &[]);
+        assert!(
+            elsewhere.starts_with("candidate.yaml:1:") && elsewhere.contains("istio-system"),
+            "{elsewhere}"
+        );
+        assert!(error("", &["shop/none"]).contains("shop/none"));
+        assert!(error("", &["shop"]).contains("not namespace/name"));
+        assert!(error(CLUSTER, &[]).contains("not a policy"));
+        let twice = format!("{DB_FROM_BACKEND}---\n{DB_FROM_BACKEND}");
+        assert!(error(&twice, &[]).contains("defined twice (first at line 1)"), "{}", error(&twice, &[]));
+        // Mesh-wide policies go in the root namespace, which needs no pods.
+        let mesh = DB_FROM_BACKEND.replace("namespace: shop", "namespace: istio-system");
+        assert!(super::candidate(&cluster, &request(&mesh, &[]), "istio-system").is_ok());
+    }
+}
