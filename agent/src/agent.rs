@@ -208,6 +208,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         flows: flows.clone(),
         metrics: metrics.clone(),
         history: history.clone(),
+        client_address: !args.no_client_address,
         same_node_hbone: args.same_node_hbone,
     };
     let proxy =

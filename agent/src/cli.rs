@@ -135,6 +135,11 @@ pub struct AgentArgs {
     /// this is for operators whose rules require TLS on every hop.
     #[arg(long, env = "AMBIT_SAME_NODE_HBONE")]
     pub same_node_hbone: bool,
+    /// Deliver inbound connections to apps from the agent's address in the pod instead of the
+    /// client's: by default the app's `getpeername()` returns the client (as with ztunnel), for
+    /// its access logs, rate limits and allow-lists.
+    #[arg(long, env = "AMBIT_NO_CLIENT_ADDRESS")]
+    pub no_client_address: bool,
     /// Do not trace connections in the kernel (no flow records; capture and policy unchanged).
     #[arg(long)]
     pub no_flows: bool,

@@ -16,7 +16,7 @@ pub mod tracker;
 
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -24,7 +24,7 @@ use std::{
     time::Duration,
 };
 
-use ambit_common::AGENT_MARK;
+use ambit_common::{AGENT_MARK, DELIVERY_MARK};
 use rustls::ServerConfig;
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -71,6 +71,14 @@ pub enum ProxyError {
     /// Creating the upstream socket inside the pod failed.
     #[error("opening a socket in the pod's network namespace: {0}")]
     Socket(io::Error),
+    /// The socket delivering to the app could not take the client's address.
+    #[error("delivering from the client's address {client}: {source}")]
+    Deliver {
+        /// The client's address.
+        client: IpAddr,
+        /// Why.
+        source: io::Error,
+    },
     /// The destination did not accept the connection.
     #[error("connecting to {addr}: {source}")]
     Connect {
@@ -193,6 +201,9 @@ pub struct PodContext {
     pub server_tls: Arc<ServerConfig>,
     /// The `baggage` its outbound CONNECTs carry.
     pub baggage: String,
+    /// Inbound connections reach the app from the client's address (the pod is set up for it),
+    /// else from the pod's own.
+    pub deliver_from_client: bool,
 }
 
 /// Settings of the proxies.
@@ -206,6 +217,9 @@ pub struct Settings {
     pub metrics: Arc<crate::telemetry::metrics::Metrics>,
     /// The summary of inbound decisions that `ambit check --what-if` replays.
     pub history: Arc<crate::telemetry::history::FlowHistory>,
+    /// Deliver inbound connections to apps from the client's address (`IP_TRANSPARENT`), as
+    /// ztunnel does; off: from the pod's own address.
+    pub client_address: bool,
     /// Connections between two pods of this node go through HBONE (mutual TLS to the agent
     /// itself) instead of being joined in the agent ([`local`]).
     pub same_node_hbone: bool,
@@ -224,6 +238,13 @@ pub struct Proxy {
     active: Arc<AtomicU64>,
     /// Turns true when the agent drains: HBONE connections are told to go away.
     draining: watch::Sender<bool>,
+}
+
+impl Proxy {
+    /// Whether inbound connections are to reach apps from the client's address.
+    pub fn delivers_from_client(&self) -> bool {
+        self.settings.client_address
+    }
 }
 
 /// One relayed connection, counted in [`Proxy::active`] while it lives.
@@ -359,17 +380,25 @@ fn count(pod: &PodContext, sent: u64, received: u64, failed: bool) {
 /// socket closes with a reset unless the relay ends cleanly ([`relay`]): if the agent dies, the
 /// application sees an error, never a clean end of a truncated stream.
 pub async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, ProxyError> {
-    connect_app(netns, dst, Leg::App).await
+    open(netns, dst, CONNECT_TIMEOUT, Leg::App, None).await
 }
 
-/// [`connect_from`] for a leg of `leg`'s kind.
-pub(crate) async fn connect_app(netns: &Netns, dst: SocketAddr, leg: Leg) -> Result<TcpStream, ProxyError> {
-    open(netns, dst, CONNECT_TIMEOUT, leg).await
+/// [`connect_from`] for a leg of `leg`'s kind, from the client's address `client` when the pod
+/// is set up for it (see [`crate::redirect`]'s delivery), else from the pod's.
+pub(crate) async fn connect_app(
+    netns: &Netns,
+    dst: SocketAddr,
+    leg: Leg,
+    client: Option<IpAddr>,
+) -> Result<TcpStream, ProxyError> {
+    // Only an address of the same family, and one that is not the pod's loopback, can be bound.
+    let client = client.filter(|ip| ip.is_ipv4() == dst.is_ipv4() && !ip.is_loopback() && *ip != dst.ip());
+    open(netns, dst, CONNECT_TIMEOUT, leg, client).await
 }
 
 /// A connection to a peer agent's HBONE port (closed as TLS and HTTP/2 close it).
 async fn connect_within(netns: &Netns, dst: SocketAddr, limit: Duration) -> Result<TcpStream, ProxyError> {
-    open(netns, dst, limit, Leg::Peer).await
+    open(netns, dst, limit, Leg::Peer, None).await
 }
 
 /// What an opened connection is for.
@@ -386,26 +415,101 @@ pub(crate) enum Leg {
     Peer,
 }
 
-async fn open(netns: &Netns, dst: SocketAddr, limit: Duration, leg: Leg) -> Result<TcpStream, ProxyError> {
+/// Source ports of the connections delivered from a client's address: below Linux's default
+/// ephemeral range (32768-60999) and Windows' and macOS's (49152-65535), so that the client's
+/// own connections to the same pod port, whose four-tuples the agent holds in the pod too, do
+/// not meet one of them with the ends swapped (which the kernel does not check at connect).
+const DELIVERY_PORTS: std::ops::RangeInclusive<u16> = 16_384..=32_767;
+
+/// Binds `client` and a free port of [`DELIVERY_PORTS`], chosen at random.
+fn bind_delivery_port(socket: &Socket, client: IpAddr) -> io::Result<()> {
+    use std::hash::{BuildHasher as _, RandomState};
+    socket.set_reuse_address(true)?;
+    let span = u64::from(DELIVERY_PORTS.end() - DELIVERY_PORTS.start()) + 1;
+    let mut last = io::Error::from_raw_os_error(libc::EADDRINUSE);
+    for attempt in 0..16u64 {
+        let port = DELIVERY_PORTS.start() + (RandomState::new().hash_one(attempt) % span) as u16;
+        match socket.bind(&SocketAddr::new(client, port).into()) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+async fn open(
+    netns: &Netns,
+    dst: SocketAddr,
+    limit: Duration,
+    leg: Leg,
+    client: Option<IpAddr>,
+) -> Result<TcpStream, ProxyError> {
+    let mut attempts = 0;
+    loop {
+        match open_once(netns, dst, limit, leg, client).await {
+            // The port drawn makes a four-tuple another delivery holds: draw again.
+            Err(ProxyError::Connect { source, .. })
+                if client.is_some() && source.raw_os_error() == Some(libc::EADDRNOTAVAIL) && attempts < 8 =>
+            {
+                attempts += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn open_once(
+    netns: &Netns,
+    dst: SocketAddr,
+    limit: Duration,
+    leg: Leg,
+    client: Option<IpAddr>,
+) -> Result<TcpStream, ProxyError> {
     let socket = netns
         .run(|| -> Result<Socket, ProxyError> {
-            let socket =
+            let new_socket = || {
                 Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))
-                    .map_err(ProxyError::Socket)?;
+                    .map_err(ProxyError::Socket)
+            };
+            // The port is chosen at connect time, per 4-tuple, as without a bind.
+            let bind = |socket: &Socket, ip: IpAddr| -> io::Result<()> {
+                nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
+                socket.bind(&SocketAddr::new(ip, 0).into())
+            };
+            let in_pod = |socket: &Socket| {
+                bind(socket, dst.ip()).map_err(|e| match e.raw_os_error() {
+                    Some(libc::EADDRNOTAVAIL) => ProxyError::NotInPod(dst),
+                    _ => ProxyError::Socket(e),
+                })
+            };
+            let socket = new_socket()?;
+            let mark = if client.is_some() { DELIVERY_MARK } else { AGENT_MARK };
             socket
-                .set_mark(AGENT_MARK)
+                .set_mark(mark)
                 .map_err(|e| ProxyError::Socket(capability::explain(e, Capability::NetAdmin)))?;
             if leg != Leg::Peer {
                 socket.set_linger(Some(Duration::ZERO)).map_err(ProxyError::Socket)?;
             }
-            if leg == Leg::AppInside {
-                // The port is chosen at connect time, per 4-tuple, as without the bind.
-                nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)
-                    .map_err(|e| ProxyError::Socket(e.into()))?;
-                socket.bind(&SocketAddr::new(dst.ip(), 0).into()).map_err(|e| match e.raw_os_error() {
-                    Some(libc::EADDRNOTAVAIL) => ProxyError::NotInPod(dst),
-                    _ => ProxyError::Socket(e),
-                })?;
+            match (leg, client) {
+                (Leg::Peer, _) => {}
+                (_, Some(client)) => {
+                    if leg == Leg::AppInside {
+                        // The socket binds the client's address: ask with another whether the
+                        // destination is the pod's own.
+                        in_pod(&new_socket()?)?;
+                    }
+                    let transparent = match client {
+                        IpAddr::V4(_) => socket.set_ip_transparent_v4(true),
+                        IpAddr::V6(_) => socket.set_ip_transparent_v6(true),
+                    };
+                    transparent
+                        .map_err(|e| ProxyError::Socket(capability::explain(e, Capability::NetAdmin)))?;
+                    bind_delivery_port(&socket, client)
+                        .map_err(|source| ProxyError::Deliver { client, source })?;
+                }
+                (Leg::AppInside, None) => in_pod(&socket)?,
+                (Leg::App, None) => {}
             }
             Ok(socket)
         })

@@ -10,6 +10,7 @@
 //! agent's own, the host's, one already enrolled for another pod) is refused and nothing is
 //! installed for it.
 
+mod delivery;
 pub mod netns;
 pub mod procfs;
 
@@ -565,6 +566,16 @@ impl Redirector {
         if let Ok(Err(e)) = netns.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1")) {
             debug!(pod = %pod, error = %e, "net.ipv4.tcp_migrate_req not set");
         }
+        // Without the routes, the app's replies to a client's address would leave the pod: it
+        // then gets connections from the agent's address, as with --no-client-address.
+        let deliver_from_client = self.proxy.delivers_from_client()
+            && match netns.run(|| delivery::prepare(has_v6)) {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) | Err(e) => {
+                    warn!(pod = %pod, error = %e, "apps of this pod will see connections from the agent's address, not the client's");
+                    false
+                }
+            };
         let outbound: Vec<(SocketAddr, Socket)> =
             outbound_addrs.iter().map(|a| Ok((*a, listen(*a)?))).collect::<Result<_, _>>()?;
         let inbound = listen(inbound_addr)?;
@@ -584,6 +595,7 @@ impl Redirector {
             stats: stats.clone(),
             server_tls,
             baggage: crate::telemetry::baggage(workload),
+            deliver_from_client,
         });
         let local = self.proxy.serving(&context);
         let to_tokio = |(addr, socket): (SocketAddr, Socket)| {

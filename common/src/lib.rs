@@ -9,6 +9,16 @@
 /// not capture the agent's own connections again. Istio uses the same value.
 pub const AGENT_MARK: u32 = 0x539;
 
+/// `SO_MARK` of the agent's sockets that deliver a connection to an app from the client's own
+/// address (`IP_TRANSPARENT`). The app's accepted socket inherits it from the SYN
+/// (`net.ipv4.tcp_fwmark_accept` in the pod), and a rule in the pod routes what carries it
+/// back to the agent inside the pod (table [`DELIVERY_TABLE`]), not out to the client.
+pub const DELIVERY_MARK: u32 = 0x53a;
+
+/// Routing table, inside an enrolled pod, for packets marked [`DELIVERY_MARK`]: every address
+/// is local there.
+pub const DELIVERY_TABLE: u32 = 0x53a;
+
 /// Port of the outbound capture listener, bound to loopback inside each enrolled pod.
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Port of the inbound plaintext capture listener inside each enrolled pod.

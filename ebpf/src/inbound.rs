@@ -37,18 +37,22 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
         ),
         _ => return SK_PASS,
     };
-    // From the pod's own address to itself: the agent delivering to the app, or the app talking
-    // to itself, which a socket of this netns opened and `sock_ops` remembered. Anything else
-    // with that source came from outside (an IPv6 packet spoofing the pod's address): drop it.
+    // A connection a socket of this netns opened to it and `sock_ops` remembered: the agent
+    // delivering to the app (from the pod's address, or from the client's), or the app talking to
+    // itself. IPv6 reports such a delivery as arriving on the pod's interface, not loopback.
+    let key = ConnectionKey {
+        src: remote,
+        dst: local,
+        src_port: u32::from(u16::from_be(lookup.remote_port)),
+        dst_port: lookup.local_port,
+    };
+    // SAFETY: a lookup in our own map.
+    if unsafe { LOCAL_CONNECTIONS.get(&key) }.is_some() {
+        return SK_PASS;
+    }
+    // Anything else from the pod's own address came from outside (an IPv6 packet spoofing it).
     if local == remote {
-        let key = ConnectionKey {
-            src: remote,
-            dst: local,
-            src_port: u32::from(u16::from_be(lookup.remote_port)),
-            dst_port: lookup.local_port,
-        };
-        // SAFETY: a lookup in our own map.
-        return if unsafe { LOCAL_CONNECTIONS.get(&key) }.is_some() { SK_PASS } else { SK_DROP };
+        return SK_DROP;
     }
     let listeners =
         if lookup.local_port == u32::from(HBONE_PORT) { &HBONE_LISTENERS } else { &INBOUND_LISTENERS };

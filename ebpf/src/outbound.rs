@@ -2,7 +2,9 @@
 //!
 //! The `sock_ops` program that completes the bookkeeping lives in `trace`, which shares it.
 
-use ambit_common::{AF_INET, AF_INET6, AGENT_MARK, Enrolled, IpAddr, OUTBOUND_PORT, OrigDstKey, SockAddr};
+use ambit_common::{
+    AF_INET, AF_INET6, AGENT_MARK, DELIVERY_MARK, Enrolled, IpAddr, OUTBOUND_PORT, OrigDstKey, SockAddr,
+};
 use aya_ebpf::{
     EbpfContext as _,
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
@@ -130,7 +132,8 @@ fn capture_target(ctx: &SockAddrContext) -> Option<Enrolled> {
     // SAFETY: see above.
     let sk = unsafe { sa.__bindgen_anon_1.sk };
     // SAFETY: the verifier knows `sk` as a non-null socket pointer here.
-    if unsafe { (*sk).mark } == AGENT_MARK {
+    let mark = unsafe { (*sk).mark };
+    if mark == AGENT_MARK || mark == DELIVERY_MARK {
         return None;
     }
     Some(enrolled)

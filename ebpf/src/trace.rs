@@ -4,11 +4,12 @@
 //! storm costs a per-CPU increment, never a ring-buffer event).
 //!
 //! Which sockets are traced: those in a network namespace of the `TRACED` map and not marked by
-//! the agent (its own sockets, listeners included, carry `AGENT_MARK`), i.e. the applications'.
+//! the agent (its own sockets, listeners included, carry `AGENT_MARK`; those delivering from a
+//! client's address `DELIVERY_MARK`), i.e. the applications'.
 
 use ambit_common::{
-    AF_INET, AF_INET6, AGENT_MARK, COUNTER_RING_FULL, DROP_REASON_SLOTS, FLOW_ACTIVE, FLOW_CLOSE,
-    FLOW_HAS_ORIG, FLOW_OPEN, FLOW_RESET_RECEIVED, FLOW_RESET_SENT, FlowEvent, IpAddr, tcp_state,
+    AF_INET, AF_INET6, AGENT_MARK, COUNTER_RING_FULL, DELIVERY_MARK, DROP_REASON_SLOTS, FLOW_ACTIVE,
+    FLOW_CLOSE, FLOW_HAS_ORIG, FLOW_OPEN, FLOW_RESET_RECEIVED, FLOW_RESET_SENT, FlowEvent, IpAddr, tcp_state,
 };
 use aya_ebpf::{
     EbpfContext as _, Global,
@@ -102,8 +103,10 @@ pub fn sock_events(ctx: SockOpsContext) -> u32 {
         // Other programs (another agent on the host, another tool) may have asked for state
         // callbacks on sockets we do not trace: check again.
         STATE_CB if ctx.arg(1) == tcp_state::CLOSE => {
+            // Before forgetting: a delivering socket is told apart by its remembered tuple.
+            let traced = traced(&ctx);
             local::forget(&ctx);
-            if traced(&ctx) {
+            if traced {
                 emit_sock(&ctx, FLOW_CLOSE, false, None);
             } else if probes::from_host(&ctx) {
                 probes::forget(&ctx);
@@ -125,7 +128,13 @@ fn traced(ctx: &SockOpsContext) -> bool {
     // SAFETY: the kernel hands a valid context; `sk` may be null and is checked.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     // SAFETY: non-null socket pointer from the context.
-    sk.is_null() || unsafe { (*sk).mark } != AGENT_MARK
+    let mark = if sk.is_null() { 0 } else { unsafe { (*sk).mark } };
+    match mark {
+        AGENT_MARK => false,
+        // The agent's socket delivering from a client's address, or the app's end of it.
+        DELIVERY_MARK => !local::is_remembered(ctx),
+        _ => true,
+    }
 }
 
 #[inline(always)]

@@ -77,8 +77,8 @@ fn same_node_connections_are_joined_in_the_agent_with_the_records_of_hbone() {
         "no packet between the two pods: the connection never left the node's kernel"
     );
     assert!(!contains(&pcap, secret));
-    // The app sees the connection as HBONE would deliver it (from its own pod's address).
-    assert_eq!(db.peers().last().map(|p| p.ip()), Some(db_ip));
+    // The app sees the connection as HBONE delivers it: from the client's own address.
+    assert_eq!(db.peers().last().map(|p| p.ip()), Some(backend));
 
     let outbound = record(&b, "outbound");
     assert_eq!(outbound["security"], "mutual_tls", "{outbound}");

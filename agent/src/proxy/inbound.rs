@@ -20,7 +20,7 @@ use tracing::{Instrument as _, debug, info_span, warn};
 
 use super::tracker::Registration;
 use super::{
-    DATA_PLANE, HBONE, Leg, PodContext, Proxy, ProxyError, accept_loop, connect_app, connect_from, count,
+    DATA_PLANE, HBONE, Leg, PodContext, Proxy, ProxyError, accept_loop, connect_app, count,
     hbone::{CERT_WAIT, CONNECTION_WINDOW, MAX_FRAME, MAX_STREAMS, STREAM_WINDOW},
     keep_alive, local_of, relay,
 };
@@ -99,7 +99,8 @@ impl Proxy {
                 (verdict, Some(self.tracker.register(pod.workload.key.clone(), input, &cluster, &self.settings.root_namespace)))
             };
             let (_registration, revoked) = tracked.unzip();
-            let upstream = Box::pin(connect_from(&pod.netns, dst)).await?;
+            let from = pod.deliver_from_client.then_some(peer.ip());
+            let upstream = Box::pin(connect_app(&pod.netns, dst, Leg::App, from)).await?;
             record.mark_opened(&self.settings.metrics);
             self.note_delivery(&pod, &upstream, Note {
                 security: "plaintext",
@@ -357,7 +358,8 @@ impl Proxy {
         };
         let (registration, revoked) =
             self.tracker.register(pod.workload.key.clone(), input, cluster, &self.settings.root_namespace);
-        let upstream = Box::pin(connect_app(&pod.netns, dst, leg)).await?;
+        let from = pod.deliver_from_client.then_some(source.ip());
+        let upstream = Box::pin(connect_app(&pod.netns, dst, leg, from)).await?;
         record.mark_opened(&self.settings.metrics);
         self.note_delivery(
             pod,
