@@ -385,6 +385,10 @@ type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 /// A response, once the request (and for a POST, its body) is read.
 type Routed = std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 
+/// The service graph page: one file, no external assets (it must work offline), drawing
+/// `/graph.json` and refreshing it every two seconds.
+const GRAPH_PAGE: &str = include_str!("telemetry/graph.html");
+
 /// A response known without reading the body.
 fn now(response: Response<Body>) -> Routed {
     Box::pin(std::future::ready(response))
@@ -507,6 +511,19 @@ fn admin_route(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
         (&Method::GET, "/certs") => json(&*state.certs.borrow().clone()),
         (&Method::GET, "/config_dump") => json(&state.config_dump()),
         (&Method::GET, "/trace") => trace(state, &query_params(req.uri().query().unwrap_or_default())),
+        (&Method::GET, "/graph") => respond(StatusCode::OK, "text/html; charset=utf-8", GRAPH_PAGE.into()),
+        (&Method::GET, "/graph.json") => {
+            let query = query_params(req.uri().query().unwrap_or_default());
+            let minutes = query.iter().find(|(k, _)| k == "minutes").map_or(Ok(15), |(_, v)| v.parse::<u64>());
+            match minutes {
+                Ok(minutes @ 1..=1440) => {
+                    let cluster = state.cluster.borrow().clone();
+                    let window = Duration::from_secs(minutes * 60);
+                    json(&crate::telemetry::graph::draw(&state.flows.history(), &cluster, &state.info.node, window))
+                }
+                _ => text(StatusCode::BAD_REQUEST, "minutes must be a number from 1 to 1440\n".into()),
+            }
+        }
         (&Method::GET, "/policies") => {
             let cluster = state.cluster.borrow().clone();
             let listing: Vec<_> = cluster

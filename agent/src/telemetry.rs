@@ -3,6 +3,7 @@
 //! connection, with Istio's field names.
 
 pub mod flows;
+pub mod graph;
 pub mod history;
 pub mod metrics;
 mod writer;
@@ -222,15 +223,12 @@ pub fn baggage(workload: &Workload) -> String {
     let clean = |v: &str| -> String {
         v.chars().filter(|c| c.is_ascii_graphic() && !matches!(c, ',' | ';' | '=' | '"' | '\\')).collect()
     };
-    let label = |keys: &[&str]| keys.iter().find_map(|k| workload.labels.get(*k)).map(|v| clean(v));
     let workload_name = match workload.labels.get("app") {
         Some(app) => format!("k8s.deployment.name={}", clean(app)),
         None => format!("k8s.pod.name={}", clean(&workload.key.name)),
     };
-    let service = label(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
-        .unwrap_or_else(|| clean(&workload.key.name));
-    let version = label(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"])
-        .unwrap_or_else(|| "latest".into());
+    let service = clean(canonical_service(workload));
+    let version = clean(canonical_revision(workload));
     [
         format!("k8s.namespace.name={}", clean(&workload.key.namespace)),
         workload_name,
@@ -238,6 +236,24 @@ pub fn baggage(workload: &Workload) -> String {
         format!("service.version={version}"),
     ]
     .join(",")
+}
+
+/// Istio's canonical service of a workload: its first label of `service.istio.io/canonical-name`,
+/// `app.kubernetes.io/name`, `app`, else the pod's name. Telemetry (baggage, metrics) groups by it.
+pub fn canonical_service(workload: &Workload) -> &str {
+    ["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]
+        .iter()
+        .find_map(|k| workload.labels.get(*k))
+        .map_or(workload.key.name.as_str(), String::as_str)
+}
+
+/// Istio's canonical revision: `service.istio.io/canonical-revision`, `app.kubernetes.io/version`,
+/// `version`, else `latest`.
+pub fn canonical_revision(workload: &Workload) -> &str {
+    ["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"]
+        .iter()
+        .find_map(|k| workload.labels.get(*k))
+        .map_or("latest", String::as_str)
 }
 
 /// A peer's `baggage`, kept for the access log: printable, and short.

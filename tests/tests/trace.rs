@@ -283,6 +283,16 @@ fn metrics_use_istio_names_and_labels() {
         ("destination_principal", "spiffe://cluster.local/ns/shop/sa/backend-sa"),
         ("connection_security_policy", "mutual_tls"),
         ("response_flags", "-"),
+        // What Kiali's graph groups TCP traffic by.
+        ("source_app", "frontend"),
+        ("source_canonical_service", "frontend"),
+        ("source_canonical_revision", "latest"),
+        ("source_cluster", "Kubernetes"),
+        ("destination_app", "backend"),
+        ("destination_canonical_service", "backend"),
+        ("destination_canonical_revision", "latest"),
+        ("destination_cluster", "Kubernetes"),
+        ("destination_service", "unknown"),
     ];
     assert_eq!(find("istio_tcp_connections_opened_total", &allowed), [1.0], "{samples:?}");
     assert_eq!(find("istio_tcp_connections_closed_total", &allowed), [1.0]);

@@ -9,7 +9,8 @@ use anyhow::{Context as _, bail};
 /// DNAT a test builds in a node (never used by ambit itself), nginx as the ingress proxy of a
 /// test, iperf3 and sockperf for the
 /// bench, podman with runc and mmdebstrap
-/// for the agent's image and the tests that run it as the DaemonSet does.
+/// for the agent's image and the tests that run it as the DaemonSet does, chromium to load the
+/// service graph page in a real browser.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -28,6 +29,7 @@ const PACKAGES: &[&str] = &[
     "podman",
     "runc",
     "mmdebstrap",
+    "chromium",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

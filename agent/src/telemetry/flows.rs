@@ -545,7 +545,12 @@ fn addr(ip: &ambit_common::IpAddr, port: u32) -> Option<SocketAddr> {
 
 /// The current time as RFC 3339 UTC with milliseconds.
 pub fn now_rfc3339() -> String {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    rfc3339(SystemTime::now())
+}
+
+/// `at` as the records' `time` field spells it (so that two compare as their times do).
+pub fn rfc3339(at: SystemTime) -> String {
+    let now = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let t = time::OffsetDateTime::from_unix_timestamp(now.as_secs() as i64)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     format!(

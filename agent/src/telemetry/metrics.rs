@@ -6,20 +6,37 @@ use std::{collections::BTreeMap, fmt::Write as _, sync::Mutex};
 use super::{ConnectionRecord, Direction, Security};
 use crate::discovery::Workload;
 
-/// Label names of the Istio TCP metrics, in output order.
-const LABELS: [&str; 11] = [
+/// Label names of the Istio TCP metrics, in output order: Istio's standard set, every label
+/// Kiali's graph groups or filters TCP traffic by.
+const LABELS: [&str; N] = [
     "reporter",
     "source_workload",
     "source_workload_namespace",
     "source_principal",
+    "source_app",
+    "source_version",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_cluster",
     "destination_workload",
     "destination_workload_namespace",
     "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_canonical_service",
+    "destination_canonical_revision",
     "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "destination_cluster",
     "request_protocol",
     "connection_security_policy",
     "response_flags",
 ];
+const N: usize = 23;
+
+/// Istio's cluster ID when none is configured.
+const CLUSTER: &str = "Kubernetes";
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Counters {
@@ -33,7 +50,7 @@ struct Counters {
 /// The agent's metric registry.
 #[derive(Default)]
 pub struct Metrics {
-    tcp: Mutex<BTreeMap<[String; 11], Counters>>,
+    tcp: Mutex<BTreeMap<[String; N], Counters>>,
 }
 
 /// Istio's `workload` label: the `app` label if the pod has one (the Deployment's pods share
@@ -42,30 +59,46 @@ fn workload_name(w: &Workload) -> String {
     w.labels.get("app").cloned().unwrap_or_else(|| w.key.name.clone())
 }
 
-fn labels(record: &ConnectionRecord, flags: &str) -> [String; 11] {
+fn labels(record: &ConnectionRecord, flags: &str) -> [String; N] {
     let unknown = || "unknown".to_owned();
-    let name = |w: &Option<std::sync::Arc<Workload>>| w.as_deref().map(workload_name).unwrap_or_else(unknown);
-    let ns = |w: &Option<std::sync::Arc<Workload>>| {
-        w.as_ref().map(|w| w.key.namespace.clone()).unwrap_or_else(unknown)
-    };
+    type Of<'a> = &'a Option<std::sync::Arc<Workload>>;
+    let with = |w: Of<'_>, f: fn(&Workload) -> String| w.as_deref().map(f).unwrap_or_else(unknown);
+    let label =
+        |w: Of<'_>, key: &str| w.as_deref().and_then(|w| w.labels.get(key).cloned()).unwrap_or_else(unknown);
     let principal =
         |id: &Option<crate::identity::Identity>| id.as_ref().map(ToString::to_string).unwrap_or_else(unknown);
     // Only a verified peer identity counts: plaintext sources have none.
     let src_principal =
         if record.security == Security::MutualTls { principal(&record.src_identity) } else { unknown() };
+    let cluster = |w: Of<'_>| if w.is_some() { CLUSTER.to_owned() } else { unknown() };
+    let (src, dst) = (&record.src_workload, &record.dst_workload);
+    // `namespace/name` as the proxies know it; Istio names the Service by its host name.
+    let service = record.dst_service.as_deref().and_then(|s| s.split_once('/'));
     [
         match record.direction {
             Direction::Outbound => "source",
             Direction::Inbound => "destination",
         }
         .to_owned(),
-        name(&record.src_workload),
-        ns(&record.src_workload),
+        with(src, workload_name),
+        with(src, |w| w.key.namespace.clone()),
         src_principal,
-        name(&record.dst_workload),
-        ns(&record.dst_workload),
+        label(src, "app"),
+        label(src, "version"),
+        with(src, |w| super::canonical_service(w).to_owned()),
+        with(src, |w| super::canonical_revision(w).to_owned()),
+        cluster(src),
+        with(dst, workload_name),
+        with(dst, |w| w.key.namespace.clone()),
         principal(&record.dst_identity),
-        record.dst_service.clone().unwrap_or_else(unknown),
+        label(dst, "app"),
+        label(dst, "version"),
+        with(dst, |w| super::canonical_service(w).to_owned()),
+        with(dst, |w| super::canonical_revision(w).to_owned()),
+        service.map_or_else(unknown, |(ns, name)| format!("{name}.{ns}.svc.cluster.local")),
+        service.map_or_else(unknown, |(_, name)| name.to_owned()),
+        service.map_or_else(unknown, |(ns, _)| ns.to_owned()),
+        cluster(dst),
         "tcp".to_owned(),
         match record.security {
             Security::MutualTls => "mutual_tls",
@@ -133,7 +166,7 @@ impl Metrics {
     }
 }
 
-fn label_text(values: &[String; 11]) -> String {
+fn label_text(values: &[String; N]) -> String {
     LABELS.iter().zip(values).map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect::<Vec<_>>().join(",")
 }
 
