@@ -186,130 +186,77 @@ impl AdminState {
     }
 
     fn metrics(&self) -> String {
-        use crate::telemetry::metrics::{escape, sample};
         let status = self.status();
         let pods = self.pods.borrow().clone();
-        let mut out = String::new();
-        self.metrics.render_tcp(&mut out);
-        let one = |v: u64| vec![(String::new(), v)];
-        sample(
-            &mut out,
-            "ambit_ready",
-            "gauge",
-            "1 when every enrolled pod of the node is captured.",
-            &one(u64::from(status.ready)),
-        );
-        sample(
-            &mut out,
+        let mut m = crate::telemetry::metrics::Scrape::default();
+        m.gauge("ambit_ready", "1 when every enrolled pod of the node is captured.", i64::from(status.ready));
+        m.gauge(
             "ambit_pods_captured",
-            "gauge",
             "Enrolled pods of the node that are captured.",
-            &one(status.pods_captured as u64),
+            status.pods_captured as i64,
         );
-        sample(
-            &mut out,
+        m.gauge(
             "ambit_pods_failed",
-            "gauge",
             "Enrolled pods of the node that could not be captured.",
-            &one(status.pods_failed as u64),
+            status.pods_failed as i64,
         );
-        sample(
-            &mut out,
+        m.gauge(
             "ambit_pods_refused",
-            "gauge",
             "Enrolled pods of the node whose network namespace was refused (the agent's own, the host's, another pod's).",
-            &one(status.pods_refused as u64),
+            status.pods_refused as i64,
         );
-        sample(
-            &mut out,
-            "ambit_datapath_repairs_total",
-            "counter",
+        m.counter(
+            "ambit_datapath_repairs",
             "Pins, links, enrollment entries or listeners found missing and put back.",
-            &one(status.datapath.repairs_total),
+            status.datapath.repairs_total,
         );
-        sample(
-            &mut out,
+        m.gauge(
             "ambit_config_errors",
-            "gauge",
             "1 when the last reload of the source of truth failed (the last good one serves).",
-            &one(u64::from(status.config.error.is_some())),
+            i64::from(status.config.error.is_some()),
         );
         let snapshots: Vec<_> = pods.iter().filter_map(|p| p.stats.as_ref()).map(|s| s.snapshot()).collect();
         let total = |f: fn(&crate::proxy::StatsSnapshot) -> u64| -> u64 { snapshots.iter().map(f).sum() };
-        sample(
-            &mut out,
-            "ambit_connections_total",
-            "counter",
+        m.counters(
+            "ambit_connections",
             "Connections proxied for the captured pods.",
-            &[
-                ("direction=\"outbound\"".into(), total(|s| s.outbound)),
-                ("direction=\"inbound\"".into(), total(|s| s.inbound)),
-            ],
+            "direction",
+            [("outbound".to_owned(), total(|s| s.outbound)), ("inbound".to_owned(), total(|s| s.inbound))],
         );
-        sample(
-            &mut out,
-            "ambit_connections_failed_total",
-            "counter",
+        m.counter(
+            "ambit_connections_failed",
             "Proxied connections that failed or were refused.",
-            &one(total(|s| s.failed)),
+            total(|s| s.failed),
         );
-        let certs: Vec<(String, u64)> = self
-            .certs
-            .borrow()
-            .iter()
-            .map(|c| (format!("identity=\"{}\"", escape(&c.identity)), c.not_after))
-            .collect();
-        sample(
-            &mut out,
+        let certs: Vec<(String, i64)> =
+            self.certs.borrow().iter().map(|c| (c.identity.clone(), c.not_after as i64)).collect();
+        m.gauges(
             "ambit_certificate_expiry_timestamp_seconds",
-            "gauge",
             "When each workload certificate held by the agent expires (Unix time).",
-            &certs,
+            "identity",
+            certs,
         );
-        sample(
-            &mut out,
-            "ambit_flow_events_dropped_total",
-            "counter",
+        m.counter(
+            "ambit_flow_events_dropped",
             "Kernel flow events lost because the ring buffer was full.",
-            &one(self.trace_stats.ring_full()),
+            self.trace_stats.ring_full(),
         );
-        let drops: Vec<(String, u64)> = self
+        let names = &self.trace_stats.drop_reason_names;
+        let drops = self
             .trace_stats
             .drops()
             .into_iter()
-            .map(|(reason, n)| {
-                let name = self
-                    .trace_stats
-                    .drop_reason_names
-                    .get(&reason)
-                    .cloned()
-                    .unwrap_or_else(|| reason.to_string());
-                (format!("reason=\"{}\"", escape(&name)), n)
-            })
-            .collect();
-        sample(
-            &mut out,
-            "ambit_kernel_packet_drops_total",
-            "counter",
+            .map(|(reason, n)| (names.get(&reason).cloned().unwrap_or_else(|| reason.to_string()), n));
+        m.counters(
+            "ambit_kernel_packet_drops",
             "IP packets the kernel dropped, by drop reason (whole node).",
-            &drops,
+            "reason",
+            drops,
         );
-        sample(
-            &mut out,
-            "ambit_flows_open",
-            "gauge",
-            "Traced connections open now.",
-            &one(self.flows.open_count() as u64),
-        );
-        let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
-        sample(
-            &mut out,
-            "ambit_open_fds",
-            "gauge",
-            "File descriptors the agent holds (sockets included).",
-            &one(fds),
-        );
-        out
+        m.gauge("ambit_flows_open", "Traced connections open now.", self.flows.open_count() as i64);
+        let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as i64).unwrap_or(0);
+        m.gauge("ambit_open_fds", "File descriptors the agent holds (sockets included).", fds);
+        self.metrics.render(&m)
     }
 }
 
@@ -353,7 +300,7 @@ pub async fn bind_metrics(
 ) -> Result<impl Future<Output = ()>, AdminError> {
     bind("metrics", addr, NODE_PORT, move |req| {
         now(match (req.method(), req.uri().path()) {
-            (&Method::GET, "/metrics") => text(StatusCode::OK, state.metrics()),
+            (&Method::GET, "/metrics") => respond(StatusCode::OK, OPENMETRICS, state.metrics().into()),
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         })
     })
@@ -361,7 +308,8 @@ pub async fn bind_metrics(
 }
 
 /// Serves plain-text GET endpoints on a node-facing `addr` (the CA service's readiness and
-/// metrics): `route` maps a path to a status and body, `None` for 404.
+/// metrics): `route` maps a path to a status and body, `None` for 404; `/metrics` is served as
+/// OpenMetrics.
 pub(crate) async fn bind_plain<F>(
     what: &'static str,
     addr: SocketAddr,
@@ -372,6 +320,9 @@ where
 {
     bind(what, addr, NODE_PORT, move |req| {
         now(match (req.method(), route(req.uri().path())) {
+            (&Method::GET, Some((status, body))) if req.uri().path() == "/metrics" => {
+                respond(status, OPENMETRICS, body.into())
+            }
             (&Method::GET, Some((status, body))) => text(status, body),
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         })
@@ -609,6 +560,9 @@ fn json<T: Serialize + ?Sized>(value: &T) -> Response<Body> {
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {e}\n")),
     }
 }
+
+/// What Prometheus is told the metrics are (it scrapes OpenMetrics and the older text format).
+pub(crate) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 fn text(status: StatusCode, body: String) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", body.into())

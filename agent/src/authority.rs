@@ -429,21 +429,20 @@ impl Authority {
     }
 
     fn metrics(&self) -> String {
-        let mut out = String::new();
-        out.push_str(
-            "# HELP ambit_ca_issued_total Certificates issued.\n# TYPE ambit_ca_issued_total counter\n",
+        let mut m = crate::telemetry::metrics::Scrape::default();
+        m.counter("ambit_ca_issued", "Certificates issued.", self.issued.load(Ordering::Relaxed));
+        let refused = REFUSED_CODES
+            .iter()
+            .zip(&self.refused)
+            .filter(|(c, _)| **c != Code::Ok)
+            .map(|(code, count)| (code.to_string(), count.load(Ordering::Relaxed)));
+        m.counters("ambit_ca_refused", "Certificate calls refused, by gRPC status.", "code", refused);
+        m.gauge(
+            "ambit_ca_pods_listed",
+            "Whether the pods of the cluster are listed (1) or not yet (0).",
+            i64::from(self.pods.synced()),
         );
-        out.push_str(&format!("ambit_ca_issued_total {}\n", self.issued.load(Ordering::Relaxed)));
-        out.push_str("# HELP ambit_ca_refused_total Certificate calls refused, by gRPC status.\n# TYPE ambit_ca_refused_total counter\n");
-        for (code, count) in REFUSED_CODES.iter().zip(&self.refused).filter(|(c, _)| **c != Code::Ok) {
-            out.push_str(&format!(
-                "ambit_ca_refused_total{{code=\"{code}\"}} {}\n",
-                count.load(Ordering::Relaxed)
-            ));
-        }
-        out.push_str("# HELP ambit_ca_pods_listed Whether the pods of the cluster are listed (1) or not yet (0).\n# TYPE ambit_ca_pods_listed gauge\n");
-        out.push_str(&format!("ambit_ca_pods_listed {}\n", u8::from(self.pods.synced())));
-        out
+        m.render()
     }
 }
 

@@ -237,7 +237,7 @@ fn trace_filters_and_formats() {
 /// parser (independent of our code), returning `(name, labels, value)` samples.
 fn scrape(cluster: &Cluster, node: &str) -> Vec<(String, serde_json::Map<String, Value>, f64)> {
     let script = "import json, urllib.request\n\
-        from prometheus_client.parser import text_string_to_metric_families\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
         text = urllib.request.urlopen('http://127.0.0.1:15020/metrics', timeout=5).read().decode()\n\
         print(json.dumps([[s.name, s.labels, s.value] for f in text_string_to_metric_families(text) for s in f.samples]))\n";
     let mut python = std::process::Command::new("python3");

@@ -1,7 +1,10 @@
 //! Prometheus metrics: Istio's TCP metrics with Istio's names and labels (so existing dashboards
 //! work), and the agent's own health.
 
-use std::{collections::BTreeMap, fmt::Write as _, sync::Mutex};
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 
 use super::{ConnectionRecord, Direction, Security};
 use crate::discovery::Workload;
@@ -38,19 +41,44 @@ const N: usize = 23;
 /// Istio's cluster ID when none is configured.
 const CLUSTER: &str = "Kubernetes";
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Counters {
-    opened: u64,
-    closed: u64,
-    failed: u64,
-    sent: u64,
-    received: u64,
+/// One series' labels: Istio's names with this connection's values.
+type TcpLabels = [(&'static str, String); N];
+
+/// The agent's metric registry: Istio's TCP metrics, kept as connections open and close.
+pub struct Metrics {
+    opened: Family<TcpLabels, Counter>,
+    closed: Family<TcpLabels, Counter>,
+    failed: Family<TcpLabels, Counter>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    registry: Registry,
 }
 
-/// The agent's metric registry.
-#[derive(Default)]
-pub struct Metrics {
-    tcp: Mutex<BTreeMap<[String; N], Counters>>,
+impl Default for Metrics {
+    fn default() -> Self {
+        let (opened, closed, failed, sent, received) =
+            (Family::default(), Family::default(), Family::default(), Family::default(), Family::default());
+        let mut registry = Registry::default();
+        // The text encoding adds `_total` to counters' names.
+        registry.register("istio_tcp_connections_opened", "TCP connections opened.", opened.clone());
+        registry.register("istio_tcp_connections_closed", "TCP connections closed.", closed.clone());
+        registry.register(
+            "istio_tcp_connections_failed",
+            "TCP connections that could not be established.",
+            failed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent by the source during TCP connections.",
+            sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received by the source during TCP connections.",
+            received.clone(),
+        );
+        Self { opened, closed, failed, sent, received, registry }
+    }
 }
 
 /// Istio's `workload` label: the `app` label if the pod has one (the Deployment's pods share
@@ -59,7 +87,7 @@ fn workload_name(w: &Workload) -> String {
     w.labels.get("app").cloned().unwrap_or_else(|| w.key.name.clone())
 }
 
-fn labels(record: &ConnectionRecord, flags: &str) -> [String; N] {
+fn labels(record: &ConnectionRecord, flags: &str) -> TcpLabels {
     let unknown = || "unknown".to_owned();
     type Of<'a> = &'a Option<std::sync::Arc<Workload>>;
     let with = |w: Of<'_>, f: fn(&Workload) -> String| w.as_deref().map(f).unwrap_or_else(unknown);
@@ -74,7 +102,7 @@ fn labels(record: &ConnectionRecord, flags: &str) -> [String; N] {
     let (src, dst) = (&record.src_workload, &record.dst_workload);
     // `namespace/name` as the proxies know it; Istio names the Service by its host name.
     let service = record.dst_service.as_deref().and_then(|s| s.split_once('/'));
-    [
+    let values: [String; N] = [
         match record.direction {
             Direction::Outbound => "source",
             Direction::Inbound => "destination",
@@ -106,14 +134,15 @@ fn labels(record: &ConnectionRecord, flags: &str) -> [String; N] {
         }
         .to_owned(),
         flags.to_owned(),
-    ]
+    ];
+    let mut names = LABELS.iter();
+    values.map(|value| (names.next().copied().unwrap_or_default(), value))
 }
 
 impl Metrics {
     /// Counts a connection that reached its destination.
     pub fn opened(&self, record: &ConnectionRecord) {
-        let mut tcp = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
-        tcp.entry(labels(record, "-")).or_default().opened += 1;
+        self.opened.get_or_create(&labels(record, "-")).inc();
     }
 
     /// Counts a finished connection: bytes, close, and failure with its response flag.
@@ -124,75 +153,91 @@ impl Metrics {
             Some(_) if !opened => "UF",
             Some(_) => "-",
         };
-        let mut tcp = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
-        let counters = tcp.entry(labels(record, flags)).or_default();
-        counters.closed += 1;
-        counters.sent += record.bytes_sent;
-        counters.received += record.bytes_received;
+        let labels = labels(record, flags);
+        self.closed.get_or_create(&labels).inc();
+        // A series appears with its first non-zero count: all-zero ones would only be noise.
+        if record.bytes_sent > 0 {
+            self.sent.get_or_create(&labels).inc_by(record.bytes_sent);
+        }
+        if record.bytes_received > 0 {
+            self.received.get_or_create(&labels).inc_by(record.bytes_received);
+        }
         if !opened && record.error.is_some() {
-            counters.failed += 1;
+            self.failed.get_or_create(&labels).inc();
         }
     }
 
-    /// The Istio TCP metrics in Prometheus text format.
-    pub fn render_tcp(&self, out: &mut String) {
-        let tcp = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
-        type Family = (&'static str, &'static str, fn(&Counters) -> u64);
-        let families: [Family; 5] = [
-            ("istio_tcp_connections_opened_total", "TCP connections opened.", |c| c.opened),
-            ("istio_tcp_connections_closed_total", "TCP connections closed.", |c| c.closed),
-            ("istio_tcp_connections_failed_total", "TCP connections that could not be established.", |c| {
-                c.failed
-            }),
-            ("istio_tcp_sent_bytes_total", "Bytes sent by the source during TCP connections.", |c| c.sent),
-            ("istio_tcp_received_bytes_total", "Bytes received by the source during TCP connections.", |c| {
-                c.received
-            }),
-        ];
-        for (name, help, value) in families {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (labels, counters) in tcp.iter() {
-                let v = value(counters);
-                // Series are created by any counter; an all-zero one would only be noise.
-                if v == 0
-                    && name != "istio_tcp_connections_opened_total"
-                    && name != "istio_tcp_connections_closed_total"
-                {
-                    continue;
-                }
-                let _ = writeln!(out, "{name}{{{}}} {v}", label_text(labels));
-            }
-        }
+    /// The TCP metrics and the values of `scrape`, in the OpenMetrics text format.
+    pub fn render(&self, scrape: &Scrape) -> String {
+        render(&[&self.registry, &scrape.registry])
     }
 }
 
-fn label_text(values: &[String; N]) -> String {
-    LABELS.iter().zip(values).map(|(k, v)| format!("{k}=\"{}\"", escape(v))).collect::<Vec<_>>().join(",")
-}
-
-/// Escapes a label value for the text format.
-pub fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-/// Writes one gauge or counter sample with its HELP and TYPE lines.
-pub fn sample(out: &mut String, name: &str, kind: &str, help: &str, series: &[(String, u64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (labels, value) in series {
-        if labels.is_empty() {
-            let _ = writeln!(out, "{name} {value}");
-        } else {
-            let _ = writeln!(out, "{name}{{{labels}}} {value}");
-        }
+/// Encodes `registries` as one OpenMetrics exposition.
+pub fn render(registries: &[&Registry]) -> String {
+    let mut out = String::new();
+    for registry in registries {
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, registry);
     }
+    let _ = prometheus_client::encoding::text::encode_eof(&mut out);
+    out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Values read at scrape time (gauges of the agent's state, counters kept elsewhere), each
+/// registered with its help text.
+#[derive(Default)]
+pub struct Scrape {
+    registry: Registry,
+}
 
-    #[test]
-    fn escapes_label_values() {
-        assert_eq!(escape(r#"a"b\c"#), r#"a\"b\\c"#);
+impl Scrape {
+    /// A gauge without labels.
+    pub fn gauge(&mut self, name: &str, help: &str, value: i64) {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(value);
+        self.registry.register(name, help, gauge);
+    }
+
+    /// A counter without labels; `name` without its `_total`, which the encoding adds.
+    pub fn counter(&mut self, name: &str, help: &str, value: u64) {
+        let counter = Counter::<u64>::default();
+        counter.inc_by(value);
+        self.registry.register(name, help, counter);
+    }
+
+    /// A gauge with one series per value of `label`.
+    pub fn gauges(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &'static str,
+        series: impl IntoIterator<Item = (String, i64)>,
+    ) {
+        let family = Family::<[(&'static str, String); 1], Gauge<i64>>::default();
+        for (value, n) in series {
+            family.get_or_create(&[(label, value)]).set(n);
+        }
+        self.registry.register(name, help, family);
+    }
+
+    /// A counter with one series per value of `label`; `name` without its `_total`.
+    pub fn counters(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &'static str,
+        series: impl IntoIterator<Item = (String, u64)>,
+    ) {
+        let family = Family::<[(&'static str, String); 1], Counter<u64>>::default();
+        for (value, n) in series {
+            family.get_or_create(&[(label, value)]).inc_by(n);
+        }
+        self.registry.register(name, help, family);
+    }
+
+    /// The values, in the OpenMetrics text format.
+    pub fn render(&self) -> String {
+        render(&[&self.registry])
     }
 }
