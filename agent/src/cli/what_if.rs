@@ -1,13 +1,9 @@
 //! `ambit check --what-if FILE`: the file is read and checked here (so that a mistake is named
 //! before any agent is asked), then each agent replays its own flow history against it.
 
-use std::{
-    io::Read as _,
-    path::Path,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{io::Read as _, path::Path, time::Duration};
 
-use super::{CheckArgs, CliError, Output, client, table::Table};
+use super::{CheckArgs, CliError, Output, client, human, table::Table};
 use crate::policy::what_if::{Shift, WhatIfReport, WhatIfRequest};
 
 /// Replaying ten thousand entries takes milliseconds; the rest is the agent being busy.
@@ -78,7 +74,7 @@ fn read(file: &Path) -> Result<(String, String), CliError> {
 fn render(report: &WhatIfReport) -> String {
     let mut out = String::new();
     let window =
-        report.since_secs.map_or("all the history kept".to_owned(), |s| format!("the last {}", span(s)));
+        report.since_secs.map_or("all the history kept".to_owned(), |s| format!("the last {}", human(s)));
     out += &format!(
         "what-if {} on {}: {} kinds of connection replayed ({} connections, {window})\n",
         report.file, report.node, report.replayed, report.connections
@@ -89,7 +85,7 @@ fn render(report: &WhatIfReport) -> String {
     for change in &report.changes {
         out += &format!("  {change}\n");
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = crate::discovery::local::unix_now();
     let section = |out: &mut String, title: &str, shifts: &[Shift]| {
         if shifts.is_empty() {
             *out += &format!("\n{title}: none\n");
@@ -110,7 +106,7 @@ fn render(report: &WhatIfReport) -> String {
                 &source(s),
                 &format!("{}:{}", s.destination, s.port),
                 &s.connections.to_string(),
-                &format!("{} ago", span(now.saturating_sub(s.last_seen))),
+                &format!("{} ago", human(now.saturating_sub(s.last_seen))),
                 s.today.as_str(),
                 &s.would.as_str().to_uppercase(),
                 s.decided_by.as_deref().unwrap_or("-"),
@@ -152,14 +148,4 @@ fn source(s: &Shift) -> String {
         None => "plaintext".to_owned(),
     };
     format!("{who} ({how})")
-}
-
-/// `42s`, `5m`, `3h`, `2d`.
-fn span(secs: u64) -> String {
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
 }

@@ -186,7 +186,7 @@ pub struct Condition {
 }
 
 /// What is known about a connection when it is authorized.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ConnectionInput {
     /// Verified peer principal (`td/ns/x/sa/y`), none for plaintext.
     pub principal: Option<String>,

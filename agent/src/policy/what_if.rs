@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConnectionInput, InboundDecision, Outcome, check};
+use super::{InboundDecision, Outcome, check};
 use crate::{
     discovery::{Change, Cluster, DiscoveryError, Kind, ObjectKey, Workload, local},
     telemetry::history::HistoryEntry,
@@ -203,9 +203,9 @@ pub fn replay(
             report.destination_gone += 1;
             continue;
         };
-        let input = ConnectionInput::from(&entry.input);
-        let today = InboundDecision::new(cluster, now, &input, root_namespace);
-        let would = InboundDecision::new(candidate, then, &input, root_namespace);
+        let input = &entry.input;
+        let today = InboundDecision::new(cluster, now, input, root_namespace);
+        let would = InboundDecision::new(candidate, then, input, root_namespace);
         let audit = |d: &InboundDecision| d.verdict().map(|v| v.audit.clone()).unwrap_or_default();
         let newly_audited =
             audit(&would).into_iter().filter(|p| !audit(&today).contains(p)).collect::<Vec<_>>();
@@ -234,7 +234,7 @@ pub fn replay(
                 vec![check::strict_hint(source_pod.map(|w| &**w), input.source_ip, port)]
             }
             InboundDecision::Authorized { verdict, .. } if !verdict.allowed => {
-                check::hints(candidate, source_pod.map(|w| &**w), input.source_ip, then, &input)
+                check::hints(candidate, source_pod.map(|w| &**w), input.source_ip, then, input)
             }
             InboundDecision::Authorized { .. } => Vec::new(),
         };
@@ -307,7 +307,7 @@ fn deciding(cluster: &Cluster, workload: &Workload, decision: &InboundDecision) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{discovery::local::parse, telemetry::history::SeenInput};
+    use crate::{discovery::local::parse, policy::ConnectionInput};
 
     const CLUSTER: &str = "\
 apiVersion: v1
@@ -348,7 +348,7 @@ spec:
     fn seen(principal: Option<&str>, source: [u8; 4], connections: u64) -> HistoryEntry {
         HistoryEntry {
             destination: ObjectKey { namespace: "shop".into(), name: "db".into() },
-            input: SeenInput {
+            input: ConnectionInput {
                 principal: principal.map(str::to_owned),
                 namespace: principal.map(|_| "shop".to_owned()),
                 source_ip: IpAddr::from(source),

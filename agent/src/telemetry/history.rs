@@ -11,14 +11,14 @@ use std::{
     net::{IpAddr, SocketAddr},
     num::NonZeroUsize,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use lru::LruCache;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    discovery::ObjectKey,
+    discovery::{ObjectKey, local::unix_now},
     policy::{ConnectionInput, Outcome},
 };
 
@@ -56,7 +56,7 @@ pub struct HistoryEntry {
     /// The destination pod.
     pub destination: ObjectKey,
     /// What the policies saw.
-    pub input: SeenInput,
+    pub input: ConnectionInput,
     /// What the agent decided.
     pub outcome: Outcome,
     /// Connections counted.
@@ -65,30 +65,6 @@ pub struct HistoryEntry {
     pub first_seen: u64,
     /// See `first_seen`.
     pub last_seen: u64,
-}
-
-/// [`ConnectionInput`] as the history keeps it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SeenInput {
-    /// Verified principal, none for plaintext.
-    pub principal: Option<String>,
-    /// Its namespace.
-    pub namespace: Option<String>,
-    /// Source address.
-    pub source_ip: IpAddr,
-    /// The address the client asked for.
-    pub destination: SocketAddr,
-}
-
-impl From<&SeenInput> for ConnectionInput {
-    fn from(seen: &SeenInput) -> Self {
-        ConnectionInput {
-            principal: seen.principal.clone(),
-            namespace: seen.namespace.clone(),
-            source_ip: seen.source_ip,
-            destination: seen.destination,
-        }
-    }
 }
 
 /// The bounded summary of inbound decisions.
@@ -188,7 +164,7 @@ impl FlowHistory {
             .filter(|(_, tally)| tally.last_seen >= oldest)
             .map(|(seen, tally)| HistoryEntry {
                 destination: (*seen.destination).clone(),
-                input: SeenInput {
+                input: ConnectionInput {
                     principal: seen.principal.as_deref().map(str::to_owned),
                     namespace: seen.namespace.as_deref().map(str::to_owned),
                     source_ip: seen.source_ip,
@@ -222,10 +198,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,7 +228,7 @@ mod tests {
         assert_eq!(entries.len(), 3, "{entries:?}");
         let allowed = entries.iter().find(|e| e.outcome == Outcome::Allowed).expect("allowed entry");
         assert_eq!((allowed.connections, allowed.first_seen, allowed.last_seen), (3, 100, 300));
-        assert_eq!(ConnectionInput::from(&allowed.input), frontend, "replayable as it was seen");
+        assert_eq!(allowed.input, frontend, "replayable as it was seen");
         assert_eq!(entries[0].outcome, Outcome::Refused, "most recent first");
     }
 
