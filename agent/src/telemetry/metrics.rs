@@ -1,6 +1,8 @@
 //! Prometheus metrics: Istio's TCP metrics with Istio's names and labels (so existing dashboards
 //! work), and the agent's own health.
 
+use std::borrow::Cow;
+
 use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
@@ -41,8 +43,9 @@ const N: usize = 23;
 /// Istio's cluster ID when none is configured.
 const CLUSTER: &str = "Kubernetes";
 
-/// One series' labels: Istio's names with this connection's values.
-type TcpLabels = [(&'static str, String); N];
+/// One series' labels: Istio's names with this connection's values. Most values are one of a
+/// few constants (`unknown`, `tcp`, ...), which borrow instead of allocating per connection.
+type TcpLabels = [(&'static str, Cow<'static, str>); N];
 
 /// The agent's metric registry: Istio's TCP metrics, kept as connections open and close.
 pub struct Metrics {
@@ -87,27 +90,31 @@ fn workload_name(w: &Workload) -> String {
     w.labels.get("app").cloned().unwrap_or_else(|| w.key.name.clone())
 }
 
-fn labels(record: &ConnectionRecord, flags: &str) -> TcpLabels {
-    let unknown = || "unknown".to_owned();
+fn labels(record: &ConnectionRecord, flags: &'static str) -> TcpLabels {
+    let unknown = || Cow::Borrowed("unknown");
     type Of<'a> = &'a Option<std::sync::Arc<Workload>>;
-    let with = |w: Of<'_>, f: fn(&Workload) -> String| w.as_deref().map(f).unwrap_or_else(unknown);
-    let label =
-        |w: Of<'_>, key: &str| w.as_deref().and_then(|w| w.labels.get(key).cloned()).unwrap_or_else(unknown);
-    let principal =
-        |id: &Option<crate::identity::Identity>| id.as_ref().map(ToString::to_string).unwrap_or_else(unknown);
+    let with = |w: Of<'_>, f: fn(&Workload) -> String| {
+        w.as_deref().map(|w| Cow::Owned(f(w))).unwrap_or_else(unknown)
+    };
+    let label = |w: Of<'_>, key: &str| {
+        w.as_deref().and_then(|w| w.labels.get(key).cloned()).map_or_else(unknown, Cow::Owned)
+    };
+    let principal = |id: &Option<crate::identity::Identity>| {
+        id.as_ref().map(|i| Cow::Owned(i.to_string())).unwrap_or_else(unknown)
+    };
     // Only a verified peer identity counts: plaintext sources have none.
     let src_principal =
         if record.security == Security::MutualTls { principal(&record.src_identity) } else { unknown() };
-    let cluster = |w: Of<'_>| if w.is_some() { CLUSTER.to_owned() } else { unknown() };
+    let cluster = |w: Of<'_>| if w.is_some() { Cow::Borrowed(CLUSTER) } else { unknown() };
     let (src, dst) = (&record.src_workload, &record.dst_workload);
     // `namespace/name` as the proxies know it; Istio names the Service by its host name.
     let service = record.dst_service.as_deref().and_then(|s| s.split_once('/'));
-    let values: [String; N] = [
+    let values: [Cow<'static, str>; N] = [
         match record.direction {
             Direction::Outbound => "source",
             Direction::Inbound => "destination",
         }
-        .to_owned(),
+        .into(),
         with(src, workload_name),
         with(src, |w| w.key.namespace.clone()),
         src_principal,
@@ -123,17 +130,17 @@ fn labels(record: &ConnectionRecord, flags: &str) -> TcpLabels {
         label(dst, "version"),
         with(dst, |w| super::canonical_service(w).to_owned()),
         with(dst, |w| super::canonical_revision(w).to_owned()),
-        service.map_or_else(unknown, |(ns, name)| format!("{name}.{ns}.svc.cluster.local")),
-        service.map_or_else(unknown, |(_, name)| name.to_owned()),
-        service.map_or_else(unknown, |(ns, _)| ns.to_owned()),
+        service.map_or_else(unknown, |(ns, name)| format!("{name}.{ns}.svc.cluster.local").into()),
+        service.map_or_else(unknown, |(_, name)| name.to_owned().into()),
+        service.map_or_else(unknown, |(ns, _)| ns.to_owned().into()),
         cluster(dst),
-        "tcp".to_owned(),
+        "tcp".into(),
         match record.security {
             Security::MutualTls => "mutual_tls",
             Security::Plaintext => "unknown",
         }
-        .to_owned(),
-        flags.to_owned(),
+        .into(),
+        flags.into(),
     ];
     let mut names = LABELS.iter();
     values.map(|value| (names.next().copied().unwrap_or_default(), value))
