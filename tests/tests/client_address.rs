@@ -133,3 +133,78 @@ fn with_no_client_address_apps_see_the_pods_own_address() {
         assert_eq!(seen, own, "{from} -> {dst}: delivered from the agent in the pod");
     }
 }
+
+/// Connects from `from` to `dst` with the source port `port`, sends a line and reads the echo.
+fn attempt_from_port(cluster: &Cluster, from: &str, port: u16, dst: SocketAddr) -> std::io::Result<()> {
+    let source = SocketAddr::new(cluster.pod(from).ip(), port);
+    let mut stream = cluster.pod(from).in_netns(|| -> std::io::Result<std::net::TcpStream> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&source.into())?;
+        socket.connect_timeout(&dst.into(), Duration::from_secs(3))?;
+        Ok(socket.into())
+    })??;
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.write_all(b"ping")?;
+    let mut back = [0u8; 4];
+    stream.read_exact(&mut back)?;
+    Ok(())
+}
+
+/// The agent registers the four-tuple of each connection it delivers from a client's address,
+/// and the pod's `sk_lookup` lets a SYN with a registered tuple through to the app. A plaintext
+/// client that knows the tuple of its own delivered connection (its source port is what the
+/// app sees) tries to use it to reach a STRICT port of the same pod past the agent, and the
+/// delivered port itself directly. Control: the same bind, to the PERMISSIVE port through the
+/// agent, works, so the client can send from those ports.
+#[test]
+fn a_client_reusing_the_tuple_of_its_delivered_connection_gets_nothing_past_the_agent() {
+    const OPEN: u16 = 9090;
+    let cluster = Cluster::builder()
+        .node("a")
+        .node("b")
+        .namespace("shop", true)
+        .namespace("other", false)
+        .pod(PodSpec::new("shop", "server", "b").service_account("server-sa").label("app", "server"))
+        .pod(PodSpec::new("other", "outsider", "a"))
+        .build()
+        .expect("cluster");
+    cluster.set_extra_yaml(&format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: server, namespace: shop}}\n\
+         spec:\n  selector: {{matchLabels: {{app: server}}}}\n  mtls: {{mode: STRICT}}\n  portLevelMtls: {{\"{OPEN}\": {{mode: PERMISSIVE}}}}\n"
+    ));
+    cluster.write_manifest().expect("write");
+    let _a = cluster.start_agent("a").expect("agent a");
+    let _b = cluster.start_agent("b").expect("agent b");
+    let strict_app = cluster.pod("server").echo_server(HTTP).expect("strict app");
+    let open_app = cluster.pod("server").echo_server(OPEN).expect("open app");
+    let (strict, open) = (cluster.pod("server").addr(HTTP), cluster.pod("server").addr(OPEN));
+
+    // A delivered connection, held open: the app sees the tuple the agent registered.
+    let mut held = cluster.pod("outsider").connect(open, Duration::from_secs(5)).expect("permissive port");
+    held.write_all(b"hold").expect("send");
+    let mut back = [0u8; 4];
+    held.read_exact(&mut back).expect("echo");
+    let delivered = *open_app.peers().last().expect("the app saw it");
+    assert_eq!(delivered.ip(), cluster.pod("outsider").ip());
+    let port = delivered.port();
+
+    // Control: from another port of that range, through the agent to the PERMISSIVE port.
+    let other = if port == 30_000 { 30_001 } else { 30_000 };
+    attempt_from_port(&cluster, "outsider", other, open).expect("control: a bound source port gets through");
+
+    // The attack: that very port, to the STRICT port, and to the delivered port itself.
+    let strict_seen = strict_app.peers().len();
+    assert!(attempt_from_port(&cluster, "outsider", port, strict).is_err(), "plaintext to STRICT is refused");
+    assert_eq!(strict_app.peers().len(), strict_seen, "nothing reached the STRICT app");
+    let open_seen = open_app.peers().len();
+    let _ = attempt_from_port(&cluster, "outsider", port, open);
+    assert!(
+        open_app.peers()[open_seen..].iter().all(|p| p.port() != port || p.ip() != delivered.ip()),
+        "no second connection with the delivered tuple reached the app directly"
+    );
+    // The held connection is untouched.
+    held.write_all(b"more").expect("send");
+    held.read_exact(&mut back).expect("the held connection still echoes");
+    assert_eq!(&back, b"more");
+}
