@@ -682,13 +682,10 @@ fn this_process() -> Owner {
     process(std::process::id()).unwrap_or(Owner { pid: std::process::id(), _pad: 0, start_ticks: 0 })
 }
 
-/// A running process's pid and start time, from `/proc/<pid>/stat` (field 22, after the
-/// parenthesised command name, which may itself hold spaces).
+/// A running process's pid and start time (the `starttime` of `/proc/<pid>/stat`).
 fn process(pid: u32) -> Option<Owner> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = stat.rsplit_once(')')?.1;
-    let start_ticks = after_name.split_whitespace().nth(19)?.parse().ok()?;
-    Some(Owner { pid, _pad: 0, start_ticks })
+    let stat = procfs::process::Process::new(i32::try_from(pid).ok()?).ok()?.stat().ok()?;
+    Some(Owner { pid, _pad: 0, start_ticks: stat.starttime })
 }
 
 /// A removal of a key that was already gone succeeded: the state asked for holds. (The kernel
@@ -835,7 +832,7 @@ fn ensure_bpffs(path: &Path) -> Result<(), BpfError> {
         .filter(|m| path.starts_with(&m.mount_point))
         .max_by_key(|m| m.mount_point.components().count())
     {
-        let propagation = match holder.propagation() {
+        let propagation = match holder.propagation {
             Propagation::Shared => None,
             Propagation::Slave => Some("a slave of the host's"),
             // Private is the rule on a host without systemd; only a mount namespace other than
@@ -877,23 +874,18 @@ fn in_init_mount_namespace() -> bool {
 
 /// Whether this process is in the node's PID namespace: its `NSpid` has one entry.
 fn in_initial_pid_namespace() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            Some(status.lines().find_map(|l| l.strip_prefix("NSpid:"))?.split_whitespace().count() == 1)
-        })
-        .unwrap_or(false)
+    let status = procfs::process::Process::myself().and_then(|me| me.status());
+    status.is_ok_and(|status| status.nspid.is_some_and(|ids| ids.len() == 1))
 }
 
-/// One line of `/proc/self/mountinfo`.
+/// One line of `/proc/self/mountinfo`, as far as the agent looks.
 #[derive(Debug, PartialEq, Eq)]
 struct Mount {
     /// The mounted directory of the file system, as seen from this process's namespaces
     /// (`/..` components when it lies above this process's cgroup namespace root).
     root: String,
     mount_point: PathBuf,
-    /// The optional fields (`shared:N`, `master:N`...).
-    tags: Vec<String>,
+    propagation: Propagation,
     fstype: String,
 }
 
@@ -908,24 +900,18 @@ enum Propagation {
 
 impl Mount {
     fn parse(line: &str) -> Option<Self> {
-        // Fields: id parent major:minor root mount-point options [tags...] - fstype source ...
-        let (pre, post) = line.split_once(" - ")?;
-        let mut fields = pre.split_whitespace();
-        let root = fields.nth(3)?.to_owned();
-        let mount_point = PathBuf::from(unescape_octal(fields.next()?));
-        let tags = fields.skip(1).map(str::to_owned).collect();
-        let fstype = post.split_whitespace().next()?.to_owned();
-        Some(Self { root, mount_point, tags, fstype })
-    }
-
-    fn propagation(&self) -> Propagation {
-        if self.tags.iter().any(|t| t.starts_with("shared:")) {
+        use procfs::process::{MountInfo, MountOptFields};
+        let mount = MountInfo::from_line(line).ok()?;
+        let propagation = if mount.opt_fields.iter().any(|f| matches!(f, MountOptFields::Shared(_))) {
             Propagation::Shared
-        } else if self.tags.iter().any(|t| t.starts_with("master:")) {
+        } else if mount.opt_fields.iter().any(|f| matches!(f, MountOptFields::Master(_))) {
             Propagation::Slave
         } else {
             Propagation::Private
-        }
+        };
+        // procfs leaves the kernel's octal escapes (`\040` for a space) in the mount point.
+        let mount_point = PathBuf::from(unescape_octal(&mount.mount_point.to_string_lossy()));
+        Some(Self { root: mount.root, mount_point, propagation, fstype: mount.fs_type })
     }
 
     /// Whether this is all of a cgroup v2 hierarchy: mounted from its root, or from above the
@@ -1062,12 +1048,12 @@ mod tests {
             (host.root.as_str(), host.mount_point.as_path()),
             ("/../..", Path::new("/sys/fs/cgroup/unified"))
         );
-        assert_eq!(host.propagation(), Propagation::Private);
+        assert_eq!(host.propagation, Propagation::Private);
         let slave = Mount::parse("103 84 0:22 /fs/bpf /sys/fs/bpf rw,relatime master:7 - sysfs sysfs rw")
             .expect("parses");
-        assert_eq!(slave.propagation(), Propagation::Slave);
+        assert_eq!(slave.propagation, Propagation::Slave);
         let shared = Mount::parse("24 1 0:22 / /sys rw,nosuid shared:7 - sysfs sysfs rw").expect("parses");
-        assert_eq!(shared.propagation(), Propagation::Shared);
+        assert_eq!(shared.propagation, Propagation::Shared);
         let spaced = Mount::parse(r"30 1 0:40 / /mnt/with\040space rw - tmpfs tmpfs rw").expect("parses");
         assert_eq!(spaced.mount_point, Path::new("/mnt/with space"));
         assert_eq!(Mount::parse("garbage"), None);

@@ -57,11 +57,9 @@ impl Capability {
     }
 }
 
-/// The effective set from `/proc/self/status` (`CapEff`, hexadecimal).
+/// The effective set (`CapEff` of `/proc/self/status`).
 fn effective() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
-    u64::from_str_radix(hex, 16).ok()
+    procfs::process::Process::myself().and_then(|me| me.status()).ok().map(|status| status.capeff)
 }
 
 /// Logs each needed capability this process lacks, with what will fail without it.

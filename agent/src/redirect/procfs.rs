@@ -35,17 +35,19 @@ fn is_uid(text: &str) -> bool {
 /// Pod UID → a process of the pod, for every pod with a process on this host.
 pub fn pod_processes(proc_root: &Path) -> HashMap<String, u32> {
     let mut found = HashMap::new();
-    let Ok(entries) = std::fs::read_dir(proc_root) else { return found };
-    for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        // Processes come and go while we read: a vanished one is simply skipped.
-        let Ok(cgroups) = std::fs::read_to_string(entry.path().join("cgroup")) else { continue };
-        let uid = cgroups.lines().find_map(|line| pod_uid_of_cgroup(line.splitn(3, ':').nth(2)?));
-        if let Some(uid) = uid {
+    let Ok(processes) = ::procfs::process::all_processes_with_root(proc_root) else { return found };
+    // Processes come and go while we read: a vanished one is simply skipped.
+    for process in processes.flatten() {
+        if let (Some(uid), Ok(pid)) = (pod_of(&process), u32::try_from(process.pid())) {
             found.entry(uid).or_insert(pid);
         }
     }
     found
+}
+
+/// The UID of the pod whose cgroup `process` is in, from any of its hierarchies.
+fn pod_of(process: &::procfs::process::Process) -> Option<String> {
+    process.cgroups().ok()?.into_iter().find_map(|cgroup| pod_uid_of_cgroup(&cgroup.pathname))
 }
 
 /// The network namespace file of the pod with `uid`, if a process of it runs here.
@@ -59,12 +61,8 @@ pub fn netns_of_pod(proc_root: &Path, processes: &HashMap<String, u32>, uid: &st
 /// process, whose namespace must not be taken for the pod's.
 pub fn still_in_pod(netns_path: &Path, uid: &str) -> bool {
     let Some(process) = netns_path.parent().and_then(Path::parent) else { return false };
-    let uid = uid.replace('_', "-");
-    std::fs::read_to_string(process.join("cgroup")).is_ok_and(|cgroups| {
-        cgroups.lines().any(|line| {
-            line.splitn(3, ':').nth(2).and_then(pod_uid_of_cgroup).as_deref() == Some(uid.as_str())
-        })
-    })
+    let Ok(process) = ::procfs::process::Process::new_with_root(process.to_path_buf()) else { return false };
+    pod_of(&process) == Some(uid.replace('_', "-"))
 }
 
 #[cfg(test)]
