@@ -117,7 +117,7 @@ pub struct AdminState {
     /// Where certificates come from.
     pub ca: watch::Receiver<Arc<crate::identity::CaReport>>,
     /// The cluster as the agent sees it.
-    pub cluster: watch::Receiver<Arc<crate::discovery::Cluster>>,
+    pub cluster: watch::Receiver<Arc<crate::state::Cluster>>,
     /// Flow records.
     pub flows: Arc<crate::telemetry::flows::Flows>,
     /// The summary of inbound decisions, for `POST /what-if`.
@@ -353,7 +353,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// `POST /what-if`: candidate policies replayed against this node's flow history. Read-only:
 /// the candidate snapshot is dropped once the answer is built.
 async fn what_if(state: AdminState, req: Request<Incoming>) -> Response<Body> {
-    use crate::policy::what_if::{self, WhatIfReport, WhatIfRequest};
+    use crate::check::what_if::{self, WhatIfReport, WhatIfRequest};
     let body = http_body_util::Limited::new(req.into_body(), MAX_WHAT_IF);
     let bytes = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -480,7 +480,7 @@ fn admin_route(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
             let listing: Vec<_> = cluster
                 .workloads_on(&state.info.node)
                 .filter(|w| w.enrollment.is_enrolled())
-                .map(|w| crate::policy::policies_of(&cluster, w, &state.info.root_namespace))
+                .map(|w| cluster.policies_of(w, &state.info.root_namespace))
                 .collect();
             json(&listing)
         }
@@ -495,7 +495,7 @@ fn admin_route(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
                 );
             };
             let cluster = state.cluster.borrow().clone();
-            match crate::policy::check::check(
+            match crate::check::check(
                 &cluster,
                 &state.info.trust_domain,
                 &state.info.root_namespace,

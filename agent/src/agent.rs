@@ -13,11 +13,13 @@ use crate::{
     admin::{self, AdminError, AdminState, AgentInfo},
     bpf::{BpfError, Datapath, TraceMaps},
     cli::AgentArgs,
-    discovery::{self, Cluster, DiscoveryError, local::SourceStatus},
+    discovery::{self, DiscoveryError, local::SourceStatus},
     identity::{Bundle, Ca, CaClient, Identities, IdentityError},
     proxy::{Proxy, Settings},
     redirect::Tracing,
-    redirect::{Redirector, Round, netns::Netns},
+    redirect::{Redirector, Round},
+    state::Cluster,
+    sys::netns::Netns,
     telemetry::{
         flows::{self, Flows},
         history::FlowHistory,
@@ -97,7 +99,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if uid != 0 {
         return Err(AgentError::NotRoot(uid));
     }
-    crate::capability::report();
+    crate::sys::capability::report();
     raise_fd_limit();
     // The descriptor given up at the open-files limit to refuse a connection fast.
     crate::listener::reserve_spare();
@@ -138,7 +140,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let (source_tx, source_rx) = watch::channel(SourceStatus {
         file: source_file,
         generation: 1,
-        loaded_at: discovery::local::unix_now(),
+        loaded_at: crate::sys::unix_now(),
         error: None,
     });
     let (pods_tx, pods_rx) = watch::channel(Arc::new(Vec::new()));
@@ -176,7 +178,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         cgroup_root: datapath.cgroup_root().display().to_string(),
         trust_domain: args.trust_domain.clone(),
         root_namespace: args.root_namespace.clone(),
-        started_at: discovery::local::unix_now(),
+        started_at: crate::sys::unix_now(),
     };
     let state = AdminState {
         info: Arc::new(info),

@@ -14,6 +14,7 @@ use std::{
 };
 
 pub(crate) mod pin;
+#[allow(unsafe_code, reason = "the bpf(2) commands aya lacks, each with its SAFETY comment")]
 mod sys;
 pub mod tracefs;
 
@@ -32,7 +33,7 @@ use aya::{
 use tracing::{debug, info, warn};
 
 use self::tracefs::Format;
-use crate::capability::{self, Capability};
+use crate::sys::capability::{self, Capability};
 
 /// The kernel programs, built by `build.rs` from the `ambit-ebpf` crate.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit"));
@@ -305,13 +306,16 @@ impl Datapath {
         }
         // The node's own network namespace is the agent's: connections its sockets open are
         // the ones exempt from STRICT (kubelet probes).
-        let host_netns =
-            std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| netns_cookie(&s)).map_err(|source| {
-                BpfError::Io { what: "reading the netns cookie of", path: "/proc/self/ns/net".into(), source }
+        let host_netns = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| crate::sys::netns_cookie(&s))
+            .map_err(|source| BpfError::Io {
+                what: "reading the netns cookie of",
+                path: "/proc/self/ns/net".into(),
+                source,
             })?;
         loader.override_global("HOST_NETNS", &host_netns, true);
         let mut ebpf = loader.load(PROGRAMS).map_err(|source| {
-            if crate::capability::lacking(&source, Capability::SysAdmin) {
+            if capability::lacking(&source, Capability::SysAdmin) {
                 BpfError::Unprivileged { capability: Capability::SysAdmin.name(), source }
             } else {
                 BpfError::Load(source)
@@ -423,7 +427,7 @@ impl Datapath {
     /// attached anew (for a netns, the one `netns_of` gives for its cookie).
     pub fn verify(
         &mut self,
-        netns_of: &dyn Fn(u64) -> Option<std::sync::Arc<crate::redirect::netns::Netns>>,
+        netns_of: &dyn Fn(u64) -> Option<std::sync::Arc<crate::sys::netns::Netns>>,
     ) -> DatapathCheck {
         let mut check = DatapathCheck::default();
         for held in &self.maps {
@@ -823,7 +827,7 @@ fn remove_pin(path: &Path) -> Result<(), BpfError> {
 /// only receives the host's mounts would die with the container, and every pinned program
 /// with it, so the agent refuses instead (fail closed, not open).
 fn ensure_bpffs(path: &Path) -> Result<(), BpfError> {
-    if fs_magic(path) == Some(BPF_FS_MAGIC) {
+    if crate::sys::fs_magic(path) == Some(BPF_FS_MAGIC) {
         return Ok(());
     }
     let mounts = mountinfo()?;
@@ -848,11 +852,6 @@ fn ensure_bpffs(path: &Path) -> Result<(), BpfError> {
         .map_err(|errno| BpfError::Bpffs { path: path.to_owned(), source: errno.into() })?;
     info!(path = %path.display(), "mounted bpffs");
     Ok(())
-}
-
-pub(crate) fn fs_magic(path: &Path) -> Option<i64> {
-    #[allow(clippy::unnecessary_cast, reason = "f_type's width differs between libcs")]
-    nix::sys::statfs::statfs(path).ok().map(|stat| stat.filesystem_type().0 as i64)
 }
 
 /// Whether this process shares the mount namespace of PID 1 and of its parent (the container
@@ -980,24 +979,6 @@ pub fn cgroup2_root() -> Result<PathBuf, BpfError> {
         format!(", only a part of it: {}", partial.join(", "))
     };
     Err(BpfError::NoCgroup2 { seen })
-}
-
-/// The netns cookie (`SO_NETNS_COOKIE`) of the namespace a socket lives in.
-pub fn netns_cookie(socket: &impl std::os::fd::AsRawFd) -> io::Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, and an out-buffer of the advertised length.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 { Ok(cookie) } else { Err(io::Error::last_os_error()) }
 }
 
 /// An IP address in the layout the kernel programs use.

@@ -524,7 +524,7 @@ pub async fn status(args: &OperatorArgs) -> Result<String, CliError> {
 
 /// The CA's state in one line: where certificates come from, and whether that works.
 fn ca_state(ca: &crate::identity::CaReport) -> String {
-    let now = crate::discovery::local::unix_now();
+    let now = crate::sys::unix_now();
     let pending = if ca.pending.is_empty() {
         String::new()
     } else {
@@ -601,7 +601,7 @@ pub async fn certs(args: &CertsArgs) -> Result<String, CliError> {
             source,
         });
     }
-    let now = crate::discovery::local::unix_now();
+    let now = crate::sys::unix_now();
     // The CA's state heads the table: a certificate about to expire means more with it.
     let status = client::get(admin, "/status", TIMEOUT).await.ok();
     let header = match status.and_then(|b| serde_json::from_slice::<StatusReport>(&b).ok()) {
@@ -706,9 +706,12 @@ pub async fn check(args: &CheckArgs) -> Result<String, CliError> {
     if args.operator.output == Output::Json {
         return Ok(String::from_utf8_lossy(&body).into_owned());
     }
-    let r: crate::policy::check::CheckReport = serde_json::from_slice(&body)
-        .map_err(|source| CliError::Decode { addr: admin, path: "/check", source })?;
-    let end = |e: &crate::policy::check::End| {
+    let r: crate::check::CheckReport = serde_json::from_slice(&body).map_err(|source| CliError::Decode {
+        addr: admin,
+        path: "/check",
+        source,
+    })?;
+    let end = |e: &crate::check::End| {
         let who = e.pod.clone().unwrap_or_else(|| "(not a pod)".into());
         let id = e.identity.clone().unwrap_or_else(|| "no identity (not in the mesh)".into());
         format!("{who}  {}  {id}", e.ip)

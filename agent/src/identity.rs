@@ -35,7 +35,7 @@ pub use self::{
     bundle::{Bundle, RootReport},
     ca::{Ca, Svid},
     client::CaClient,
-    spiffe::{Identity, SpiffeError},
+    spiffe::{Identity, SpiffeError, spiffe_id_of},
 };
 
 /// Errors of the identity layer.

@@ -4,7 +4,8 @@
 //! process, which forwards it (and, with identities, wraps it in mutual TLS). Modules, one per
 //! domain noun:
 //!
-//! - [`discovery`]: the cluster as the agent knows it (local file or Kubernetes API);
+//! - [`schema`]: the objects read and reported, as data; [`state`]: the cluster snapshot built
+//!   from them; [`discovery`]: the sources that feed it (local file or Kubernetes API);
 //! - [`bpf`]: the kernel programs and their maps;
 //! - [`identity`]: SPIFFE IDs, the embedded CA, certificates, the CA client; [`tls`]: rustls
 //!   for HBONE; [`authority`]: `ambit ca serve`, the mesh CA as a service;
@@ -14,13 +15,16 @@
 //! - [`telemetry`]: logs and connection records;
 //! - [`admin`]: the HTTP endpoints (admin API, readiness, metrics); `listener`: accepting
 //!   connections under limits, for all of them and the pods' listeners;
-//! - [`cli`]: the command line; [`agent`]: `ambit agent` itself.
+//! - [`cli`]: the command line; [`agent`]: `ambit agent` itself;
+//! - [`sys`]: the operating system below (namespaces, `/proc`, capabilities, raw system calls).
+
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod agent;
 pub mod authority;
 pub mod bpf;
-mod capability;
+pub mod check;
 pub mod cli;
 pub mod discovery;
 pub mod identity;
@@ -28,5 +32,25 @@ mod listener;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;
+pub mod schema;
+pub mod state;
+#[allow(unsafe_code, reason = "the system calls no crate wraps, each with its SAFETY comment")]
+pub mod sys;
 pub mod telemetry;
 pub mod tls;
+
+/// An error with all its causes, `outer: inner: innermost`, for messages that must say why.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // thiserror messages often embed their source already; don't say it twice.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}

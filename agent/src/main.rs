@@ -63,7 +63,7 @@ fn daemon<E: std::error::Error>(
     match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let message = ambit::telemetry::error_chain(&e);
+            let message = ambit::error_chain(&e);
             tracing::error!(error = %message, "ambit {what} failed");
             eprintln!("ambit {what}: {message}");
             ExitCode::from(exit_code(&e) as u8)
@@ -79,7 +79,7 @@ fn offline(what: &str, result: Result<String, ambit::identity::IdentityError>) -
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("ambit {what}: {}", ambit::telemetry::error_chain(&e));
+            eprintln!("ambit {what}: {}", ambit::error_chain(&e));
             ExitCode::from(1)
         }
     }
@@ -104,7 +104,7 @@ fn operator(command: impl std::future::Future<Output = Result<String, cli::CliEr
             ExitCode::from(1)
         }
         Err(e) => {
-            eprintln!("ambit: {}", ambit::telemetry::error_chain(&e));
+            eprintln!("ambit: {}", ambit::error_chain(&e));
             // Usage mistakes and bad input exit 2, like clap's own; the rest is a runtime failure.
             ExitCode::from(if matches!(e, cli::CliError::Usage(_) | cli::CliError::Input(_)) { 2 } else { 1 })
         }

@@ -3,13 +3,13 @@
 //! indexes the proxies query per connection.
 
 pub mod authorization;
-pub mod check;
 pub mod peer_authentication;
-pub mod what_if;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer};
+
+use crate::schema::Workload;
 
 pub use self::authorization::{
     Action, AuthorizationPolicies, AuthorizationPolicy, CompiledPolicy, ConnectionInput, Verdict,
@@ -34,19 +34,21 @@ pub enum InboundDecision {
 impl InboundDecision {
     /// Decides for a connection to `workload` described by `input`; plaintext when `input` has
     /// no verified principal.
+    /// The snapshot calls it for every asker (`Cluster::decide_inbound`).
     pub fn new(
-        cluster: &crate::discovery::Cluster,
-        workload: &crate::discovery::Workload,
+        peer_authentications: &PeerAuthentications,
+        authorization: &AuthorizationPolicies,
+        workload: &Workload,
         input: &ConnectionInput,
         root_namespace: &str,
     ) -> Self {
         let mtls = input
             .principal
             .is_none()
-            .then(|| cluster.peer_authentications.decide(workload, input.destination.port(), root_namespace));
+            .then(|| peer_authentications.decide(workload, input.destination.port(), root_namespace));
         match mtls {
             Some(mtls) if !mtls.mode.allows_plaintext() => Self::Strict(mtls),
-            mtls => Self::Authorized { mtls, verdict: cluster.authorization.evaluate(&workload.key, input) },
+            mtls => Self::Authorized { mtls, verdict: authorization.evaluate(&workload.key, input) },
         }
     }
 
@@ -178,35 +180,4 @@ pub struct PolicySummary {
     pub rules: usize,
     /// HTTP-only conditions this agent cannot evaluate.
     pub http_only: Vec<String>,
-}
-
-/// The policies in force for `workload`.
-pub fn policies_of(
-    cluster: &crate::discovery::Cluster,
-    workload: &crate::discovery::Workload,
-    root_namespace: &str,
-) -> WorkloadPolicies {
-    let mut authorization: Vec<PolicySummary> = cluster
-        .authorization
-        .for_workload(&workload.key)
-        .map(|p| PolicySummary {
-            name: p.name.clone(),
-            action: p.action,
-            rules: p.rule_count,
-            http_only: p.unsupported.clone(),
-        })
-        .collect();
-    let order = |a: Action| match a {
-        Action::Deny => 0,
-        Action::Allow => 1,
-        Action::Audit | Action::Custom => 2,
-    };
-    authorization.sort_by_key(|p| order(p.action));
-    WorkloadPolicies {
-        pod: workload.key.to_string(),
-        // Port 0 is never a port-level key: the workload-wide mode.
-        mtls: cluster.peer_authentications.decide(workload, 0, root_namespace),
-        port_mtls: cluster.peer_authentications.port_overrides(workload, root_namespace),
-        authorization,
-    }
 }

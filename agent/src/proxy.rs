@@ -35,11 +35,12 @@ use tokio::{
 
 use crate::{
     bpf::ProxyMaps,
-    capability::{self, Capability},
-    discovery::{Cluster, Workload},
     identity::{Identities, Identity},
     listener::{self, Admission, Limits},
-    redirect::netns::Netns,
+    schema::Workload,
+    state::Cluster,
+    sys::capability::{self, Capability},
+    sys::netns::Netns,
     tls::TlsContext,
 };
 
@@ -384,7 +385,7 @@ pub async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, P
 }
 
 /// [`connect_from`] for a leg of `leg`'s kind, from the client's address `client` when the pod
-/// is set up for it (see [`crate::redirect`]'s delivery), else from the pod's.
+/// is set up for it (see the redirector's delivery setup), else from the pod's.
 pub(crate) async fn connect_app(
     netns: &Netns,
     dst: SocketAddr,

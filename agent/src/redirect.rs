@@ -11,8 +11,6 @@
 //! installed for it.
 
 mod delivery;
-pub mod netns;
-pub mod procfs;
 
 use std::{
     cell::OnceCell,
@@ -29,13 +27,14 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{debug, error, info, warn};
 
-use self::netns::Netns;
+use crate::sys::netns::Netns;
 use crate::{
     bpf::{self, BpfError, Datapath, DatapathCheck},
-    capability::{self, Capability},
-    discovery::{Cluster, ObjectKey, Workload},
     identity::{Identities, Identity},
     proxy::{PodContext, PodStats, Proxy},
+    schema::{ObjectKey, Workload},
+    state::Cluster,
+    sys::capability::{self, Capability},
     tls::TlsContext,
 };
 
@@ -444,7 +443,9 @@ impl Redirector {
         let bpf_err = |source: BpfError| RedirectError::Bpf { pod: key.clone(), source: Box::new(source) };
         if !self.held.contains_key(key) {
             let cookie = netns
-                .run(|| Socket::new(Domain::IPV4, Type::DGRAM, None).and_then(|s| bpf::netns_cookie(&s)))
+                .run(|| {
+                    Socket::new(Domain::IPV4, Type::DGRAM, None).and_then(|s| crate::sys::netns_cookie(&s))
+                })
                 .and_then(|r| r)
                 .map_err(|source| RedirectError::Netns {
                     pod: key.clone(),
@@ -741,7 +742,7 @@ impl Redirector {
                 }
                 ns.run(|| Socket::new(Domain::IPV4, Type::STREAM, None))
                     .and_then(|s| s)
-                    .and_then(|s| bpf::netns_cookie(&s))
+                    .and_then(|s| crate::sys::netns_cookie(&s))
                     .map_err(|source| RedirectError::Netns {
                         pod: key.clone(),
                         path: ns.path().display().to_string(),
@@ -835,8 +836,8 @@ fn open_netns(
             if workload.uid.is_empty() {
                 return Err(RedirectError::NoNetns(pod()));
             }
-            let processes = processes.get_or_init(|| procfs::pod_processes(proc_root));
-            let path = procfs::netns_of_pod(proc_root, processes, &workload.uid)
+            let processes = processes.get_or_init(|| crate::sys::procfs::pod_processes(proc_root));
+            let path = crate::sys::procfs::netns_of_pod(proc_root, processes, &workload.uid)
                 .ok_or_else(|| RedirectError::NoProcess { pod: pod(), uid: workload.uid.clone() })?;
             (path, true)
         }
@@ -846,7 +847,7 @@ fn open_netns(
         path: path.display().to_string(),
         source,
     })?;
-    if discovered && !procfs::still_in_pod(&path, &workload.uid) {
+    if discovered && !crate::sys::procfs::still_in_pod(&path, &workload.uid) {
         return Err(RedirectError::NoProcess { pod: pod(), uid: workload.uid.clone() });
     }
     Ok(netns)

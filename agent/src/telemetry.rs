@@ -13,7 +13,7 @@ use std::{io::IsTerminal as _, net::SocketAddr, sync::Arc, time::Duration};
 use tracing::info;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use crate::{discovery::Workload, identity::Identity};
+use crate::{identity::Identity, schema::Workload};
 
 /// Keeps the log writer thread running; logs still buffered are written when it is dropped.
 pub type LogGuard = writer::Flush;
@@ -163,7 +163,7 @@ impl ConnectionRecord {
         metrics: &metrics::Metrics,
     ) {
         self.duration = start.elapsed();
-        self.error = error.map(|e| error_chain(&e));
+        self.error = error.map(|e| crate::error_chain(&e));
         metrics.closed(&self, self.opened);
         self.log();
     }
@@ -263,26 +263,10 @@ pub fn peer_baggage(value: &[u8]) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
 
-/// An error with all its causes, `outer: inner: innermost`, for messages that must say why.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        // thiserror messages often embed their source already; don't say it twice.
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = cause.source();
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::{Enrollment, ObjectKey};
+    use crate::schema::{Enrollment, ObjectKey};
 
     fn pod(labels: &[(&str, &str)]) -> Workload {
         Workload {

@@ -23,9 +23,8 @@ use rustls::{
     },
     sign::CertifiedKey,
 };
-use x509_parser::prelude::{FromDer as _, GeneralName, X509Certificate};
 
-use crate::identity::{Bundle, Identities, Identity};
+use crate::identity::{Bundle, Identities, Identity, spiffe_id_of};
 
 /// The ALPN protocol of HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -114,26 +113,6 @@ fn provider() -> CryptoProvider {
         rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
     ];
     provider
-}
-
-/// The one SPIFFE ID in a certificate's URI SANs.
-pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<Identity, String> {
-    let (_, cert) = X509Certificate::from_der(cert).map_err(|e| format!("unparsable certificate: {e}"))?;
-    let san = cert
-        .subject_alternative_name()
-        .map_err(|e| format!("bad subjectAltName: {e}"))?
-        .ok_or("certificate has no subjectAltName")?;
-    let uris: Vec<&str> = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|n| if let GeneralName::URI(uri) = n { Some(*uri) } else { None })
-        .collect();
-    match uris.as_slice() {
-        [uri] => Identity::parse(uri).map_err(|e| e.to_string()),
-        [] => Err("certificate has no URI SAN (not an X.509-SVID)".into()),
-        _ => Err(format!("certificate has {} URI SANs; an X.509-SVID has exactly one", uris.len())),
-    }
 }
 
 fn rejection(message: String) -> Error {

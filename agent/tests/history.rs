@@ -9,8 +9,8 @@ use std::{
 };
 
 use ambit::{
-    discovery::ObjectKey,
     policy::{ConnectionInput, Outcome},
+    schema::ObjectKey,
     telemetry::history::{DEFAULT_ENTRIES, ENTRY_BYTES, FlowHistory},
 };
 

@@ -63,7 +63,7 @@ impl Format {
 /// Mounts tracefs unless it is there (tracepoint attachment needs it).
 pub fn ensure_mounted() -> io::Result<()> {
     let path = Path::new(TRACEFS);
-    if super::fs_magic(path) == Some(TRACEFS_MAGIC) {
+    if crate::sys::fs_magic(path) == Some(TRACEFS_MAGIC) {
         return Ok(());
     }
     nix::mount::mount(Some("nodev"), path, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>)

@@ -4,7 +4,7 @@
 use std::{io::Read as _, path::Path, time::Duration};
 
 use super::{CheckArgs, CliError, Output, client, human, table::Table};
-use crate::policy::what_if::{Shift, WhatIfReport, WhatIfRequest};
+use crate::check::what_if::{Shift, WhatIfReport, WhatIfRequest};
 
 /// Replaying ten thousand entries takes milliseconds; the rest is the agent being busy.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -85,7 +85,7 @@ fn render(report: &WhatIfReport) -> String {
     for change in &report.changes {
         out += &format!("  {change}\n");
     }
-    let now = crate::discovery::local::unix_now();
+    let now = crate::sys::unix_now();
     let section = |out: &mut String, title: &str, shifts: &[Shift]| {
         if shifts.is_empty() {
             *out += &format!("\n{title}: none\n");

@@ -22,12 +22,12 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-use super::{
-    Change, Cluster, DiscoveryError, Kind, NETNS_ANNOTATION, Object, ObjectKey,
-    local::{SourceStatus, unix_now},
-    objects::Pod,
+use super::{DiscoveryError, local::SourceStatus};
+use crate::{
+    policy::{AuthorizationPolicy, CompiledPolicy, PeerAuthentication},
+    schema::{NETNS_ANNOTATION, ObjectKey, objects::Pod},
+    state::{Change, Cluster, Kind, Object},
 };
-use crate::policy::{AuthorizationPolicy, CompiledPolicy, PeerAuthentication};
 
 /// After a change, wait this long for more before building the next snapshot: events that
 /// arrive together (a rollout, a re-list) cost one snapshot, and a lone event waits no longer.
@@ -178,10 +178,10 @@ pub async fn watch(
             tx.send_replace(Arc::new(cluster));
             status.send_modify(|s| {
                 s.generation += 1;
-                s.loaded_at = unix_now();
+                s.loaded_at = crate::sys::unix_now();
             });
             if relisted {
-                super::snapshot::release_freed_memory();
+                crate::sys::release_freed_memory();
             }
         }
         // Rejected objects and failing watches, until fixed or recovered.

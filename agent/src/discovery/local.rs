@@ -13,11 +13,14 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::policy::{AuthorizationPolicy, PeerAuthentication};
-
-use super::{
-    Change, Cluster, DiscoveryError, Kind, Object, ObjectKey,
-    objects::{EndpointSlice, Namespace, ObjectMeta, Pod, Service, TypeMeta},
+use super::DiscoveryError;
+use crate::{
+    policy::{AuthorizationPolicy, PeerAuthentication},
+    schema::{
+        ObjectKey,
+        objects::{EndpointSlice, Namespace, ObjectMeta, Pod, Service, TypeMeta},
+    },
+    state::{Change, Cluster, Kind, Object},
 };
 
 /// How often the file is checked for changes. Polling is immune to editors that replace the
@@ -360,7 +363,7 @@ pub async fn watch(mut reader: Reader, tx: watch::Sender<Arc<Cluster>>, status: 
         let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             let result = reader.read();
-            super::snapshot::release_freed_memory();
+            crate::sys::release_freed_memory();
             (reader, result)
         })
         .await;
@@ -379,7 +382,7 @@ pub async fn watch(mut reader: Reader, tx: watch::Sender<Arc<Cluster>>, status: 
                 tx.send_replace(Arc::new(cluster));
                 status.send_modify(|s| {
                     s.generation += 1;
-                    s.loaded_at = unix_now();
+                    s.loaded_at = crate::sys::unix_now();
                     s.error = None;
                 });
             }
@@ -389,11 +392,6 @@ pub async fn watch(mut reader: Reader, tx: watch::Sender<Arc<Cluster>>, status: 
             }
         }
     }
-}
-
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// Identity of the file's current content as cheaply as the file system tells it.
@@ -406,7 +404,7 @@ fn fingerprint(file: &Path) -> Option<(SystemTime, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::Enrollment;
+    use crate::schema::Enrollment;
 
     fn parse_str(text: &str) -> Result<Cluster, DiscoveryError> {
         parse(Path::new("cluster.yaml"), text, "istio-system")

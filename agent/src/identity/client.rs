@@ -145,7 +145,7 @@ impl CaClient {
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(bad("the certificate is not for the key this agent sent".into()));
         }
-        let named = crate::tls::spiffe_id_of(leaf).map_err(bad)?;
+        let named = crate::identity::spiffe_id_of(leaf).map_err(bad)?;
         if named != *identity {
             return Err(bad(format!("a certificate for {named}, not {identity}")));
         }
@@ -296,7 +296,7 @@ impl CaClient {
         let tls = TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
             .await
-            .map_err(|e| self.unreachable(format!("TLS: {}", crate::telemetry::error_chain(&e))))?;
+            .map_err(|e| self.unreachable(format!("TLS: {}", crate::error_chain(&e))))?;
         let (sender, connection) =
             h2::client::handshake(tls).await.map_err(|e| self.unreachable(format!("HTTP/2: {e}")))?;
         let closed = Arc::new(AtomicBool::new(false));

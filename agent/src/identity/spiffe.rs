@@ -3,6 +3,8 @@
 
 use std::fmt;
 
+use x509_parser::prelude::FromDer as _;
+
 /// Why a string is not a SPIFFE ID, or not a workload identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpiffeError {
@@ -101,6 +103,27 @@ pub fn parse_spiffe_id(uri: &str) -> Result<(&str, &str), SpiffeError> {
         }
     }
     Ok((trust_domain, path))
+}
+
+/// The one SPIFFE ID in a certificate's URI SANs.
+pub fn spiffe_id_of(cert: &rustls::pki_types::CertificateDer<'_>) -> Result<Identity, String> {
+    let (_, cert) = x509_parser::prelude::X509Certificate::from_der(cert)
+        .map_err(|e| format!("unparsable certificate: {e}"))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subjectAltName: {e}"))?
+        .ok_or("certificate has no subjectAltName")?;
+    let uris: Vec<&str> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| if let x509_parser::prelude::GeneralName::URI(uri) = n { Some(*uri) } else { None })
+        .collect();
+    match uris.as_slice() {
+        [uri] => Identity::parse(uri).map_err(|e| e.to_string()),
+        [] => Err("certificate has no URI SAN (not an X.509-SVID)".into()),
+        _ => Err(format!("certificate has {} URI SANs; an X.509-SVID has exactly one", uris.len())),
+    }
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use imbl::OrdMap;
 
 use super::{Port, WorkloadSelector};
-use crate::discovery::{ObjectKey, Workload, in_namespace, objects::ObjectMeta};
+use crate::schema::{ObjectKey, Workload, in_namespace, objects::ObjectMeta};
 
 /// `security.istio.io/v1` (or `v1beta1`) `AuthorizationPolicy`.
 #[derive(Clone, Debug, Deserialize)]
@@ -849,7 +849,7 @@ mod tests {
     const ROOT: &str = "istio-system";
 
     fn workload(ns: &str, name: &str, labels: &[(&str, &str)]) -> Workload {
-        crate::discovery::test_workload(ns, name, labels)
+        crate::schema::test_workload(ns, name, labels)
     }
 
     fn policy(yaml: &str) -> CompiledPolicy {

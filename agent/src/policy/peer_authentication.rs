@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use super::{Port, WorkloadSelector};
-use crate::discovery::{Workload, objects::ObjectMeta};
+use crate::schema::{Workload, objects::ObjectMeta};
 
 /// `security.istio.io/v1` (or `v1beta1`) `PeerAuthentication`.
 #[derive(Clone, Debug, Deserialize)]
@@ -195,7 +195,7 @@ mod tests {
     use super::*;
 
     fn workload(ns: &str, labels: &[(&str, &str)]) -> Workload {
-        crate::discovery::test_workload(ns, "w", labels)
+        crate::schema::test_workload(ns, "w", labels)
     }
 
     fn pa(yaml: &str) -> PeerAuthentication {

@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use super::{ProxyError, connect_within, keep_alive};
 use crate::{
     identity::{Identities, Identity},
-    redirect::netns::Netns,
+    sys::netns::Netns,
     tls::TlsContext,
 };
 
@@ -268,10 +268,7 @@ impl Pool {
         let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsConnector::from(config).connect(name, tcp))
             .await
             .map_err(|_| ProxyError::Handshake { addr: key.addr, reason: "timed out".into() })?
-            .map_err(|e| ProxyError::Handshake {
-                addr: key.addr,
-                reason: crate::telemetry::error_chain(&e),
-            })?;
+            .map_err(|e| ProxyError::Handshake { addr: key.addr, reason: crate::error_chain(&e) })?;
         let (sender, mut connection) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)

@@ -25,13 +25,13 @@ use super::{
     keep_alive, local_of, relay,
 };
 use crate::{
-    discovery::{Cluster, Workload},
-    identity::Identity,
+    identity::{Identity, spiffe_id_of},
     listener::reset,
     policy::{ConnectionInput, InboundDecision, Verdict},
+    schema::Workload,
+    state::Cluster,
     telemetry::flows::{FlowRecord, Note},
     telemetry::{ConnectionRecord, Direction, Security},
-    tls::spiffe_id_of,
 };
 
 /// How long a client may take to complete the TLS handshake, and then to start HTTP/2.
@@ -173,7 +173,7 @@ impl Proxy {
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                warn!(pod = %pod.workload.key, %peer, error = %crate::telemetry::error_chain(&e), "mTLS handshake refused");
+                warn!(pod = %pod.workload.key, %peer, error = %crate::error_chain(&e), "mTLS handshake refused");
                 pod.stats.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return;
             }
@@ -387,7 +387,7 @@ impl Proxy {
         workload: &Workload,
         input: &ConnectionInput,
     ) -> InboundDecision {
-        let decision = InboundDecision::new(cluster, workload, input, &self.settings.root_namespace);
+        let decision = cluster.decide_inbound(workload, input, &self.settings.root_namespace);
         self.settings.history.record(&workload.key, input, decision.outcome());
         decision
     }

@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 
 use super::{Leg, PodContext, Proxy, ProxyError, count, inbound::Admitted, relay};
 use crate::{
-    discovery::Workload,
     listener::reset,
+    schema::Workload,
     telemetry::flows::Note,
     telemetry::{ConnectionRecord, Direction, Security},
 };
@@ -79,7 +79,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn same_node(
         &self,
-        cluster: &crate::discovery::Cluster,
+        cluster: &crate::state::Cluster,
         src: &PodContext,
         dst_pod: &PodContext,
         client: TcpStream,

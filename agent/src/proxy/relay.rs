@@ -230,18 +230,10 @@ async fn finish(sockets: &[&TcpStream], outcome: io::Result<Transferred>) -> io:
 async fn drain(stream: &TcpStream) {
     let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
     let mut pause = Duration::from_micros(200);
-    while unacknowledged(stream) > 0 && tokio::time::Instant::now() < deadline {
+    while crate::sys::unacknowledged(stream) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(20));
     }
-}
-
-/// Bytes written to a TCP socket and not yet acknowledged by the peer (`SIOCOUTQ`).
-fn unacknowledged(stream: &TcpStream) -> usize {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: a valid socket fd and an out-pointer of the size the ioctl writes.
-    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(stream), libc::TIOCOUTQ, &mut queued) };
-    if rc == 0 { queued.max(0) as usize } else { 0 }
 }
 
 /// h2 errors as I/O errors, keeping resets recognisable.

@@ -13,10 +13,7 @@ use std::{
 use tokio::sync::oneshot;
 use tracing::info;
 
-use crate::{
-    discovery::{Cluster, ObjectKey},
-    policy::{ConnectionInput, InboundDecision},
-};
+use crate::{policy::ConnectionInput, schema::ObjectKey, state::Cluster};
 
 struct Tracked {
     workload: ObjectKey,
@@ -105,14 +102,14 @@ impl Tracker {
 /// Why `cluster` no longer allows the connection, if it does not.
 fn refusal(cluster: &Cluster, t: &Tracked, root_namespace: &str) -> Option<String> {
     let workload = cluster.workloads.get(&t.workload)?;
-    let decision = InboundDecision::new(cluster, workload, &t.input, root_namespace);
+    let decision = cluster.decide_inbound(workload, &t.input, root_namespace);
     (!decision.allowed()).then(|| decision.reason())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::Change;
+    use crate::state::Change;
 
     const ROOT: &str = "istio-system";
 

@@ -25,7 +25,8 @@ use tokio::sync::{broadcast, watch};
 
 use crate::{
     bpf::{from_kernel, kernel_to_ip},
-    discovery::{Cluster, Workload},
+    schema::Workload,
+    state::Cluster,
 };
 
 /// Records kept for `ambit trace` without `--follow`.
@@ -566,6 +567,7 @@ pub fn rfc3339(at: SystemTime) -> String {
 }
 
 /// Reads kernel events until the ring buffer goes away, handing each to `flows`.
+#[allow(unsafe_code, reason = "the ring buffer's descriptor and its records are the kernel's")]
 pub async fn read_events(flows: Arc<Flows>, ring: aya::maps::RingBuf<aya::maps::MapData>) {
     // SAFETY: the ring buffer owns its map's descriptor for its whole life and always reports
     // that same descriptor.
@@ -597,6 +599,7 @@ pub async fn read_events(flows: Arc<Flows>, ring: aya::maps::RingBuf<aya::maps::
     }
 }
 
+#[allow(unsafe_code, reason = "a record is a FlowEvent the kernel program wrote")]
 fn drain(flows: &Flows, ring: &mut aya::maps::RingBuf<aya::maps::MapData>) {
     while let Some(item) = ring.next() {
         if item.len() >= std::mem::size_of::<FlowEvent>() {

@@ -12,7 +12,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::flows::{FlowRecord, Peer, rfc3339};
-use crate::discovery::{Cluster, ObjectKey};
+use crate::{schema::ObjectKey, state::Cluster};
 
 /// The graph of the last `window`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

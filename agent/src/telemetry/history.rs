@@ -18,8 +18,9 @@ use lru::LruCache;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    discovery::{ObjectKey, local::unix_now},
     policy::{ConnectionInput, Outcome},
+    schema::ObjectKey,
+    sys::unix_now,
 };
 
 /// Entries kept by default (`--flow-history`).

@@ -9,7 +9,7 @@ use prometheus_client::{
 };
 
 use super::{ConnectionRecord, Direction, Security};
-use crate::discovery::Workload;
+use crate::schema::Workload;
 
 /// Label names of the Istio TCP metrics, in output order: Istio's standard set, every label
 /// Kiali's graph groups or filters TCP traffic by.

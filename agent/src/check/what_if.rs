@@ -8,9 +8,11 @@ use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use super::{InboundDecision, Outcome, check};
 use crate::{
-    discovery::{Change, Cluster, DiscoveryError, Kind, ObjectKey, Workload, local},
+    discovery::{DiscoveryError, local},
+    policy::{Action, InboundDecision, Outcome},
+    schema::{ObjectKey, Workload},
+    state::{Change, Cluster, Kind},
     telemetry::history::HistoryEntry,
 };
 
@@ -204,8 +206,8 @@ pub fn replay(
             continue;
         };
         let input = &entry.input;
-        let today = InboundDecision::new(cluster, now, input, root_namespace);
-        let would = InboundDecision::new(candidate, then, input, root_namespace);
+        let today = cluster.decide_inbound(now, input, root_namespace);
+        let would = candidate.decide_inbound(then, input, root_namespace);
         let audit = |d: &InboundDecision| d.verdict().map(|v| v.audit.clone()).unwrap_or_default();
         let newly_audited =
             audit(&would).into_iter().filter(|p| !audit(&today).contains(p)).collect::<Vec<_>>();
@@ -231,10 +233,10 @@ pub fn replay(
         );
         let hints = match &would {
             InboundDecision::Strict(_) => {
-                vec![check::strict_hint(source_pod.map(|w| &**w), input.source_ip, port)]
+                vec![super::strict_hint(source_pod.map(|w| &**w), input.source_ip, port)]
             }
             InboundDecision::Authorized { verdict, .. } if !verdict.allowed => {
-                check::hints(candidate, source_pod.map(|w| &**w), input.source_ip, then, input)
+                super::hints(candidate, source_pod.map(|w| &**w), input.source_ip, then, input)
             }
             InboundDecision::Authorized { .. } => Vec::new(),
         };
@@ -296,7 +298,7 @@ fn deciding(cluster: &Cluster, workload: &Workload, decision: &InboundDecision) 
             let allows: Vec<&str> = cluster
                 .authorization
                 .for_workload(&workload.key)
-                .filter(|p| p.action == super::Action::Allow)
+                .filter(|p| p.action == Action::Allow)
                 .map(|p| p.name.as_str())
                 .collect();
             (!allows.is_empty()).then(|| allows.join(", "))

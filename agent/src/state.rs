@@ -6,16 +6,28 @@
 //! a snapshot shares everything unchanged with the one before it and is cheap to clone, and
 //! readers holding the old one are never disturbed.
 
-use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, sync::Arc};
+pub mod services;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+};
 
 use imbl::{OrdMap, OrdSet};
 
-use super::{
-    DATAPLANE_MODE_LABEL, Enrollment, NETNS_ANNOTATION, ObjectKey, Objects, Workload, in_namespace,
-    objects::{EndpointSlice, Namespace, Pod, Service},
-    services::{self, ServiceIndex},
+use self::services::ServiceIndex;
+use crate::{
+    policy::{
+        Action, AuthorizationPolicies, CompiledPolicy, ConnectionInput, InboundDecision, PeerAuthentication,
+        PeerAuthentications, PolicySummary, WorkloadPolicies,
+    },
+    schema::{
+        DATAPLANE_MODE_LABEL, Enrollment, NETNS_ANNOTATION, ObjectKey, Workload, in_namespace,
+        objects::{EndpointSlice, Namespace, Pod, Service},
+    },
 };
-use crate::policy::{AuthorizationPolicies, CompiledPolicy, PeerAuthentication, PeerAuthentications};
 
 /// An object that arrived or changed (`Some`), or went (`None`).
 #[derive(Clone, Debug)]
@@ -103,6 +115,44 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The destination's decision on an inbound connection to `workload`: the one function the
+    /// proxies, the open-connection tracker, `ambit check` and what-if all call.
+    pub fn decide_inbound(
+        &self,
+        workload: &Workload,
+        input: &ConnectionInput,
+        root_namespace: &str,
+    ) -> InboundDecision {
+        InboundDecision::new(&self.peer_authentications, &self.authorization, workload, input, root_namespace)
+    }
+
+    /// The policies in force for `workload`.
+    pub fn policies_of(&self, workload: &Workload, root_namespace: &str) -> WorkloadPolicies {
+        let mut authorization: Vec<PolicySummary> = self
+            .authorization
+            .for_workload(&workload.key)
+            .map(|p| PolicySummary {
+                name: p.name.clone(),
+                action: p.action,
+                rules: p.rule_count,
+                http_only: p.unsupported.clone(),
+            })
+            .collect();
+        let order = |a: Action| match a {
+            Action::Deny => 0,
+            Action::Allow => 1,
+            Action::Audit | Action::Custom => 2,
+        };
+        authorization.sort_by_key(|p| order(p.action));
+        WorkloadPolicies {
+            pod: workload.key.to_string(),
+            // Port 0 is never a port-level key: the workload-wide mode.
+            mtls: self.peer_authentications.decide(workload, 0, root_namespace),
+            port_mtls: self.peer_authentications.port_overrides(workload, root_namespace),
+            authorization,
+        }
+    }
+
     /// Builds a snapshot from objects; pod IPs, enrollment and policy indexes are derived here
     /// once, not per connection.
     pub fn new(objects: Objects, root_namespace: &str) -> Self {
@@ -330,16 +380,6 @@ impl Objects {
     }
 }
 
-/// Gives the memory freed after a large read (a full list, a big cluster file) back to the
-/// system: its transient JSON and YAML trees would otherwise stay in the allocator's arenas
-/// and count in the agent's RSS for its whole life.
-pub(crate) fn release_freed_memory() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// A pod's namespace (`default` when unset) and name.
 pub(crate) fn pod_key(pod: &Pod) -> ObjectKey {
     ObjectKey {
@@ -447,6 +487,23 @@ impl Object {
             Self::AuthorizationPolicy(p) => Change::AuthorizationPolicy(key, Some(p)),
         }
     }
+}
+
+/// The objects a source of truth provides, before indexing.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    /// Namespaces by name.
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// Pods.
+    pub pods: Vec<Pod>,
+    /// Services.
+    pub services: BTreeMap<ObjectKey, Service>,
+    /// EndpointSlices.
+    pub endpoint_slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// PeerAuthentications.
+    pub peer_authentications: Vec<PeerAuthentication>,
+    /// AuthorizationPolicies, compiled.
+    pub authorization_policies: Vec<CompiledPolicy>,
 }
 
 #[cfg(test)]

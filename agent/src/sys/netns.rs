@@ -17,7 +17,7 @@ use std::{
     sync::OnceLock,
 };
 
-use crate::capability::{self, Capability};
+use super::capability::{self, Capability};
 
 /// An open network namespace.
 #[derive(Debug)]

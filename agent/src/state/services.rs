@@ -13,7 +13,7 @@ use std::{
 
 use imbl::OrdMap;
 
-use super::{
+use crate::schema::{
     ObjectKey, Workload, in_namespace,
     objects::{EndpointSlice, IntOrString, Service},
 };

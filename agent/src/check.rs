@@ -6,10 +6,13 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConnectionInput, InboundDecision, MtlsDecision, Verdict};
+pub mod what_if;
+
 use crate::{
-    discovery::{Cluster, ObjectKey, Workload},
     identity::Identity,
+    policy::{Action, ConnectionInput, InboundDecision, MtlsDecision, Verdict},
+    schema::{ObjectKey, Workload},
+    state::Cluster,
 };
 
 /// Why a check could not be answered.
@@ -173,7 +176,7 @@ pub fn check(
         None => ConnectionInput { principal: None, namespace: None, source_ip: src_ip, destination },
     };
     // The destination agent's own decision function.
-    let decision = InboundDecision::new(cluster, dst_workload, &input, root_namespace);
+    let decision = cluster.decide_inbound(dst_workload, &input, root_namespace);
     if src_id.is_some() {
         report.transport = "mtls".into();
         report.transport_reason = "both ends are in the mesh: HBONE over mutual TLS".into();
@@ -225,7 +228,7 @@ pub(crate) fn hints(
     let named: Vec<&str> = cluster
         .authorization
         .for_workload(&dst.key)
-        .filter(|p| p.action == super::Action::Allow)
+        .filter(|p| p.action == Action::Allow)
         .flat_map(|p| p.principals.iter().map(String::as_str))
         .collect();
     let mut hints = Vec::new();
@@ -237,7 +240,7 @@ pub(crate) fn hints(
             let Some(source) = source else { return hints };
             let same_ns: Vec<&&str> =
                 named.iter().filter(|p| p.split('/').nth(2) == Some(source.key.namespace.as_str())).collect();
-            if !same_ns.is_empty() && !named.iter().any(|p| super::authorization::pattern_matches(p, principal)) {
+            if !same_ns.is_empty() && !named.iter().any(|p| crate::policy::authorization::pattern_matches(p, principal)) {
                 let sa = &source.service_account;
                 let why = if sa == "default" {
                     " (the pod sets no spec.serviceAccountName, so it runs as \"default\")".to_owned()
@@ -254,7 +257,7 @@ pub(crate) fn hints(
         None => {}
     }
     // A rule the writer meant to allow may have been dropped for an HTTP attribute.
-    for policy in cluster.authorization.for_workload(&dst.key).filter(|p| p.action == super::Action::Allow) {
+    for policy in cluster.authorization.for_workload(&dst.key).filter(|p| p.action == Action::Allow) {
         hints.extend(policy.http_warnings().map(|w| format!("ALLOW policy {}: {w}", policy.name)));
     }
     hints
