@@ -213,8 +213,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         client_address: !args.no_client_address,
         same_node_hbone: args.same_node_hbone,
     };
-    let proxy =
-        Arc::new(Proxy::new(proxy_maps, cluster_rx.clone(), identities.clone(), tls.clone(), settings));
+    let proxy = Arc::new(Proxy::new(
+        Arc::new(proxy_maps),
+        cluster_rx.clone(),
+        identities.clone(),
+        tls.clone(),
+        settings,
+    ));
     let mut redirector =
         Redirector::new(args.node.clone(), datapath, proxy.clone(), identities.clone(), tls, tracing);
     let (synced_tx, synced) = watch::channel(false);

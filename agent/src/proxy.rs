@@ -34,7 +34,7 @@ use tokio::{
 };
 
 use crate::{
-    bpf::ProxyMaps,
+    bpf::{ProxyMaps, from_kernel},
     identity::{Identities, Identity},
     listener::{self, Admission, Limits},
     schema::Workload,
@@ -186,14 +186,54 @@ impl PodStats {
     }
 }
 
+/// What the proxies ask of the kernel programs about a connection they accepted. The kernel's
+/// maps answer in the agent ([`ProxyMaps`]); an in-process test answers with its own table.
+pub trait ConnectionTable: Send + Sync {
+    /// Where the connection from `port` on the loopback of netns `netns_cookie` was going. The
+    /// answer is used up: a later connection from the same port (or one made straight to the
+    /// capture listener, which the kernel never redirected) finds none.
+    fn take_original_destination(&self, netns_cookie: u64, port: u16) -> Option<SocketAddr>;
+
+    /// Whether a socket of the node's own network namespace opened the connection from `src` to
+    /// `dst` (a kubelet probe). Used up too: it answers for one connection only.
+    fn take_host_connection(&self, src: SocketAddr, dst: SocketAddr) -> bool;
+}
+
+impl ConnectionTable for ProxyMaps {
+    fn take_original_destination(&self, netns_cookie: u64, port: u16) -> Option<SocketAddr> {
+        self.take_orig_dst(netns_cookie, port).and_then(from_kernel)
+    }
+
+    fn take_host_connection(&self, src: SocketAddr, dst: SocketAddr) -> bool {
+        ProxyMaps::take_host_connection(self, src, dst)
+    }
+}
+
+/// Where the proxies open the sockets of a pod: inside its network namespace ([`Netns`]), so
+/// that the wire shows the pod's addresses, carrying a mark that the kernel programs leave
+/// alone. An in-process test opens plain sockets on loopback instead.
+pub trait PodSockets: Send + Sync {
+    /// A new non-blocking TCP socket of `domain`, marked `mark` (`SO_MARK`).
+    fn tcp_socket(&self, domain: Domain, mark: u32) -> io::Result<Socket>;
+}
+
+impl PodSockets for Netns {
+    fn tcp_socket(&self, domain: Domain, mark: u32) -> io::Result<Socket> {
+        // A socket stays in the namespace it was created in: only `socket()` runs inside.
+        let socket = self.run(|| Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP)))??;
+        socket.set_mark(mark).map_err(|e| capability::explain(e, Capability::NetAdmin))?;
+        Ok(socket)
+    }
+}
+
 /// What a proxy task knows about the pod it serves.
 pub struct PodContext {
     /// The pod.
     pub workload: Arc<Workload>,
     /// Its identity.
     pub identity: Identity,
-    /// Its network namespace.
-    pub netns: Arc<Netns>,
+    /// Where its sockets are opened: inside its network namespace.
+    pub sockets: Arc<dyn PodSockets>,
     /// Its netns cookie.
     pub cookie: u64,
     /// Its counters.
@@ -229,7 +269,7 @@ pub struct Settings {
 /// State shared by all proxies of the agent.
 pub struct Proxy {
     tracker: Arc<tracker::Tracker>,
-    maps: ProxyMaps,
+    kernel: Arc<dyn ConnectionTable>,
     cluster: watch::Receiver<Arc<Cluster>>,
     identities: Arc<Identities>,
     pool: hbone::Pool,
@@ -267,7 +307,7 @@ impl Drop for Active {
 impl Proxy {
     /// The proxies of one agent.
     pub fn new(
-        maps: ProxyMaps,
+        kernel: Arc<dyn ConnectionTable>,
         cluster: watch::Receiver<Arc<Cluster>>,
         identities: Arc<Identities>,
         tls: Arc<TlsContext>,
@@ -275,7 +315,7 @@ impl Proxy {
     ) -> Self {
         Self {
             tracker: Arc::default(),
-            maps,
+            kernel,
             cluster,
             pool: hbone::Pool::new(tls, identities.clone()),
             local: local::LocalPods::default(),
@@ -380,26 +420,30 @@ fn count(pod: &PodContext, sent: u64, received: u64, failed: bool) {
 /// wire shows the pod's own address, marked so that the connect hooks leave it alone. The
 /// socket closes with a reset unless the relay ends cleanly ([`relay`]): if the agent dies, the
 /// application sees an error, never a clean end of a truncated stream.
-pub async fn connect_from(netns: &Netns, dst: SocketAddr) -> Result<TcpStream, ProxyError> {
-    open(netns, dst, CONNECT_TIMEOUT, Leg::App, None).await
+pub async fn connect_from(sockets: &dyn PodSockets, dst: SocketAddr) -> Result<TcpStream, ProxyError> {
+    open(sockets, dst, CONNECT_TIMEOUT, Leg::App, None).await
 }
 
 /// [`connect_from`] for a leg of `leg`'s kind, from the client's address `client` when the pod
 /// is set up for it (see the redirector's delivery setup), else from the pod's.
 pub(crate) async fn connect_app(
-    netns: &Netns,
+    sockets: &dyn PodSockets,
     dst: SocketAddr,
     leg: Leg,
     client: Option<IpAddr>,
 ) -> Result<TcpStream, ProxyError> {
     // Only an address of the same family, and one that is not the pod's loopback, can be bound.
     let client = client.filter(|ip| ip.is_ipv4() == dst.is_ipv4() && !ip.is_loopback() && *ip != dst.ip());
-    open(netns, dst, CONNECT_TIMEOUT, leg, client).await
+    open(sockets, dst, CONNECT_TIMEOUT, leg, client).await
 }
 
 /// A connection to a peer agent's HBONE port (closed as TLS and HTTP/2 close it).
-async fn connect_within(netns: &Netns, dst: SocketAddr, limit: Duration) -> Result<TcpStream, ProxyError> {
-    open(netns, dst, limit, Leg::Peer, None).await
+async fn connect_within(
+    sockets: &dyn PodSockets,
+    dst: SocketAddr,
+    limit: Duration,
+) -> Result<TcpStream, ProxyError> {
+    open(sockets, dst, limit, Leg::Peer, None).await
 }
 
 /// What an opened connection is for.
@@ -440,7 +484,7 @@ fn bind_delivery_port(socket: &Socket, client: IpAddr) -> io::Result<()> {
 }
 
 async fn open(
-    netns: &Netns,
+    sockets: &dyn PodSockets,
     dst: SocketAddr,
     limit: Duration,
     leg: Leg,
@@ -448,7 +492,7 @@ async fn open(
 ) -> Result<TcpStream, ProxyError> {
     let mut attempts = 0;
     loop {
-        match open_once(netns, dst, limit, leg, client).await {
+        match open_once(sockets, dst, limit, leg, client).await {
             // The port drawn makes a four-tuple another delivery holds: draw again.
             Err(ProxyError::Connect { source, .. })
                 if client.is_some() && source.raw_os_error() == Some(libc::EADDRNOTAVAIL) && attempts < 8 =>
@@ -461,61 +505,47 @@ async fn open(
 }
 
 async fn open_once(
-    netns: &Netns,
+    sockets: &dyn PodSockets,
     dst: SocketAddr,
     limit: Duration,
     leg: Leg,
     client: Option<IpAddr>,
 ) -> Result<TcpStream, ProxyError> {
-    let socket = netns
-        .run(|| -> Result<Socket, ProxyError> {
-            let new_socket = || {
-                Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))
-                    .map_err(ProxyError::Socket)
-            };
-            // The port is chosen at connect time, per 4-tuple, as without a bind.
-            let bind = |socket: &Socket, ip: IpAddr| -> io::Result<()> {
-                nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
-                socket.bind(&SocketAddr::new(ip, 0).into())
-            };
-            let in_pod = |socket: &Socket| {
-                bind(socket, dst.ip()).map_err(|e| match e.raw_os_error() {
-                    Some(libc::EADDRNOTAVAIL) => ProxyError::NotInPod(dst),
-                    _ => ProxyError::Socket(e),
-                })
-            };
-            let socket = new_socket()?;
-            let mark = if client.is_some() { DELIVERY_MARK } else { AGENT_MARK };
-            socket
-                .set_mark(mark)
-                .map_err(|e| ProxyError::Socket(capability::explain(e, Capability::NetAdmin)))?;
-            if leg != Leg::Peer {
-                socket.set_linger(Some(Duration::ZERO)).map_err(ProxyError::Socket)?;
-            }
-            match (leg, client) {
-                (Leg::Peer, _) => {}
-                (_, Some(client)) => {
-                    if leg == Leg::AppInside {
-                        // The socket binds the client's address: ask with another whether the
-                        // destination is the pod's own.
-                        in_pod(&new_socket()?)?;
-                    }
-                    let transparent = match client {
-                        IpAddr::V4(_) => socket.set_ip_transparent_v4(true),
-                        IpAddr::V6(_) => socket.set_ip_transparent_v6(true),
-                    };
-                    transparent
-                        .map_err(|e| ProxyError::Socket(capability::explain(e, Capability::NetAdmin)))?;
-                    bind_delivery_port(&socket, client)
-                        .map_err(|source| ProxyError::Deliver { client, source })?;
-                }
-                (Leg::AppInside, None) => in_pod(&socket)?,
-                (Leg::App, None) => {}
-            }
-            Ok(socket)
+    let mark = if client.is_some() { DELIVERY_MARK } else { AGENT_MARK };
+    let new_socket = || sockets.tcp_socket(Domain::for_address(dst), mark).map_err(ProxyError::Socket);
+    // The port is chosen at connect time, per 4-tuple, as without a bind.
+    let bind = |socket: &Socket, ip: IpAddr| -> io::Result<()> {
+        nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
+        socket.bind(&SocketAddr::new(ip, 0).into())
+    };
+    let in_pod = |socket: &Socket| {
+        bind(socket, dst.ip()).map_err(|e| match e.raw_os_error() {
+            Some(libc::EADDRNOTAVAIL) => ProxyError::NotInPod(dst),
+            _ => ProxyError::Socket(e),
         })
-        .map_err(ProxyError::Socket)
-        .and_then(|r| r)?;
+    };
+    let socket = new_socket()?;
+    if leg != Leg::Peer {
+        socket.set_linger(Some(Duration::ZERO)).map_err(ProxyError::Socket)?;
+    }
+    match (leg, client) {
+        (Leg::Peer, _) => {}
+        (_, Some(client)) => {
+            if leg == Leg::AppInside {
+                // The socket binds the client's address: ask with another whether the
+                // destination is the pod's own.
+                in_pod(&new_socket()?)?;
+            }
+            let transparent = match client {
+                IpAddr::V4(_) => socket.set_ip_transparent_v4(true),
+                IpAddr::V6(_) => socket.set_ip_transparent_v6(true),
+            };
+            transparent.map_err(|e| ProxyError::Socket(capability::explain(e, Capability::NetAdmin)))?;
+            bind_delivery_port(&socket, client).map_err(|source| ProxyError::Deliver { client, source })?;
+        }
+        (Leg::AppInside, None) => in_pod(&socket)?,
+        (Leg::App, None) => {}
+    }
     // The data plane never eats into the descriptors kept for the agent's endpoints.
     if listener::in_reserve(std::os::fd::AsRawFd::as_raw_fd(&socket) as u64, KEEP_FREE) {
         return Err(ProxyError::Socket(io::Error::from_raw_os_error(libc::EMFILE)));

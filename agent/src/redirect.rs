@@ -591,7 +591,7 @@ impl Redirector {
         let context = Arc::new(PodContext {
             workload: workload.clone(),
             identity,
-            netns,
+            sockets: netns,
             cookie,
             stats: stats.clone(),
             server_tls,

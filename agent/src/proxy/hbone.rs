@@ -18,10 +18,9 @@ use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
-use super::{ProxyError, connect_within, keep_alive};
+use super::{PodSockets, ProxyError, connect_within, keep_alive};
 use crate::{
     identity::{Identities, Identity},
-    sys::netns::Netns,
     tls::TlsContext,
 };
 
@@ -142,11 +141,11 @@ impl Pool {
     }
 
     /// Opens a CONNECT stream to `authority` (the original destination) through the pool entry
-    /// `key`, creating a TLS connection from `netns` when none has room; `baggage` tells the
+    /// `key`, creating a TLS connection with `sockets` when none has room; `baggage` tells the
     /// peer's telemetry who the source is ([`crate::telemetry::baggage`]).
     pub async fn connect(
         &self,
-        netns: &Netns,
+        sockets: &dyn PodSockets,
         key: &PoolKey,
         authority: SocketAddr,
         baggage: &str,
@@ -179,7 +178,7 @@ impl Pool {
                 key.addr
             )));
         }
-        let pooled = self.dial(netns, key).await?;
+        let pooled = self.dial(sockets, key).await?;
         let slot =
             pooled.claim().ok_or_else(|| ProxyError::Hbone("new HBONE connection closed at once".into()))?;
         let mut sender = pooled.sender.clone().ready().await.map_err(|e| ProxyError::Hbone(e.to_string()))?;
@@ -228,13 +227,13 @@ impl Pool {
     /// is tried again for up to [`RESTART_GRACE`]; a peer that does not answer is not.
     async fn connect_retrying(
         &self,
-        netns: &Netns,
+        sockets: &dyn PodSockets,
         addr: SocketAddr,
     ) -> Result<tokio::net::TcpStream, ProxyError> {
         let deadline = Instant::now() + RESTART_GRACE;
         let mut pause = Duration::from_millis(20);
         loop {
-            match connect_within(netns, addr, DIAL_TIMEOUT).await {
+            match connect_within(sockets, addr, DIAL_TIMEOUT).await {
                 Err(ProxyError::Connect { source, .. })
                     if matches!(
                         source.kind(),
@@ -250,7 +249,7 @@ impl Pool {
         }
     }
 
-    async fn dial(&self, netns: &Netns, key: &PoolKey) -> Result<Arc<Pooled>, ProxyError> {
+    async fn dial(&self, sockets: &dyn PodSockets, key: &PoolKey) -> Result<Arc<Pooled>, ProxyError> {
         let config =
             self.tls.client_config(&key.src, &key.dst).map_err(|e| ProxyError::Hbone(e.to_string()))?;
         // A new identity's first connection waits for its certificate (one CA round trip).
@@ -261,7 +260,7 @@ impl Pool {
             .map_err(|e| ProxyError::Identity { identity: key.src.to_string(), reason: e.to_string() })?
             .serial
             .clone();
-        let tcp = self.connect_retrying(netns, key.addr).await?;
+        let tcp = self.connect_retrying(sockets, key.addr).await?;
         keep_alive(&tcp);
         // No SNI: the server name is only an address, which rustls does not send.
         let name = ServerName::IpAddress(key.addr.ip().into());

@@ -75,7 +75,7 @@ impl Proxy {
             // kernel recorded at connect(). Istio's ambient mode lets them bypass the mesh, and
             // so does ambit, or STRICT would fail every health check. Traffic merely forwarded
             // by the node (NodePort), even from the node's address, has no such record.
-            let (verdict, tracked) = if self.maps.take_host_connection(peer, dst) {
+            let (verdict, tracked) = if self.kernel.take_host_connection(peer, dst) {
                 let reason = "opened from the node's own network namespace (health probe): exempt from mesh policy";
                 let verdict = Verdict { allowed: true, policy: None, reason: reason.into(), audit: Vec::new() };
                 record.authorization = Some(verdict.clone());
@@ -100,7 +100,7 @@ impl Proxy {
             };
             let (_registration, revoked) = tracked.unzip();
             let from = pod.deliver_from_client.then_some(peer.ip());
-            let upstream = Box::pin(connect_app(&pod.netns, dst, Leg::App, from)).await?;
+            let upstream = Box::pin(connect_app(&*pod.sockets, dst, Leg::App, from)).await?;
             record.mark_opened(&self.settings.metrics);
             self.note_delivery(&pod, &upstream, Note {
                 security: "plaintext",
@@ -359,7 +359,7 @@ impl Proxy {
         let (registration, revoked) =
             self.tracker.register(pod.workload.key.clone(), input, cluster, &self.settings.root_namespace);
         let from = pod.deliver_from_client.then_some(source.ip());
-        let upstream = Box::pin(connect_app(&pod.netns, dst, leg, from)).await?;
+        let upstream = Box::pin(connect_app(&*pod.sockets, dst, leg, from)).await?;
         record.mark_opened(&self.settings.metrics);
         self.note_delivery(
             pod,

@@ -10,7 +10,6 @@ use super::{
     DATA_PLANE, PodContext, Proxy, ProxyError, accept_loop, connect_from, count, hbone::PoolKey, relay,
 };
 use crate::{
-    bpf::from_kernel,
     identity::Identity,
     listener::reset,
     telemetry::flows::Note,
@@ -47,9 +46,8 @@ impl Proxy {
         record: &mut ConnectionRecord,
     ) -> Result<(), ProxyError> {
         let dst = self
-            .maps
-            .take_orig_dst(pod.cookie, peer.port())
-            .and_then(from_kernel)
+            .kernel
+            .take_original_destination(pod.cookie, peer.port())
             .ok_or(ProxyError::NoOriginalDestination(peer.port()))?;
         let cluster = self.cluster();
         // A Service's virtual address: one of its endpoints, in turn.
@@ -128,7 +126,7 @@ impl Proxy {
                 };
                 // Boxed: opening a tunnel may take a TLS and an HTTP/2 handshake, whose state
                 // would otherwise stay in every connection's task for its whole life.
-                let tunnel = match Box::pin(self.pool.connect(&pod.netns, &key, dst, &pod.baggage)).await {
+                let tunnel = match Box::pin(self.pool.connect(&*pod.sockets, &key, dst, &pod.baggage)).await {
                     Ok(tunnel) => tunnel,
                     Err(e) => {
                         let verdict = if matches!(e, ProxyError::Denied(_)) { "denied" } else { "error" };
@@ -156,7 +154,7 @@ impl Proxy {
                     reason: Some(reason),
                     ..Note::default()
                 };
-                let upstream = match connect_from(&pod.netns, dst).await {
+                let upstream = match connect_from(&*pod.sockets, dst).await {
                     Ok(upstream) => upstream,
                     Err(e) => {
                         self.settings.flows.note(pod.cookie, peer.port(), note("error", e.to_string()));
