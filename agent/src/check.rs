@@ -80,11 +80,35 @@ pub struct CheckReport {
     pub peer_authentication: Option<MtlsDecision>,
     /// The AuthorizationPolicy decision, when the destination enforces one.
     pub authorization: Option<Verdict>,
-    /// `allowed`, `denied` (AuthorizationPolicy), `refused` (STRICT mTLS) or `not-enforced`
-    /// (the destination is not in the mesh).
-    pub verdict: String,
+    /// What would happen.
+    pub verdict: CheckVerdict,
     /// Hints about likely mistakes.
     pub hints: Vec<String>,
+}
+
+/// What would happen to the connection a check asks about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckVerdict {
+    /// It reaches the app.
+    Allowed,
+    /// An AuthorizationPolicy denies it.
+    Denied,
+    /// Plaintext under STRICT mutual TLS.
+    Refused,
+    /// The destination is not in the mesh: nothing is enforced.
+    NotEnforced,
+}
+
+impl std::fmt::Display for CheckVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Refused => "refused",
+            Self::NotEnforced => "not-enforced",
+        })
+    }
 }
 
 /// Answers a check against `cluster`.
@@ -147,7 +171,7 @@ pub fn check(
         transport_reason: String::new(),
         peer_authentication: None,
         authorization: None,
-        verdict: "allowed".into(),
+        verdict: CheckVerdict::Allowed,
         hints: Vec::new(),
     };
 
@@ -162,7 +186,7 @@ pub fn check(
     let Some(dst_workload) = dst_pod.filter(|_| dst_id.is_some()) else {
         report.transport_reason =
             "the destination is not in the mesh: plaintext passthrough, no policy applies".into();
-        report.verdict = "not-enforced".into();
+        report.verdict = CheckVerdict::NotEnforced;
         return Ok(report);
     };
     let destination = SocketAddr::new(dst_ip, port);
@@ -189,12 +213,12 @@ pub fn check(
     }
     match decision {
         InboundDecision::Strict(_) => {
-            report.verdict = "refused".into();
+            report.verdict = CheckVerdict::Refused;
             report.hints.push(strict_hint(source, src_ip, port));
         }
         InboundDecision::Authorized { verdict, .. } => {
             if !verdict.allowed {
-                report.verdict = "denied".into();
+                report.verdict = CheckVerdict::Denied;
                 report.hints.extend(hints(cluster, source, src_ip, dst_workload, &input));
             }
             report.authorization = Some(verdict);

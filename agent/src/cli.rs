@@ -12,7 +12,12 @@ use crate::identity::CertReport;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use self::table::Table;
-use crate::{admin::StatusReport, redirect::PodReport};
+use crate::{
+    admin::StatusReport,
+    check::CheckVerdict,
+    redirect::PodReport,
+    telemetry::{Security, flows::Event},
+};
 
 /// Errors of the operator commands.
 #[derive(Debug, thiserror::Error)]
@@ -742,15 +747,15 @@ pub async fn check(args: &CheckArgs) -> Result<String, CliError> {
         None => "-".into(),
     };
     t.row(["authorization", &authz]);
-    let verdict = match r.verdict.as_str() {
-        "allowed" => "ALLOWED".to_owned(),
-        "denied" => "DENIED by AuthorizationPolicy".to_owned(),
-        "refused" => {
-            "REFUSED: the destination requires mTLS (STRICT) and the source cannot provide it".to_owned()
+    let verdict = match r.verdict {
+        CheckVerdict::Allowed => "ALLOWED",
+        CheckVerdict::Denied => "DENIED by AuthorizationPolicy",
+        CheckVerdict::Refused => {
+            "REFUSED: the destination requires mTLS (STRICT) and the source cannot provide it"
         }
-        other => format!("NOT ENFORCED ({other}): the destination is outside the mesh"),
+        CheckVerdict::NotEnforced => "NOT ENFORCED (not-enforced): the destination is outside the mesh",
     };
-    t.row(["verdict", &verdict]);
+    t.row(["verdict", verdict]);
     for hint in &r.hints {
         t.row(["hint", hint]);
     }
@@ -837,7 +842,10 @@ fn why(record: &crate::telemetry::flows::FlowRecord) -> String {
 }
 
 fn table_row(r: &crate::telemetry::flows::FlowRecord) -> [String; 9] {
-    let security = if r.security == "mutual_tls" { "mTLS".to_owned() } else { r.security.to_string() };
+    let security = match r.security {
+        Security::MutualTls => "mTLS".to_owned(),
+        Security::Plaintext => r.security.to_string(),
+    };
     let end = match (&r.end, &r.end_reason) {
         (Some(end), Some(why)) => format!("{end} ({why})"),
         (Some(end), None) => end.to_string(),
@@ -849,7 +857,7 @@ fn table_row(r: &crate::telemetry::flows::FlowRecord) -> [String; 9] {
         endpoint(&r.src),
         endpoint(&r.dst),
         security,
-        r.verdict.to_uppercase(),
+        r.verdict.as_str().to_uppercase(),
         end,
         format!("{}/{}", r.bytes_sent, r.bytes_received),
         why(r),
@@ -860,7 +868,7 @@ fn table_row(r: &crate::telemetry::flows::FlowRecord) -> [String; 9] {
 fn compact(r: &crate::telemetry::flows::FlowRecord) -> String {
     let [time, event, src, dst, security, verdict, end, bytes, why] = table_row(r);
     let mut line = format!("{time} {event:<7} {src} -> {dst} {security} {verdict}");
-    if r.event != "open" {
+    if r.event != Event::Open {
         line.push_str(&format!(" end={end} bytes={bytes}"));
     }
     if !why.is_empty() {

@@ -129,6 +129,12 @@ pub enum ProxyError {
     Relay(io::Error),
 }
 
+impl crate::telemetry::ConnectionError for ProxyError {
+    fn denied(&self) -> bool {
+        matches!(self, Self::Denied(_))
+    }
+}
+
 /// Connection counters of one captured pod.
 #[derive(Debug, Default)]
 pub struct PodStats {

@@ -10,6 +10,7 @@ mod writer;
 
 use std::{io::IsTerminal as _, net::SocketAddr, sync::Arc, time::Duration};
 
+use serde::{Deserialize, Serialize};
 use tracing::info;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
@@ -46,16 +47,19 @@ pub fn init_logging() -> std::io::Result<LogGuard> {
 }
 
 /// Which way a connection goes, seen from the pod the agent serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// Opened by the pod.
+    #[default]
     Outbound,
     /// Opened towards the pod.
     Inbound,
 }
 
 impl Direction {
-    fn as_str(self) -> &'static str {
+    /// As access logs and flow records spell it.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Outbound => "outbound",
             Self::Inbound => "inbound",
@@ -65,7 +69,8 @@ impl Direction {
 
 /// How a connection was protected on the wire, in Istio's words
 /// (`connection_security_policy`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Security {
     /// Plaintext (outside the mesh, or let in by PERMISSIVE).
     #[default]
@@ -75,11 +80,30 @@ pub enum Security {
 }
 
 impl Security {
-    fn as_str(self) -> &'static str {
+    /// As access logs and flow records spell it.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Plaintext => "plaintext",
             Self::MutualTls => "mutual_tls",
         }
+    }
+
+    /// Mutual TLS when the peer proved an identity, else plaintext.
+    pub fn of<T>(identity: Option<T>) -> Self {
+        if identity.is_some() { Self::MutualTls } else { Self::Plaintext }
+    }
+}
+
+/// The error a failed connection ended with, as the records classify it.
+pub trait ConnectionError: std::error::Error {
+    /// Whether a policy stopped the connection (Istio's `DENIED` response flag, the `denied`
+    /// verdict of flow records).
+    fn denied(&self) -> bool;
+}
+
+impl<T: ConnectionError> ConnectionError for &T {
+    fn denied(&self) -> bool {
+        (**self).denied()
     }
 }
 
@@ -118,6 +142,8 @@ pub struct ConnectionRecord {
     pub duration: Duration,
     /// Why it failed, if it did.
     pub error: Option<String>,
+    /// Whether a policy stopped it.
+    pub denied: bool,
     /// Whether it reached its destination (counted as opened).
     pub opened: bool,
     /// The peer's own account of its workload (HBONE `baggage`): telemetry, never trusted.
@@ -144,6 +170,7 @@ impl ConnectionRecord {
             bytes_received: 0,
             duration: Duration::ZERO,
             error: None,
+            denied: false,
             opened: false,
             peer_baggage: None,
         }
@@ -159,10 +186,11 @@ impl ConnectionRecord {
     pub fn finish(
         mut self,
         start: std::time::Instant,
-        error: Option<impl std::error::Error>,
+        error: Option<impl ConnectionError>,
         metrics: &metrics::Metrics,
     ) {
         self.duration = start.elapsed();
+        self.denied = error.as_ref().is_some_and(ConnectionError::denied);
         self.error = error.map(|e| crate::error_chain(&e));
         metrics.closed(&self, self.opened);
         self.log();

@@ -13,7 +13,7 @@ use crate::{
     policy::{Action, InboundDecision, Outcome},
     schema::{ObjectKey, Workload},
     state::{Change, Cluster, Kind},
-    telemetry::history::HistoryEntry,
+    telemetry::{Security, history::HistoryEntry},
 };
 
 /// Why a what-if could not be answered. Nothing was applied either way.
@@ -82,7 +82,7 @@ pub struct Shift {
     /// The destination port.
     pub port: u16,
     /// `mutual_tls` or `plaintext`.
-    pub security: String,
+    pub security: Security,
     /// Connections seen.
     pub connections: u64,
     /// First and last seen, seconds since the epoch.
@@ -251,7 +251,7 @@ pub fn replay(
                     },
                     destination: entry.destination.to_string(),
                     port,
-                    security: if identity.is_some() { "mutual_tls" } else { "plaintext" }.into(),
+                    security: Security::of(identity.as_ref()),
                     connections: 0,
                     first_seen: entry.first_seen,
                     last_seen: entry.last_seen,

@@ -30,7 +30,7 @@ use crate::{
     policy::{ConnectionInput, InboundDecision, Verdict},
     schema::Workload,
     state::Cluster,
-    telemetry::flows::{FlowRecord, Note},
+    telemetry::flows::{FlowRecord, FlowVerdict, Mesh, Note},
     telemetry::{ConnectionRecord, Direction, Security},
 };
 
@@ -103,10 +103,10 @@ impl Proxy {
             let upstream = Box::pin(connect_app(&*pod.sockets, dst, Leg::App, from)).await?;
             record.mark_opened(&self.settings.metrics);
             self.note_delivery(&pod, &upstream, Note {
-                security: "plaintext",
+                security: Security::Plaintext,
                 peer: Some(peer),
                 dst_identity: Some(pod.identity.to_string()),
-                verdict: "allowed",
+                verdict: FlowVerdict::Allowed,
                 policy: verdict.policy,
                 reason: Some(verdict.reason),
                 audit: verdict.audit,
@@ -365,11 +365,11 @@ impl Proxy {
             pod,
             &upstream,
             Note {
-                security: "mutual_tls",
+                security: Security::MutualTls,
                 peer: Some(source),
                 src_identity: Some(identity.to_string()),
                 dst_identity: Some(pod.identity.to_string()),
-                verdict: "allowed",
+                verdict: FlowVerdict::Allowed,
                 policy: verdict.policy,
                 reason: Some(verdict.reason),
                 audit: verdict.audit,
@@ -418,19 +418,19 @@ impl Proxy {
         let mut dst_peer = flows.peer(&cluster, Some(dst.ip()), dst.port());
         dst_peer.identity = Some(pod.identity.to_string());
         flows.refused(FlowRecord {
-            direction: "inbound".into(),
+            direction: Direction::Inbound,
             src: src_peer,
             dst: dst_peer,
-            security: if src_identity.is_some() { "mutual_tls" } else { "plaintext" }.into(),
-            mesh: "enrolled".into(),
-            verdict: decision.outcome().as_str().into(),
+            security: Security::of(src_identity),
+            mesh: Mesh::Enrolled,
+            verdict: decision.outcome().into(),
             policy: match decision {
                 InboundDecision::Strict(mtls) => Some(mtls.decided_by.clone()),
                 InboundDecision::Authorized { verdict, .. } => verdict.policy.clone(),
             },
             reason: Some(decision.reason()),
             audit: decision.verdict().map(|v| v.audit.clone()).unwrap_or_default(),
-            end: Some(decision.outcome().as_str().into()),
+            end: Some(decision.outcome().into()),
             netns_cookie: pod.cookie,
             ..FlowRecord::default()
         });

@@ -19,7 +19,7 @@ use super::{Leg, PodContext, Proxy, ProxyError, count, inbound::Admitted, relay}
 use crate::{
     listener::reset,
     schema::Workload,
-    telemetry::flows::Note,
+    telemetry::flows::{FlowVerdict, Note},
     telemetry::{ConnectionRecord, Direction, Security},
 };
 
@@ -109,7 +109,7 @@ impl Proxy {
         inbound.dst_addr = Some(dst);
         let service = record.dst_service.clone();
         let outbound_note = |verdict, reason: Option<String>| Note {
-            security: "mutual_tls",
+            security: Security::MutualTls,
             peer: Some(dst),
             service: service.clone(),
             src_identity: Some(src.identity.to_string()),
@@ -135,7 +135,7 @@ impl Proxy {
                     }
                 };
             let Admitted { upstream, registration: _registration, revoked } = admitted;
-            self.settings.flows.note(src.cookie, port, outbound_note("allowed", None));
+            self.settings.flows.note(src.cookie, port, outbound_note(FlowVerdict::Allowed, None));
             record.mark_opened(&self.settings.metrics);
             let moved = tokio::select! {
                 moved = relay::tcp_to_tcp(client, upstream) => moved.map_err(ProxyError::Relay)?,
@@ -151,7 +151,7 @@ impl Proxy {
         if let Err(e) = &result
             && !record.opened
         {
-            let verdict = if matches!(e, ProxyError::Denied(_)) { "denied" } else { "error" };
+            let verdict = FlowVerdict::of_error(e);
             self.settings.flows.note(src.cookie, port, outbound_note(verdict, Some(e.to_string())));
         }
         count(dst_pod, inbound.bytes_received, inbound.bytes_sent, result.is_err());

@@ -12,7 +12,7 @@ use super::{
 use crate::{
     identity::Identity,
     listener::reset,
-    telemetry::flows::Note,
+    telemetry::flows::{FlowVerdict, Note},
     telemetry::{ConnectionRecord, Direction, Security},
 };
 
@@ -62,8 +62,8 @@ impl Proxy {
                             pod.cookie,
                             peer.port(),
                             Note {
-                                security: "plaintext",
-                                verdict: "error",
+                                security: Security::Plaintext,
+                                verdict: FlowVerdict::Error,
                                 reason: Some(e.to_string()),
                                 service: Some(backends.service.clone()),
                                 ..Note::default()
@@ -81,8 +81,8 @@ impl Proxy {
             let pods = claimants.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
             let e = ProxyError::AmbiguousAddress { addr: dst, pods };
             let note = Note {
-                security: "plaintext",
-                verdict: "error",
+                security: Security::Plaintext,
+                verdict: FlowVerdict::Error,
                 reason: Some(e.to_string()),
                 ..Note::default()
             };
@@ -114,7 +114,7 @@ impl Proxy {
                 record.dst_identity = Some(dst_identity);
                 record.hbone_addr = Some(key.addr);
                 let note = |verdict, reason: Option<String>| Note {
-                    security: "mutual_tls",
+                    security: Security::MutualTls,
                     peer: Some(dst),
                     service: record.dst_service.clone(),
                     src_identity: Some(pod.identity.to_string()),
@@ -129,14 +129,14 @@ impl Proxy {
                 let tunnel = match Box::pin(self.pool.connect(&*pod.sockets, &key, dst, &pod.baggage)).await {
                     Ok(tunnel) => tunnel,
                     Err(e) => {
-                        let verdict = if matches!(e, ProxyError::Denied(_)) { "denied" } else { "error" };
+                        let verdict = FlowVerdict::of_error(&e);
                         self.settings.flows.note(pod.cookie, peer.port(), note(verdict, Some(e.to_string())));
                         // The application learns at once, as from a refusing server.
                         reset(client);
                         return Err(e);
                     }
                 };
-                self.settings.flows.note(pod.cookie, peer.port(), note("allowed", None));
+                self.settings.flows.note(pod.cookie, peer.port(), note(FlowVerdict::Allowed, None));
                 record.mark_opened(&self.settings.metrics);
                 let moved =
                     relay::tcp_to_h2(client, tunnel.send, tunnel.recv).await.map_err(ProxyError::Relay)?;
@@ -147,7 +147,7 @@ impl Proxy {
             None => {
                 // Not in the mesh: plaintext passthrough, as ztunnel does.
                 let note = |verdict, reason: String| Note {
-                    security: "plaintext",
+                    security: Security::Plaintext,
                     peer: Some(dst),
                     service: record.dst_service.clone(),
                     verdict,
@@ -157,13 +157,17 @@ impl Proxy {
                 let upstream = match connect_from(&*pod.sockets, dst).await {
                     Ok(upstream) => upstream,
                     Err(e) => {
-                        self.settings.flows.note(pod.cookie, peer.port(), note("error", e.to_string()));
+                        self.settings.flows.note(
+                            pod.cookie,
+                            peer.port(),
+                            note(FlowVerdict::Error, e.to_string()),
+                        );
                         reset(client);
                         return Err(e);
                     }
                 };
                 let why = "the destination is not in the mesh: plaintext passthrough".to_owned();
-                self.settings.flows.note(pod.cookie, peer.port(), note("allowed", why));
+                self.settings.flows.note(pod.cookie, peer.port(), note(FlowVerdict::Allowed, why));
                 record.mark_opened(&self.settings.metrics);
                 record.src_addr = upstream.local_addr().ok();
                 let moved = relay::tcp_to_tcp(client, upstream).await.map_err(ProxyError::Relay)?;

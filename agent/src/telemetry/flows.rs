@@ -27,6 +27,7 @@ use crate::{
     bpf::{from_kernel, kernel_to_ip},
     schema::Workload,
     state::Cluster,
+    telemetry::{Direction, Security},
 };
 
 /// Records kept for `ambit trace` without `--follow`.
@@ -35,9 +36,6 @@ pub const HISTORY: usize = 10_000;
 const RESET_MEMORY: Duration = Duration::from_secs(5);
 /// How long a proxy annotation waits for its socket's close.
 const NOTE_MEMORY: Duration = Duration::from_secs(600);
-
-/// A short text field: usually one of a few constants, so most records allocate nothing for it.
-pub type Text = std::borrow::Cow<'static, str>;
 
 /// One end of a flow.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -54,17 +52,154 @@ pub struct Peer {
     pub identity: Option<String>,
 }
 
+/// What a flow record says happened to the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// It opened.
+    #[default]
+    Open,
+    /// It closed.
+    Close,
+    /// The agent stopped it before it reached an app.
+    Refused,
+}
+
+/// What the mesh did with a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowVerdict {
+    /// Carried (and, in the mesh, allowed by the policies).
+    #[default]
+    Allowed,
+    /// An AuthorizationPolicy denied it.
+    Denied,
+    /// Plaintext under STRICT mutual TLS.
+    Refused,
+    /// The agent could not carry it.
+    Error,
+    /// The traced pod is not in the mesh: nothing was enforced.
+    Unprotected,
+}
+
+impl FlowVerdict {
+    /// Every verdict, for errors that list them.
+    pub const ALL: [Self; 5] = [Self::Allowed, Self::Denied, Self::Refused, Self::Error, Self::Unprotected];
+
+    /// As flow records spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Refused => "refused",
+            Self::Error => "error",
+            Self::Unprotected => "unprotected",
+        }
+    }
+
+    /// The verdict for a connection that failed with `error`.
+    pub fn of_error(error: &impl super::ConnectionError) -> Self {
+        if error.denied() { Self::Denied } else { Self::Error }
+    }
+}
+
+impl From<crate::policy::Outcome> for FlowVerdict {
+    fn from(outcome: crate::policy::Outcome) -> Self {
+        match outcome {
+            crate::policy::Outcome::Allowed => Self::Allowed,
+            crate::policy::Outcome::Denied => Self::Denied,
+            crate::policy::Outcome::Refused => Self::Refused,
+        }
+    }
+}
+
+/// Whether the traced pod is in the mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mesh {
+    /// Enrolled.
+    Enrolled,
+    /// Not enrolled.
+    #[default]
+    NotEnrolled,
+}
+
+/// How a connection ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum End {
+    /// Closed cleanly.
+    Fin,
+    /// The peer reset it.
+    ResetReceived,
+    /// The traced socket reset it.
+    ResetSent,
+    /// Reset in reply to the SYN, or refused by the agent under STRICT mutual TLS.
+    Refused,
+    /// No answer to the SYN.
+    Timeout,
+    /// Denied by the agent.
+    Denied,
+}
+
+impl Event {
+    /// As flow records spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Close => "close",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+impl End {
+    /// As flow records spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fin => "fin",
+            Self::ResetReceived => "reset_received",
+            Self::ResetSent => "reset_sent",
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::Denied => "denied",
+        }
+    }
+}
+
+impl From<crate::policy::Outcome> for End {
+    fn from(outcome: crate::policy::Outcome) -> Self {
+        match outcome {
+            crate::policy::Outcome::Denied => Self::Denied,
+            // An allowed connection has no end of the agent's making; it is never asked for one.
+            crate::policy::Outcome::Refused | crate::policy::Outcome::Allowed => Self::Refused,
+        }
+    }
+}
+
+/// Text as the records spell it, for tables and logs.
+macro_rules! display_as_str {
+    ($($kind:ty),*) => {$(
+        impl std::fmt::Display for $kind {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+display_as_str!(Event, End, FlowVerdict, Direction, Security);
+
 /// A flow record. Field names are stable (documented in ARCHITECTURE.md).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct FlowRecord {
     /// RFC 3339 UTC time of the event.
     pub time: String,
     /// `open`, `close`, or `refused` (stopped by the agent before reaching the app).
-    pub event: Text,
+    pub event: Event,
     /// Node name.
     pub node: Arc<str>,
     /// `outbound` (opened by the traced pod) or `inbound`.
-    pub direction: Text,
+    pub direction: Direction,
     /// Source.
     pub src: Peer,
     /// Destination: the address the source asked for, or for a Service the endpoint chosen.
@@ -72,12 +207,12 @@ pub struct FlowRecord {
     /// The Service (`namespace/name`) the source addressed, if any.
     pub service: Option<String>,
     /// `mutual_tls` or `plaintext`.
-    pub security: Text,
+    pub security: Security,
     /// `enrolled` if the traced pod is in the mesh, else `not-enrolled`.
-    pub mesh: Text,
+    pub mesh: Mesh,
     /// `allowed`, `denied` (AuthorizationPolicy), `refused` (STRICT mTLS), `error`, or
     /// `unprotected` (not in the mesh: nothing enforced).
-    pub verdict: Text,
+    pub verdict: FlowVerdict,
     /// The deciding policy, if any.
     pub policy: Option<String>,
     /// Why, in words.
@@ -97,7 +232,7 @@ pub struct FlowRecord {
     pub duration_ms: u64,
     /// How it ended: `fin`, `reset_received`, `reset_sent`, `refused` (reset in reply to the
     /// SYN), `timeout` (no answer to the SYN), `denied` (by the agent).
-    pub end: Option<Text>,
+    pub end: Option<End>,
     /// The kernel's reason for a reset it sent (`enum sk_rst_reason`).
     pub end_reason: Option<String>,
     /// Netns cookie of the traced socket.
@@ -109,8 +244,8 @@ pub struct FlowRecord {
 /// What the proxy learned about a connection, attached to the app socket's record.
 #[derive(Clone, Debug, Default)]
 pub struct Note {
-    /// `mutual_tls` or `plaintext`.
-    pub security: &'static str,
+    /// How the proxy carried it.
+    pub security: Security,
     /// The real source (inbound) or destination (outbound: the endpoint, for a Service).
     pub peer: Option<SocketAddr>,
     /// The Service the source addressed.
@@ -119,8 +254,8 @@ pub struct Note {
     pub src_identity: Option<String>,
     /// Destination identity.
     pub dst_identity: Option<String>,
-    /// `allowed`, `denied`, `refused`, `error`.
-    pub verdict: &'static str,
+    /// What the proxy did with it.
+    pub verdict: FlowVerdict,
     /// Deciding policy.
     pub policy: Option<String>,
     /// Why.
@@ -226,15 +361,15 @@ impl Flows {
     }
 
     fn apply(&self, cluster: &Cluster, record: &mut FlowRecord, note: Note) {
-        record.security = note.security.into();
-        record.verdict = note.verdict.into();
+        record.security = note.security;
+        record.verdict = note.verdict;
         record.policy = note.policy;
         record.reason = note.reason;
         record.audit = note.audit;
-        match (record.direction.as_ref(), note.peer) {
-            ("inbound", Some(peer)) => record.src = self.peer(cluster, Some(peer.ip()), peer.port()),
+        match (record.direction, note.peer) {
+            (Direction::Inbound, Some(peer)) => record.src = self.peer(cluster, Some(peer.ip()), peer.port()),
             // Through a Service, the endpoint the agent chose.
-            ("outbound", Some(peer)) if note.service.is_some() => {
+            (Direction::Outbound, Some(peer)) if note.service.is_some() => {
                 record.dst = self.peer(cluster, Some(peer.ip()), peer.port());
             }
             _ => {}
@@ -256,7 +391,7 @@ impl Flows {
             return;
         }
         let record =
-            FlowRecord { time: now_rfc3339(), event: "refused".into(), node: self.node.clone(), ..record };
+            FlowRecord { time: now_rfc3339(), event: Event::Refused, node: self.node.clone(), ..record };
         self.publish(&mut self.lock(), Arc::new(record));
     }
 
@@ -283,7 +418,7 @@ impl Flows {
                 let record = self.open_record(&state, event);
                 // An enrolled pod's connection is proxied: its open record waits (briefly) for the
                 // proxy's note, which knows identities, verdict and, inbound, the real source.
-                let waiting = (record.mesh == "enrolled").then(|| (note_key(event), Instant::now()));
+                let waiting = (record.mesh == Mesh::Enrolled).then(|| (note_key(event), Instant::now()));
                 let socket = event.socket_cookie;
                 let mut record = Arc::new(record);
                 if waiting.is_none() {
@@ -317,7 +452,7 @@ impl Flows {
                 self.close_record(&mut state, &mut record, event, started, key);
                 // An abort's reset event (with its reason) follows the state change: hold the
                 // record back a moment to name it.
-                if record.end.as_deref() == Some("reset_sent") && record.end_reason.is_none() {
+                if record.end == Some(End::ResetSent) && record.end_reason.is_none() {
                     state.aborting.push((Instant::now(), record, *event));
                 } else {
                     self.publish(&mut state, Arc::new(record));
@@ -446,14 +581,14 @@ impl Flows {
         let enrolled = pod.is_some_and(|p| p.enrollment.is_enrolled());
         FlowRecord {
             time: now_rfc3339(),
-            event: "open".into(),
+            event: Event::Open,
             node: self.node.clone(),
-            direction: if active { "outbound" } else { "inbound" }.into(),
+            direction: if active { Direction::Outbound } else { Direction::Inbound },
             src,
             dst,
-            security: "plaintext".into(),
-            mesh: if enrolled { "enrolled" } else { "not-enrolled" }.into(),
-            verdict: if enrolled { "allowed" } else { "unprotected" }.into(),
+            security: Security::Plaintext,
+            mesh: if enrolled { Mesh::Enrolled } else { Mesh::NotEnrolled },
+            verdict: if enrolled { FlowVerdict::Allowed } else { FlowVerdict::Unprotected },
             netns_cookie: event.netns_cookie,
             socket_cookie: event.socket_cookie,
             ..FlowRecord::default()
@@ -469,11 +604,11 @@ impl Flows {
         key: (u64, u16),
     ) {
         record.time = now_rfc3339();
-        record.event = "close".into();
+        record.event = Event::Close;
         record.srtt_us = event.srtt_us;
         record.retransmits = event.total_retrans;
         record.duration_ms = event.time_ns.saturating_sub(started) / 1_000_000;
-        let active = record.direction == "outbound";
+        let active = record.direction == Direction::Outbound;
         // The kernel's byte counters follow sequence numbers, which the SYN (active side) and
         // each FIN also consume: take those out to report application bytes.
         let state_before = event.old_state;
@@ -506,22 +641,22 @@ impl Flows {
             local.zip(remote).and_then(|(local, remote)| state.resets.remove(&Tuple { local, remote }));
         let reset_by_cookie = state.resets_by_cookie.remove(&event.socket_cookie).is_some();
         let (end, end_reason) = match (event.old_state, reset) {
-            (tcp_state::SYN_SENT, Some(_)) => ("refused", None),
-            (tcp_state::SYN_SENT, None) if reset_by_cookie => ("refused", None),
-            (tcp_state::SYN_SENT, None) => ("timeout", None),
-            (_, Some((_, 1, why))) => ("reset_sent", why.split_once(':').map(|(_, r)| r.to_owned())),
-            (_, Some(_)) => ("reset_received", None),
-            (_, None) if reset_by_cookie => ("reset_received", None),
+            (tcp_state::SYN_SENT, Some(_)) => (End::Refused, None),
+            (tcp_state::SYN_SENT, None) if reset_by_cookie => (End::Refused, None),
+            (tcp_state::SYN_SENT, None) => (End::Timeout, None),
+            (_, Some((_, 1, why))) => (End::ResetSent, why.split_once(':').map(|(_, r)| r.to_owned())),
+            (_, Some(_)) => (End::ResetReceived, None),
+            (_, None) if reset_by_cookie => (End::ResetReceived, None),
             // Leaving ESTABLISHED or CLOSE_WAIT straight for CLOSE is an abort: this socket reset
             // the connection (its reset event may not have arrived yet).
             (tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT | tcp_state::SYN_RECV, None) => {
-                ("reset_sent", None)
+                (End::ResetSent, None)
             }
-            _ => ("fin", None),
+            _ => (End::Fin, None),
         };
-        record.end = Some(end.into());
+        record.end = Some(end);
         record.end_reason = end_reason.filter(|r| !r.is_empty());
-        if record.verdict == "allowed" && end == "refused" && record.reason.is_none() {
+        if record.verdict == FlowVerdict::Allowed && end == End::Refused && record.reason.is_none() {
             record.reason = Some("the destination refused the connection".into());
         }
     }
@@ -620,7 +755,7 @@ pub struct Filter {
     /// Either end in this namespace.
     pub namespace: Option<String>,
     /// Verdict.
-    pub verdict: Option<String>,
+    pub verdict: Option<FlowVerdict>,
     /// Destination port.
     pub port: Option<u16>,
     /// At most this many past records.
@@ -643,11 +778,12 @@ impl Filter {
                 "to" => filter.to = Some(value.into()),
                 "namespace" => filter.namespace = Some(value.into()),
                 "verdict" => {
-                    const VERDICTS: [&str; 5] = ["allowed", "denied", "refused", "error", "unprotected"];
-                    if !VERDICTS.contains(&value) {
-                        return Err(format!("verdict {value:?} is not one of {}", VERDICTS.join(", ")));
-                    }
-                    filter.verdict = Some(value.into());
+                    let verdict =
+                        FlowVerdict::ALL.into_iter().find(|v| v.as_str() == value).ok_or_else(|| {
+                            let all: Vec<&str> = FlowVerdict::ALL.iter().map(|v| v.as_str()).collect();
+                            format!("verdict {value:?} is not one of {}", all.join(", "))
+                        })?;
+                    filter.verdict = Some(verdict);
                 }
                 "port" => {
                     filter.port = Some(value.parse().map_err(|_| format!("port {value:?} is not a port"))?)
@@ -673,8 +809,40 @@ impl Filter {
             && self.namespace.as_deref().is_none_or(|ns| {
                 record.src.namespace.as_deref() == Some(ns) || record.dst.namespace.as_deref() == Some(ns)
             })
-            && self.verdict.as_deref().is_none_or(|v| record.verdict == v)
+            && self.verdict.is_none_or(|v| record.verdict == v)
             && self.port.is_none_or(|p| record.dst.port == p)
             && (!self.audited || !record.audit.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(value: impl Serialize) -> String {
+        serde_json::to_string(&value).expect("serializes").trim_matches('"').to_owned()
+    }
+
+    #[test]
+    fn records_spell_every_kind_as_the_tables_do() {
+        for v in FlowVerdict::ALL {
+            assert_eq!(json(v), v.as_str());
+        }
+        for e in [End::Fin, End::ResetReceived, End::ResetSent, End::Refused, End::Timeout, End::Denied] {
+            assert_eq!(json(e), e.as_str());
+        }
+        for e in [Event::Open, Event::Close, Event::Refused] {
+            assert_eq!(json(e), e.as_str());
+        }
+        for d in [Direction::Outbound, Direction::Inbound] {
+            assert_eq!(json(d), d.as_str());
+        }
+        for s in [Security::Plaintext, Security::MutualTls] {
+            assert_eq!(json(s), s.as_str());
+        }
+        assert_eq!(
+            (json(Mesh::Enrolled), json(Mesh::NotEnrolled)),
+            ("enrolled".into(), "not-enrolled".into())
+        );
     }
 }

@@ -11,7 +11,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::flows::{FlowRecord, Peer, rfc3339};
+use super::{
+    Direction, Security,
+    flows::{Event, FlowRecord, FlowVerdict, Peer, rfc3339},
+};
 use crate::{schema::ObjectKey, state::Cluster};
 
 /// The graph of the last `window`.
@@ -77,7 +80,7 @@ pub fn draw(records: &[impl AsRef<FlowRecord>], cluster: &Cluster, node: &str, w
             continue;
         }
         let (src, dst) = (vertex(&record.src, cluster), vertex(&record.dst, cluster));
-        let denied = matches!(record.verdict.as_ref(), "denied" | "refused");
+        let denied = matches!(record.verdict, FlowVerdict::Denied | FlowVerdict::Refused);
         let edge = edges.entry((src.id.clone(), dst.id.clone(), denied)).or_insert_with(|| GraphEdge {
             src: src.id.clone(),
             dst: dst.id.clone(),
@@ -92,9 +95,9 @@ pub fn draw(records: &[impl AsRef<FlowRecord>], cluster: &Cluster, node: &str, w
             last_seen: String::new(),
         });
         // A connection opens once (or is refused once); its bytes come with its close.
-        if matches!(record.event.as_ref(), "open" | "refused") {
+        if matches!(record.event, Event::Open | Event::Refused) {
             edge.connections += 1;
-            if record.security == "mutual_tls" {
+            if record.security == Security::MutualTls {
                 edge.mutual_tls += 1;
             } else {
                 edge.plaintext += 1;
@@ -130,7 +133,7 @@ pub fn draw(records: &[impl AsRef<FlowRecord>], cluster: &Cluster, node: &str, w
 /// when this agent traces the destination (it knows the verified identity and the verdict),
 /// else the source side's.
 fn counted_here(record: &FlowRecord, cluster: &Cluster, node: &str) -> bool {
-    if record.direction == "inbound" {
+    if record.direction == Direction::Inbound {
         return true;
     }
     let destination = record.dst.pod.as_deref().and_then(|pod| {

@@ -156,7 +156,7 @@ impl Metrics {
     pub fn closed(&self, record: &ConnectionRecord, opened: bool) {
         let flags = match &record.error {
             None => "-",
-            Some(e) if e.starts_with("denied") || e.contains("(401)") => "DENIED",
+            Some(_) if record.denied => "DENIED",
             Some(_) if !opened => "UF",
             Some(_) => "-",
         };
