@@ -39,6 +39,29 @@ pub mod sys;
 pub mod telemetry;
 pub mod tls;
 
+/// Entry points for the fuzz targets of `fuzz/` into parsers that are not public: built only
+/// with `--cfg fuzzing`, which `cargo fuzz` sets.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::net::SocketAddr;
+
+    /// A CONNECT authority, checked against the address its tunnel arrived on.
+    pub fn connect_authority(authority: &str, local: SocketAddr) -> Result<SocketAddr, String> {
+        crate::proxy::inbound::connect_authority(authority, local)
+    }
+
+    /// A query string component of the admin API.
+    pub fn percent_decode(text: &str) -> String {
+        crate::admin::percent_decode(text)
+    }
+
+    /// A SEC1 EC key wrapped into PKCS#8 (the CA's key file reader).
+    pub fn sec1_to_pkcs8(sec1: &[u8]) -> Option<Vec<u8>> {
+        crate::identity::ca::der::sec1_to_pkcs8(sec1)
+    }
+}
+
 /// An error with all its causes, `outer: inner: innermost`, for messages that must say why.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();

@@ -10,7 +10,8 @@ use anyhow::{Context as _, bail};
 /// test, iperf3 and sockperf for the
 /// bench, podman with runc and mmdebstrap
 /// for the agent's image and the tests that run it as the DaemonSet does, chromium to load the
-/// service graph page in a real browser.
+/// service graph page in a real browser, g++ for libFuzzer (the fuzz targets), util-linux's
+/// `setpriv` to run the unprivileged test tier as `nobody`.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -30,6 +31,8 @@ const PACKAGES: &[&str] = &[
     "runc",
     "mmdebstrap",
     "chromium",
+    "g++",
+    "util-linux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -37,7 +40,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub(crate) fn run() -> anyhow::Result<()> {
     packages()?;
     rust_src()?;
-    bpf_linker()?;
+    cargo_tools()?;
     python_packages()?;
     Ok(())
 }
@@ -121,24 +124,61 @@ fn rust_src() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bpf_linker() -> anyhow::Result<()> {
-    let current = Command::new("bpf-linker").arg("--version").output();
-    if current
-        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
-    {
-        return Ok(());
-    }
-    eprintln!("setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
-    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
-        .args(["--no-default-features", "--features", "llvm-22"])
-        .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-        .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")
-        .env("LLVM_SYS_220_PREFIX", "/usr/lib/llvm-22")
-        .status()
-        .context("cargo install bpf-linker")?;
-    if !status.success() {
-        bail!("cargo install bpf-linker failed: {status}");
+/// A tool installed with `cargo install`, at its pinned version.
+struct CargoTool {
+    binary: &'static str,
+    version: &'static str,
+    why: &'static str,
+    args: &'static [&'static str],
+    env: &'static [(&'static str, &'static str)],
+}
+
+const CARGO_TOOLS: &[CargoTool] = &[
+    CargoTool {
+        binary: "bpf-linker",
+        version: BPF_LINKER_VERSION,
+        why: "links the kernel programs, against LLVM 22 (about a minute)",
+        args: &["--no-default-features", "--features", "llvm-22"],
+        env: &[
+            ("LLVM_PREFIX", "/usr/lib/llvm-22"),
+            ("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"),
+            ("LLVM_SYS_220_PREFIX", "/usr/lib/llvm-22"),
+        ],
+    },
+    CargoTool {
+        binary: "cargo-deny",
+        version: "0.20.2",
+        why: "checks the dependency tree's licenses, bans and sources (about five minutes)",
+        args: &["--no-default-features"],
+        env: &[],
+    },
+    CargoTool {
+        binary: "cargo-fuzz",
+        version: "0.13.2",
+        why: "builds and runs the fuzz targets (about a minute)",
+        args: &[],
+        env: &[],
+    },
+];
+
+fn cargo_tools() -> anyhow::Result<()> {
+    for tool in CARGO_TOOLS {
+        let current = Command::new(tool.binary).arg("--version").output();
+        if current
+            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(tool.version))
+        {
+            continue;
+        }
+        eprintln!("setup: installing {} {}: {}", tool.binary, tool.version, tool.why);
+        let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["install", tool.binary, "--version", tool.version, "--locked"])
+            .args(tool.args)
+            .envs(tool.env.iter().copied())
+            .status()
+            .with_context(|| format!("cargo install {}", tool.binary))?;
+        if !status.success() {
+            bail!("cargo install {} failed: {status}", tool.binary);
+        }
     }
     Ok(())
 }

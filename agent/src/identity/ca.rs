@@ -522,16 +522,16 @@ fn load_key(path: &Path, pem: &str) -> Result<KeyPair, IdentityError> {
 }
 
 /// Just enough DER to wrap SEC1 and PKCS#1 keys into PKCS#8, which the signer requires.
-mod der {
+pub(crate) mod der {
     const RSA_ENCRYPTION: &[u8] = &[0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
     const EC_PUBLIC_KEY: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
 
-    pub(super) fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
+    pub(crate) fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Vec<u8> {
         let algorithm = tlv(0x30, &[RSA_ENCRYPTION, &[0x05, 0x00]].concat());
         pkcs8(&algorithm, pkcs1)
     }
 
-    pub(super) fn sec1_to_pkcs8(sec1: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn sec1_to_pkcs8(sec1: &[u8]) -> Option<Vec<u8>> {
         let curve = named_curve(sec1)?;
         let algorithm = tlv(0x30, &[EC_PUBLIC_KEY, curve].concat());
         Some(pkcs8(&algorithm, sec1))

@@ -443,7 +443,12 @@ fn connect_target(request: &Request<h2::RecvStream>, local: SocketAddr) -> Resul
     if request.method() != Method::CONNECT {
         return Err(format!("{} is not CONNECT", request.method()));
     }
-    let authority = request.uri().authority().map(|a| a.as_str()).unwrap_or_default();
+    connect_authority(request.uri().authority().map(|a| a.as_str()).unwrap_or_default(), local)
+}
+
+/// The destination a CONNECT `authority` names, if it is allowed through a tunnel that arrived on
+/// `local`: [`connect_target`] without the request around it (what the fuzz target drives).
+pub(crate) fn connect_authority(authority: &str, local: SocketAddr) -> Result<SocketAddr, String> {
     let dst: SocketAddr =
         authority.parse().map_err(|_| format!("CONNECT authority {authority:?} is not ip:port"))?;
     if dst.ip() != local.ip() {

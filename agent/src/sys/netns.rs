@@ -136,6 +136,7 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs root (setns); the privileged tier runs it"]
     fn own_namespace_opens_and_runs() {
         Netns::init_host().expect("host netns");
         let ns = Netns::open(Path::new("/proc/self/ns/net")).expect("own netns");
@@ -146,6 +147,7 @@ mod tests {
     /// their procfs names. (Checked here, without enrolling them end to end: a regression would
     /// capture the test machine's own traffic.)
     #[test]
+    #[ignore = "needs root (setns); the privileged tier runs it"]
     fn the_agents_and_the_hosts_namespaces_are_never_a_pod() {
         Netns::init_host().expect("host netns");
         for path in ["/proc/self/ns/net", "/proc/thread-self/ns/net", "/proc/1/ns/net"] {
