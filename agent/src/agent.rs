@@ -4,28 +4,29 @@
 //! Shutting down leaves the eBPF programs and maps pinned: enrolled pods stay captured and fail
 //! closed until the next agent takes over.
 
+mod app;
+mod config;
+
 use std::sync::Arc;
 
 use tokio::sync::watch;
 use tracing::{error, info};
 
+use self::{
+    app::{App, Reports},
+    config::Config,
+};
 use crate::{
-    admin::{self, AdminError, AdminState, AgentInfo},
-    bpf::{BpfError, Datapath, TraceMaps},
+    admin::{self, AdminError},
+    bpf::BpfError,
     cli::AgentArgs,
-    discovery::{self, DiscoveryError, local::SourceStatus},
-    identity::{Bundle, Ca, CaClient, Identities, IdentityError},
-    proxy::{Proxy, Settings},
-    redirect::Tracing,
+    discovery::DiscoveryError,
+    identity::IdentityError,
+    proxy::Proxy,
     redirect::{Redirector, Round},
     state::Cluster,
     sys::netns::Netns,
-    telemetry::{
-        flows::{self, Flows},
-        history::FlowHistory,
-        metrics::Metrics,
-    },
-    tls::{TlsContext, TlsError},
+    tls::TlsError,
 };
 
 /// Why the agent could not start or had to stop.
@@ -82,19 +83,9 @@ impl AgentError {
     }
 }
 
-/// Where the agent learns about the cluster.
-enum Source {
-    /// A local cluster file.
-    Local(Box<discovery::local::Reader>),
-    /// The Kubernetes API.
-    Kubernetes(::kube::Client),
-}
-
 /// Runs the agent until a termination signal.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
-    if args.node.is_empty() {
-        return Err(AgentError::Usage("--node (or NODE_NAME) must not be empty".into()));
-    }
+    let config = Config::from_args(args)?;
     let uid = nix::unistd::geteuid().as_raw();
     if uid != 0 {
         return Err(AgentError::NotRoot(uid));
@@ -103,151 +94,28 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     raise_fd_limit();
     // The descriptor given up at the open-files limit to refuse a connection fast.
     crate::listener::reserve_spare();
-    // The source of truth: the local file, or the Kubernetes API.
-    let (source, cluster, source_name, source_file) = match args.local.clone() {
-        Some(file) => {
-            let file = std::path::absolute(&file).unwrap_or(file);
-            let mut reader = discovery::local::Reader::new(&file, &args.root_namespace);
-            let cluster = reader.read()?;
-            info!(file = %file.display(), pods = cluster.workloads.len(), node = %args.node, "cluster file loaded");
-            let name = format!("local:{}", file.display());
-            (Source::Local(Box::new(reader)), cluster, name, file)
-        }
-        None => {
-            let client = discovery::kube::client().await?;
-            info!(node = %args.node, "watching the Kubernetes API");
-            // Nothing is known until the first full list: nothing is captured, and not ready.
-            (Source::Kubernetes(client), Cluster::default(), "kubernetes".to_owned(), "kubernetes".into())
-        }
-    };
+    let app = app::build(config).await?;
+    serve(app).await
+}
 
-    let identities = match (&args.ca_addr, &args.ca_root) {
-        (Some(addr), Some(root)) => {
-            let bundle = Arc::new(Bundle::from_file(root)?);
-            let client = CaClient::new(addr, args.ca_token.clone(), bundle.clone())?;
-            info!(ca = client.authority(), bundle = %root.display(), roots = bundle.current().roots.len(), "certificates from the CA service");
-            Identities::remote(client, &args.trust_domain, args.cert_ttl, bundle)
-        }
-        _ => Identities::embedded(Ca::load_or_create(&args.ca_dir, &args.trust_domain)?, args.cert_ttl)?,
-    };
-    let tls = Arc::new(TlsContext::new(identities.clone())?);
-
-    let instance = args.instance.clone().unwrap_or_else(|| args.node.clone());
-    let (datapath, proxy_maps, trace_maps) =
-        Datapath::load(&args.bpf_dir, &instance, args.flow_buffer_bytes)?;
-
-    let (cluster_tx, cluster_rx) = watch::channel(Arc::new(cluster));
-    let (source_tx, source_rx) = watch::channel(SourceStatus {
-        file: source_file,
-        generation: 1,
-        loaded_at: crate::sys::unix_now(),
-        error: None,
-    });
-    let (pods_tx, pods_rx) = watch::channel(Arc::new(Vec::new()));
-    let (ready_tx, ready_rx) = watch::channel(false);
-    let (datapath_tx, datapath_rx) = watch::channel(admin::DatapathHealth::default());
-    let (certs_tx, certs_rx) = watch::channel(Arc::new(Vec::new()));
-    let (ca_tx, ca_rx) = watch::channel(Arc::new(identities.ca_report()));
-    let mut issued = identities.subscribe();
-
-    let TraceMaps { events, stats } = trace_maps;
-    let metrics = Arc::new(Metrics::default());
-    let tracing = if args.no_flows {
-        Tracing::Off
-    } else if args.trace_all {
-        Tracing::AllPods
-    } else {
-        Tracing::Enrolled
-    };
-    let flows = Arc::new(Flows::new(
-        tracing != Tracing::Off,
-        args.node.clone(),
-        args.trust_domain.clone(),
-        cluster_rx.clone(),
-        stats.reset_reason_names.clone(),
-    ));
-    let trace_stats = Arc::new(stats);
-    let history = Arc::new(FlowHistory::new(args.flow_history));
-
-    let info = AgentInfo {
-        version: env!("CARGO_PKG_VERSION").into(),
-        node: args.node.clone(),
-        instance,
-        source: source_name,
-        pin_dir: datapath.pin_dir().display().to_string(),
-        cgroup_root: datapath.cgroup_root().display().to_string(),
-        trust_domain: args.trust_domain.clone(),
-        root_namespace: args.root_namespace.clone(),
-        started_at: crate::sys::unix_now(),
-    };
-    let state = AdminState {
-        info: Arc::new(info),
-        source: source_rx,
-        pods: pods_rx,
-        ready: ready_rx,
-        datapath: datapath_rx,
-        certs: certs_rx,
-        ca: ca_rx,
-        cluster: cluster_rx.clone(),
-        flows: flows.clone(),
-        history: history.clone(),
-        trace_stats: trace_stats.clone(),
-        metrics: metrics.clone(),
-    };
-    let admin = admin::bind_admin(args.admin_addr, state.clone()).await?;
-    let readiness = admin::bind_readiness(args.readiness_addr, state.clone()).await?;
-    let metrics_server = admin::bind_metrics(args.metrics_addr, state).await?;
-    // Every long-lived task is owned here: if one ends (a bug: they retry their own errors),
-    // the agent says which and exits non-zero, and the kubelet restarts it while the pinned
-    // programs keep enforcing.
-    let mut tasks = Tasks::default();
-    tasks.spawn("admin API", admin);
-    tasks.spawn("readiness endpoint", readiness);
-    tasks.spawn("metrics endpoint", metrics_server);
-
-    let settings = Settings {
-        root_namespace: args.root_namespace.clone(),
-        flows: flows.clone(),
-        metrics: metrics.clone(),
-        history: history.clone(),
-        client_address: !args.no_client_address,
-        same_node_hbone: args.same_node_hbone,
-    };
-    let proxy = Arc::new(Proxy::new(
-        Arc::new(proxy_maps),
-        cluster_rx.clone(),
-        identities.clone(),
-        tls.clone(),
-        settings,
-    ));
-    let mut redirector =
-        Redirector::new(args.node.clone(), datapath, proxy.clone(), identities.clone(), tls, tracing);
-    let (synced_tx, synced) = watch::channel(false);
-    match source {
-        Source::Local(reader) => {
-            synced_tx.send_replace(true);
-            tasks.spawn("cluster file watcher", discovery::local::watch(*reader, cluster_tx, source_tx));
-        }
-        Source::Kubernetes(client) => {
-            tasks.spawn(
-                "Kubernetes watchers",
-                discovery::kube::watch(client, args.root_namespace.clone(), cluster_tx, source_tx, synced_tx),
-            );
-        }
-    }
-    if tracing != Tracing::Off {
-        tasks.spawn("flow reader", flows::read_events(flows.clone(), events));
-    }
-    let pool_owner = proxy.clone();
-    tasks.spawn("HBONE pool sweeper", async move {
-        let mut sweep = tokio::time::interval(std::time::Duration::from_secs(30));
-        loop {
-            sweep.tick().await;
-            pool_owner.pool().sweep();
-        }
-    });
-
-    let mut changes = cluster_rx;
+/// The main loop: reconciles the pods with each snapshot, keeps the datapath whole, publishes
+/// the reports, and drains on SIGTERM or SIGINT.
+async fn serve(app: App) -> Result<(), AgentError> {
+    let App {
+        mut redirector,
+        proxy,
+        identities,
+        flows,
+        changes,
+        synced,
+        mut issued,
+        reports,
+        mut tasks,
+        drain_timeout,
+    } = app;
+    let Reports { pods: pods_tx, ready: ready_tx, datapath: datapath_tx, certs: certs_tx, ca: ca_tx } =
+        reports;
+    let mut changes = changes;
     let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
     // Retry pods that failed (e.g. a netns that appears later) without waiting for an edit.
@@ -299,12 +167,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
         certs_tx.send_replace(Arc::new(identities.reports(&by_identity)));
         ca_tx.send_replace(Arc::new(identities.ca_report()));
-        let refresh = identities.next_refresh(std::time::SystemTime::now());
         wake = tokio::select! {
-            () = tokio::time::sleep(refresh) => {
-                identities.refresh_due(std::time::SystemTime::now());
-                Wake::Refresh
-            }
             _ = issued.changed() => Wake::Refresh,
             changed = changes.changed() => {
                 if changed.is_err() {
@@ -322,7 +185,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             _ = interrupt.recv() => break,
         };
     }
-    drain(&mut redirector, &proxy, &ready_tx, args.drain_timeout).await;
+    drain(&mut redirector, &proxy, &ready_tx, drain_timeout).await;
     Ok(())
 }
 
@@ -397,7 +260,7 @@ enum Wake {
     Retry,
     /// Time to check the kernel's state.
     Verify,
-    /// A certificate was due, or the CA answered.
+    /// A certificate was issued: its report changed.
     Refresh,
 }
 
