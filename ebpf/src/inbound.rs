@@ -1,20 +1,25 @@
 //! Inbound capture: new TCP connections to an enrolled pod go to the agent's inbound listener.
 
 use ambit_common::{AF_INET, AF_INET6, ConnectionKey, HBONE_PORT, IpAddr};
-use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
+use aya_ebpf::{
+    bindings::{
+        self,
+        sk_action::{SK_DROP, SK_PASS},
+    },
+    macros::sk_lookup,
+    programs::SkLookupContext,
+};
 
 use crate::{
+    IPPROTO_TCP,
     maps::{HBONE_LISTENERS, INBOUND_LISTENERS, LOCAL_CONNECTIONS},
     read_words,
 };
 
-const SK_DROP: u32 = 0;
-const SK_PASS: u32 = 1;
-const IPPROTO_TCP: u32 = 6;
 /// The loopback interface is always ifindex 1 in a network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 /// `bpf_sk_assign` flag: skip reuseport selection on the assigned socket.
-const BPF_SK_LOOKUP_F_NO_REUSEPORT: u64 = 2;
+const NO_REUSEPORT: u64 = bindings::BPF_SK_LOOKUP_F_NO_REUSEPORT as u64;
 
 /// Linked into each enrolled pod's network namespace by the agent.
 #[sk_lookup]
@@ -59,7 +64,7 @@ pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     // Exactly the agent's socket: its listeners share their ports (SO_REUSEPORT, so that a new
     // agent can start beside the old one), and a process of the pod running as the same user
     // could join that group; the kernel's reuseport choice would then hand it connections.
-    match listeners.redirect_sk_lookup(&ctx, local, BPF_SK_LOOKUP_F_NO_REUSEPORT) {
+    match listeners.redirect_sk_lookup(&ctx, local, NO_REUSEPORT) {
         Ok(()) => SK_PASS,
         // No live listener for this pod: refuse rather than let traffic reach the app
         // without the agent (fail closed).

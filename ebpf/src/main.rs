@@ -19,6 +19,9 @@ mod outbound;
 mod probes;
 mod trace;
 
+/// `IPPROTO_TCP` (`in.h`: not in the BPF bindings, which hold `bpf.h` only).
+pub(crate) const IPPROTO_TCP: u32 = 6;
+
 /// A `sock_ops` socket's (local address, local port, remote address, remote port), ports in host
 /// byte order.
 #[inline(always)]

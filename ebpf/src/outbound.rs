@@ -12,12 +12,15 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 
-use crate::maps::{ENROLLED, ORIG_DST, SOCK_ORIG};
+use crate::{
+    IPPROTO_TCP,
+    maps::{ENROLLED, ORIG_DST, SOCK_ORIG},
+};
 
 /// Return value that lets the syscall proceed (cgroup programs: 1 = allow).
 const ALLOW: i32 = 1;
+/// `SOCK_STREAM` (`socket.h`, not in the BPF bindings).
 const SOCK_STREAM: u32 = 1;
-const IPPROTO_TCP: u32 = 6;
 
 /// 127.0.0.1 as the kernel stores it (network byte order).
 const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);

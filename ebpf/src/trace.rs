@@ -13,7 +13,7 @@ use ambit_common::{
 };
 use aya_ebpf::{
     EbpfContext as _, Global,
-    bindings::bpf_sock_ops,
+    bindings::{self, bpf_sock_ops},
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
     macros::{map, sock_ops, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -22,11 +22,12 @@ use aya_ebpf::{
 
 use crate::{local, outbound::remember_established, probes, sock_ops_endpoints};
 
-const TCP_CONNECT_CB: u32 = 3;
-const ACTIVE_ESTABLISHED_CB: u32 = 4;
-const PASSIVE_ESTABLISHED_CB: u32 = 5;
-const STATE_CB: u32 = 10;
-const STATE_CB_FLAG: i32 = 4;
+const TCP_CONNECT_CB: u32 = bindings::BPF_SOCK_OPS_TCP_CONNECT_CB;
+const ACTIVE_ESTABLISHED_CB: u32 = bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB;
+const PASSIVE_ESTABLISHED_CB: u32 = bindings::BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+const STATE_CB: u32 = bindings::BPF_SOCK_OPS_STATE_CB;
+const STATE_CB_FLAG: i32 = bindings::BPF_SOCK_OPS_STATE_CB_FLAG as i32;
+/// Ethernet protocol numbers (`if_ether.h`, not in the BPF bindings).
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
@@ -176,10 +177,10 @@ fn emit_sock(ctx: &SockOpsContext, kind: u32, active: bool, orig: Option<ambit_c
     entry.submit(wakeup_flags());
 }
 
-const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
-const BPF_RB_RING_SIZE: u64 = 1;
+const BPF_RB_NO_WAKEUP: u64 = bindings::BPF_RB_NO_WAKEUP as u64;
+const BPF_RB_FORCE_WAKEUP: u64 = bindings::BPF_RB_FORCE_WAKEUP as u64;
+const BPF_RB_AVAIL_DATA: u64 = bindings::BPF_RB_AVAIL_DATA as u64;
+const BPF_RB_RING_SIZE: u64 = bindings::BPF_RB_RING_SIZE as u64;
 
 /// Waking the reader for every event would cost a context switch per connection; the agent
 /// drains the buffer on a short timer instead, and is woken early only once a quarter of the
