@@ -262,6 +262,24 @@ fn operator_commands_explain_what_is_wrong() {
         .expect("run as nobody");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("must run as root"));
+
+    // An instance that is not one directory name would pin outside --bpf-dir/<instance>: refused
+    // before anything is loaded. Control: `--instance a` passes the check and stops at the root
+    // check, as above.
+    let agent_with = |instance: &str| {
+        std::process::Command::new(ambit_tests::ambit_binary())
+            .args(["agent", "--local", "/dev/null", "--node", "a", "--instance", instance])
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .expect("run as nobody")
+    };
+    let control = agent_with("a");
+    assert_eq!(control.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&control.stderr).contains("must run as root"));
+    let out = agent_with("..");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--instance \"..\" must be one directory name"));
 }
 
 #[test]

@@ -47,11 +47,15 @@ impl Config {
         if args.node.trim().is_empty() {
             return Err(AgentError::Usage("--node (or NODE_NAME) must not be empty".into()));
         }
-        if args.instance.as_deref().is_some_and(|i| i.is_empty() || i.contains('/')) {
-            return Err(AgentError::Usage(format!(
-                "--instance {:?} must be a non-empty name without '/' (it names a directory under --bpf-dir)",
-                args.instance.as_deref().unwrap_or_default()
-            )));
+        // The instance names one directory under --bpf-dir: `..` or `a/b` would put the pins
+        // (and what the next agent removes as stale) somewhere else.
+        if let Some(instance) = args.instance.as_deref() {
+            let mut parts = std::path::Path::new(instance).components();
+            if !matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None)) {
+                return Err(AgentError::Usage(format!(
+                    "--instance {instance:?} must be one directory name (no '/', not '.' or '..'): it names the pin directory under --bpf-dir"
+                )));
+            }
         }
         let cluster = match &args.local {
             Some(file) => ClusterSource::File(std::path::absolute(file).unwrap_or_else(|_| file.clone())),
@@ -117,6 +121,9 @@ mod tests {
             ("--node=", "--node"),
             ("--node n1 --no-flows --trace-all", "--no-flows"),
             ("--node n1 --instance a/b", "--instance"),
+            ("--node n1 --instance ..", "--instance"),
+            ("--node n1 --instance .", "--instance"),
+            ("--node n1 --instance=", "--instance"),
         ] {
             let error = config(line).expect_err(line).to_string();
             assert!(error.contains(named), "{line}: {error}");
