@@ -7,18 +7,20 @@
 //!
 //! Each test uses loopback addresses of its own (`127.0.<n>.x`), so they run in parallel.
 
+mod support;
+
 use std::{
     collections::HashMap,
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use ambit::{
     discovery,
-    identity::{Ca, Identities, Identity},
+    identity::{Identities, Identity},
     proxy::{ConnectionTable, PodContext, PodSockets, PodStats, Proxy, Settings},
     state::Cluster,
     telemetry::{
@@ -29,6 +31,7 @@ use ambit::{
     tls::TlsContext,
 };
 use socket2::{Domain, Protocol, Socket, Type};
+use support::{TRUST_DOMAIN, TestCa};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -36,7 +39,6 @@ use tokio::{
     task::JoinHandle,
 };
 
-const TRUST_DOMAIN: &str = "cluster.local";
 const APP_PORT: u16 = 8080;
 const HBONE_PORT: u16 = 15008;
 /// Longer than any step of a test should take; a hang fails instead of blocking the run.
@@ -71,24 +73,6 @@ impl PodSockets for Loopback {
     }
 }
 
-/// A directory removed when the test ends, however it ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("ambit-direct-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("temporary directory");
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The two-node mesh of one test.
 struct Mesh {
     /// The client's way in: pod `a`'s outbound listener.
@@ -101,7 +85,7 @@ struct Mesh {
     cluster: watch::Sender<Arc<Cluster>>,
     proxy_b: Arc<Proxy>,
     tasks: Vec<JoinHandle<()>>,
-    _ca: TempDir,
+    _ca: TestCa,
 }
 
 impl Drop for Mesh {
@@ -130,8 +114,8 @@ fn proxy(
     table: Arc<Table>,
     cluster: &watch::Sender<Arc<Cluster>>,
     identities: &Arc<Identities>,
+    tls: &Arc<TlsContext>,
 ) -> (Arc<Proxy>, Arc<Metrics>) {
-    let tls = Arc::new(TlsContext::new(identities.clone()).expect("TLS context"));
     let metrics = Arc::new(Metrics::default());
     let settings = Settings {
         root_namespace: "istio-system".into(),
@@ -147,15 +131,20 @@ fn proxy(
         client_address: false,
         same_node_hbone: false,
     };
-    (Arc::new(Proxy::new(table, cluster.subscribe(), identities.clone(), tls, settings)), metrics)
+    (Arc::new(Proxy::new(table, cluster.subscribe(), identities.clone(), tls.clone(), settings)), metrics)
 }
 
-fn pod(cluster: &Cluster, name: &str, identities: &Arc<Identities>, cookie: u64) -> Arc<PodContext> {
+fn pod(
+    cluster: &Cluster,
+    name: &str,
+    identities: &Identities,
+    tls: &TlsContext,
+    cookie: u64,
+) -> Arc<PodContext> {
     let workload =
         cluster.workloads.values().find(|w| w.key.name == name).expect("pod in the cluster").clone();
     let identity = Identity::new(TRUST_DOMAIN, &workload.key.namespace, &workload.service_account);
     identities.prefetch(&identity).expect("certificate");
-    let tls = TlsContext::new(identities.clone()).expect("TLS context");
     Arc::new(PodContext {
         workload,
         identity: identity.clone(),
@@ -185,16 +174,15 @@ async fn echo(listener: TcpListener, peers: tokio::sync::mpsc::UnboundedSender<S
 }
 
 async fn mesh(net: u8, extra: &str) -> (Mesh, tokio::sync::mpsc::UnboundedReceiver<SocketAddr>) {
-    let ca = TempDir::new(&format!("ca-{net}"));
-    let identities =
-        Identities::embedded(Ca::load_or_create(&ca.0, TRUST_DOMAIN).expect("CA"), Duration::from_secs(3600))
-            .expect("identities");
+    let ca = TestCa::new(&format!("direct-{net}"), Duration::from_secs(3600));
+    let identities = ca.identities.clone();
+    let tls = Arc::new(TlsContext::new(identities.clone()).expect("TLS context"));
     let snapshot = parse(&cluster_file(net, extra));
     let (cluster, _) = watch::channel(snapshot.clone());
     let (table_a, table_b) = (Arc::new(Table::default()), Arc::new(Table::default()));
-    let (proxy_a, metrics_a) = proxy(table_a.clone(), &cluster, &identities);
-    let (proxy_b, metrics_b) = proxy(table_b, &cluster, &identities);
-    let (a, b) = (pod(&snapshot, "a", &identities, 1), pod(&snapshot, "b", &identities, 2));
+    let (proxy_a, metrics_a) = proxy(table_a.clone(), &cluster, &identities, &tls);
+    let (proxy_b, metrics_b) = proxy(table_b, &cluster, &identities, &tls);
+    let (a, b) = (pod(&snapshot, "a", &identities, &tls, 1), pod(&snapshot, "b", &identities, &tls, 2));
 
     let ip = |host| IpAddr::V4(Ipv4Addr::new(127, 0, net, host));
     let outbound = TcpListener::bind((ip(2), 0)).await.expect("outbound listener");

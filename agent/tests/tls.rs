@@ -2,10 +2,12 @@
 //! who is accepted and who is refused, by which side, with which identity. Two CAs of the same
 //! trust domain stand for this mesh and a stranger's.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+mod support;
+
+use std::{sync::Arc, time::Duration};
 
 use ambit::{
-    identity::{Ca, Identities, Identity, spiffe_id_of},
+    identity::{Identity, spiffe_id_of},
     tls::TlsContext,
 };
 use rustls::{
@@ -13,51 +15,29 @@ use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     pki_types::{CertificateDer, ServerName, UnixTime},
 };
+use support::{TRUST_DOMAIN, TestCa};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-
-const TRUST_DOMAIN: &str = "cluster.local";
-
-/// A directory removed when the test ends, however it ends.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!("ambit-tls-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("temporary directory");
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// One CA and the TLS configurations of the agents it serves.
 struct Mesh {
-    identities: Arc<Identities>,
+    ca: TestCa,
     tls: TlsContext,
-    _dir: TempDir,
 }
 
 impl Mesh {
     fn new(name: &str) -> Self {
-        let dir = TempDir::new(name);
-        let ca = Ca::load_or_create(&dir.0, TRUST_DOMAIN).expect("CA");
-        let identities = Identities::embedded(ca, Duration::from_secs(3600)).expect("identities");
-        let tls = TlsContext::new(identities.clone()).expect("TLS context");
-        Self { identities, tls, _dir: dir }
+        let ca = TestCa::new(&format!("tls-{name}"), Duration::from_secs(3600));
+        let tls = TlsContext::new(ca.identities.clone()).expect("TLS context");
+        Self { ca, tls }
     }
 
     fn client(&self, src: &Identity, expected: &Identity) -> Arc<ClientConfig> {
-        self.identities.prefetch(src).expect("certificate");
+        self.ca.identities.prefetch(src).expect("certificate");
         self.tls.client_config(src, expected).expect("client config")
     }
 
     fn acceptor(&self, presents: &Identity) -> TlsAcceptor {
-        self.identities.prefetch(presents).expect("certificate");
+        self.ca.identities.prefetch(presents).expect("certificate");
         TlsAcceptor::from(self.tls.server_config(presents.clone()).expect("server config"))
     }
 }
