@@ -148,6 +148,8 @@ pub struct ConnectionRecord {
     pub opened: bool,
     /// The peer's own account of its workload (HBONE `baggage`): telemetry, never trusted.
     pub peer_baggage: Option<String>,
+    /// Its metric labels, made when it opened and reused when it closes.
+    metric_labels: Option<metrics::TcpLabels>,
 }
 
 impl ConnectionRecord {
@@ -173,13 +175,14 @@ impl ConnectionRecord {
             denied: false,
             opened: false,
             peer_baggage: None,
+            metric_labels: None,
         }
     }
 
     /// The connection reached its destination: count it as opened.
     pub fn mark_opened(&mut self, metrics: &metrics::Metrics) {
         self.opened = true;
-        metrics.opened(self);
+        self.metric_labels = Some(metrics.opened(self));
     }
 
     /// Completes the record, counts it and logs it.
@@ -192,7 +195,7 @@ impl ConnectionRecord {
         self.duration = start.elapsed();
         self.denied = error.as_ref().is_some_and(ConnectionError::denied);
         self.error = error.map(|e| crate::error_chain(&e));
-        metrics.closed(&self, self.opened);
+        metrics.closed(&mut self);
         self.log();
     }
 

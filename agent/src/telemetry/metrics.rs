@@ -45,7 +45,7 @@ const CLUSTER: &str = "Kubernetes";
 
 /// One series' labels: Istio's names with this connection's values. Most values are one of a
 /// few constants (`unknown`, `tcp`, ...), which borrow instead of allocating per connection.
-type TcpLabels = [(&'static str, Cow<'static, str>); N];
+pub(crate) type TcpLabels = [(&'static str, Cow<'static, str>); N];
 
 /// The agent's metric registry: Istio's TCP metrics, kept as connections open and close.
 pub struct Metrics {
@@ -148,19 +148,26 @@ fn labels(record: &ConnectionRecord, flags: &'static str) -> TcpLabels {
 
 impl Metrics {
     /// Counts a connection that reached its destination.
-    pub fn opened(&self, record: &ConnectionRecord) {
-        self.opened.get_or_create(&labels(record, "-")).inc();
+    /// Returns its labels, which its close reuses: nothing they are made of changes once a
+    /// connection is open.
+    pub(crate) fn opened(&self, record: &ConnectionRecord) -> TcpLabels {
+        let labels = labels(record, "-");
+        self.opened.get_or_create(&labels).inc();
+        labels
     }
 
     /// Counts a finished connection: bytes, close, and failure with its response flag.
-    pub fn closed(&self, record: &ConnectionRecord, opened: bool) {
+    pub(crate) fn closed(&self, record: &mut ConnectionRecord) {
+        let opened = record.opened;
         let flags = match &record.error {
             None => "-",
             Some(_) if record.denied => "DENIED",
             Some(_) if !opened => "UF",
             Some(_) => "-",
         };
-        let labels = labels(record, flags);
+        let mut labels = record.metric_labels.take().unwrap_or_else(|| labels(record, flags));
+        // response_flags, the last label, is the one a close may change.
+        labels[N - 1].1 = Cow::Borrowed(flags);
         self.closed.get_or_create(&labels).inc();
         // A series appears with its first non-zero count: all-zero ones would only be noise.
         if record.bytes_sent > 0 {
